@@ -1,0 +1,136 @@
+//! Types shared by the kernel programs and user space.
+//!
+//! Everything here crosses the kernel boundary: `#[repr(C)]`, no padding,
+//! no `bool` (a `u32` flag instead). Map names are constants so that the
+//! kernel side and the agent can never disagree on them.
+#![no_std]
+
+/// Map and program names, shared so user space finds them by the same name.
+pub mod names {
+    pub const ENROLLED: &str = "ENROLLED";
+    pub const CONFIG: &str = "CONFIG";
+    pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+    pub const DECISIONS: &str = "DECISIONS";
+    pub const PROG_CONNECT4: &str = "mesh_connect4";
+    pub const PROG_SOCK_OPS: &str = "mesh_sock_ops";
+}
+
+/// Capacity of the per-connection maps. LRU, so a flood of connections that
+/// never reach the agent cannot pin kernel memory.
+pub const MAX_INFLIGHT: u32 = 65536;
+pub const MAX_ENROLLED: u32 = 4096;
+pub const MAX_EXCLUDED_PORTS: u32 = 256;
+
+/// Why the kernel did (or did not) redirect a connection. Index into the
+/// `DECISIONS` per-CPU array, so an operator can ask the kernel why.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Enrolled pod, TCP, not excluded: sent to the agent.
+    Redirected = 0,
+    /// The connecting socket's cgroup is not enrolled.
+    NotEnrolled = 1,
+    /// The destination port is on the exclusion list.
+    ExcludedPort = 2,
+    /// Destination is loopback: traffic inside the pod itself.
+    Loopback = 3,
+    /// Destination is the agent itself (its listeners); never loop.
+    AgentDestination = 4,
+    /// Not a TCP socket.
+    NotTcp = 5,
+    /// The socket belongs to the agent's own cgroup.
+    AgentSocket = 6,
+    /// The agent has not configured the program yet.
+    NotConfigured = 7,
+    /// sock_ops: the redirected connection's 4-tuple was recorded.
+    TupleRecorded = 8,
+    /// sock_ops: a connect to the agent with no record of its original destination.
+    TupleMissingOrig = 9,
+    /// connect4: the original-destination map was full or refused the update.
+    MapUpdateFailed = 10,
+}
+
+impl Decision {
+    pub const COUNT: u32 = 11;
+    pub const ALL: [Decision; Decision::COUNT as usize] = [
+        Decision::Redirected,
+        Decision::NotEnrolled,
+        Decision::ExcludedPort,
+        Decision::Loopback,
+        Decision::AgentDestination,
+        Decision::NotTcp,
+        Decision::AgentSocket,
+        Decision::NotConfigured,
+        Decision::TupleRecorded,
+        Decision::TupleMissingOrig,
+        Decision::MapUpdateFailed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Decision::Redirected => "redirected",
+            Decision::NotEnrolled => "not_enrolled",
+            Decision::ExcludedPort => "excluded_port",
+            Decision::Loopback => "loopback",
+            Decision::AgentDestination => "agent_destination",
+            Decision::NotTcp => "not_tcp",
+            Decision::AgentSocket => "agent_socket",
+            Decision::NotConfigured => "not_configured",
+            Decision::TupleRecorded => "tuple_recorded",
+            Decision::TupleMissingOrig => "tuple_missing_orig",
+            Decision::MapUpdateFailed => "map_update_failed",
+        }
+    }
+}
+
+/// Agent settings the kernel programs need; element 0 of the `CONFIG` array.
+/// Addresses and ports are in network byte order, as the kernel hands them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Address pods reach the agent on (their gateway), network order.
+    pub agent_ip4: u32,
+    /// Outbound listener port (15001), network order in the low 16 bits.
+    pub outbound_port: u32,
+    /// cgroup id of the agent's own cgroup: its sockets are never redirected.
+    pub agent_cgroup_id: u64,
+    /// 1 once the agent has written this entry.
+    pub configured: u32,
+    pub _pad: u32,
+}
+
+/// Original destination recorded by `connect4`, keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Original destination address, network order.
+    pub ip4: u32,
+    /// Original destination port, network order in the low 16 bits.
+    pub port: u32,
+    /// cgroup id of the connecting socket's process.
+    pub cgroup_id: u64,
+}
+
+/// The 4-tuple of a redirected connection as the agent sees it on accept.
+/// Addresses network order; ports host order, so user space can build it from
+/// a `SocketAddrV4` directly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub src_ip4: u32,
+    pub dst_ip4: u32,
+    pub src_port: u32,
+    pub dst_port: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, #[repr(C)], no padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::AgentConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TupleKey {}
+}
