@@ -1,0 +1,180 @@
+//! Wiring of the node agent: settings, start-up order and shutdown.
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::Parser;
+use prometheus_client::registry::Registry;
+use tokio::net::{TcpSocket, UnixListener};
+use tracing::info;
+
+use crate::{
+    admin,
+    proxy::outbound::Outbound,
+    redirect::{self, Redirect},
+    telemetry::{ConnectionTable, Metrics},
+    workload::Workloads,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "mesh-agent", about = "Node agent of the mesh", version)]
+pub struct Args {
+    /// Name of this node.
+    #[arg(long, env = "MESH_NODE")]
+    pub node: String,
+    /// cgroup v2 directory holding this node's pods; the kernel programs attach here.
+    #[arg(long)]
+    pub cgroup_root: PathBuf,
+    /// Address pods reach the agent on (their gateway); redirected connects go here.
+    #[arg(long)]
+    pub agent_ip: Ipv4Addr,
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// Unix socket of the admin API used by meshctl.
+    #[arg(long, default_value = "/run/mesh/admin.sock")]
+    pub admin_socket: PathBuf,
+    /// bpffs directory where this agent pins its links.
+    #[arg(long, default_value = "/sys/fs/bpf/mesh")]
+    pub bpf_pin_dir: PathBuf,
+    /// Compiled kernel programs (`cargo xtask build-ebpf`). Default: next to
+    /// the binary, then target/bpf/ of the workspace it was built in.
+    #[arg(long, env = "MESH_BPF_OBJECT")]
+    pub bpf_object: Option<PathBuf>,
+    /// Destination ports never redirected (repeatable).
+    #[arg(long = "exclude-port")]
+    pub exclude_ports: Vec<u16>,
+    /// `/metrics` and `/healthz/ready`.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, default_value_t = 5000)]
+    pub connect_timeout_ms: u64,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    raise_nofile_limit();
+    let object = bpf_object(args.bpf_object.as_deref())?;
+    let outbound_addr = SocketAddrV4::new(args.agent_ip, args.outbound_port);
+    // Listen before attaching, so no redirected connect finds the port closed.
+    let outbound = listen(SocketAddr::V4(outbound_addr))
+        .with_context(|| format!("binding outbound listener {outbound_addr}"))?;
+    let telemetry = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding metrics listener {}", args.metrics_addr))?;
+    if let Some(dir) = args.admin_socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&args.admin_socket);
+    let admin_listener = UnixListener::bind(&args.admin_socket)
+        .with_context(|| format!("binding admin socket {}", args.admin_socket.display()))?;
+
+    let settings = redirect::Settings {
+        object,
+        cgroup_root: args.cgroup_root.clone(),
+        pin_dir: args.bpf_pin_dir.clone(),
+        outbound: outbound_addr,
+        agent_cgroup_id: redirect::own_cgroup_id().context("finding the agent's own cgroup")?,
+        excluded_ports: args.exclude_ports.clone(),
+    };
+    let redirect = Arc::new(Redirect::attach(&settings).context("attaching kernel programs")?);
+    let workloads = Workloads::new(args.cgroup_root.clone(), redirect.clone());
+    let metrics = Arc::new(Metrics::default());
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let connections = Arc::new(ConnectionTable::new(1024));
+
+    let proxy = Arc::new(Outbound {
+        redirect: redirect.clone(),
+        workloads: workloads.clone(),
+        metrics: metrics.clone(),
+        connections: connections.clone(),
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+    });
+    let state = Arc::new(admin::State {
+        node: args.node.clone(),
+        started: Instant::now(),
+        redirect: redirect.clone(),
+        workloads,
+        metrics,
+        registry,
+        connections,
+    });
+    let tasks = [
+        tokio::spawn(proxy.run(outbound)),
+        tokio::spawn(admin::serve_admin(admin_listener, state.clone())),
+        tokio::spawn(admin::serve_telemetry(telemetry, state.clone())),
+    ];
+    info!(node = %args.node, outbound = %outbound_addr, admin = %args.admin_socket.display(), "agent ready");
+
+    shutdown_signal().await;
+    info!("shutting down");
+    for t in tasks {
+        t.abort();
+    }
+    drop(state);
+    redirect.detach();
+    let _ = std::fs::remove_file(&args.admin_socket);
+    Ok(())
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn bpf_object(explicit: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_owned());
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("binary has no directory")?;
+    let candidates = [
+        dir.join("mesh-ebpf.o"),
+        dir.join("../bpf/mesh-ebpf.o"),
+        PathBuf::from("/usr/lib/mesh/mesh-ebpf.o"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "no eBPF object found (looked at {candidates:?}); run `cargo xtask build-ebpf` or pass --bpf-object"
+            )
+        })
+}
+
+/// Thousands of concurrent connections need two descriptors each.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

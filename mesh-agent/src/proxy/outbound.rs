@@ -1,0 +1,155 @@
+//! Outbound listener (:15001): accepts only connections the kernel
+//! redirected, recovers their original destination and source pod from the
+//! kernel's record, and carries them there.
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::{
+    redirect::{Recorded, Redirect},
+    telemetry::{ConnectionTable, Metrics, result},
+    workload::Workloads,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connection from {peer} to {local} was not redirected by the kernel")]
+    NotRedirected { peer: SocketAddr, local: SocketAddr },
+    #[error("connecting to original destination {dst}: {source}")]
+    Connect {
+        dst: SocketAddrV4,
+        source: std::io::Error,
+    },
+    #[error("connecting to original destination {0}: timed out")]
+    ConnectTimeout(SocketAddrV4),
+}
+
+pub struct Outbound {
+    pub redirect: Arc<Redirect>,
+    pub workloads: Workloads,
+    pub metrics: Arc<Metrics>,
+    pub connections: Arc<ConnectionTable>,
+    pub connect_timeout: Duration,
+}
+
+impl Outbound {
+    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (socket, peer) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let span = info_span!("outbound", %peer);
+            tokio::spawn(async move { this.serve(socket, peer).await }.instrument(span));
+        }
+    }
+
+    async fn serve(&self, socket: TcpStream, peer: SocketAddr) {
+        let _ = socket.set_nodelay(true);
+        let recorded = match self.recorded(&socket, peer) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.connection(result::NOT_REDIRECTED);
+                debug!(error = %e, "refused");
+                refuse(socket);
+                return;
+            }
+        };
+        let src_pod = self.workloads.by_cgroup(recorded.cgroup_id);
+        let mut tracked = self.connections.open(
+            src_pod.clone(),
+            recorded.cgroup_id,
+            peer,
+            SocketAddr::V4(recorded.orig_dst),
+        );
+        debug!(src_pod = ?src_pod, dst = %recorded.orig_dst, "accepted");
+        let upstream = match self.connect(recorded.orig_dst).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.connection(result::CONNECT_FAILED);
+                debug!(error = %e, "upstream connect failed");
+                tracked.error = Some(e.to_string());
+                refuse(socket);
+                return;
+            }
+        };
+        self.metrics.outbound_active.inc();
+        let (mut client, mut upstream) = (socket, upstream);
+        let outcome = crate::proxy::copy_bidirectional(
+            &mut client,
+            &mut upstream,
+            &tracked.live.sent,
+            &tracked.live.received,
+        )
+        .await;
+        self.metrics.outbound_active.dec();
+        let (sent, received) = (
+            tracked.live.sent.load(std::sync::atomic::Ordering::Relaxed),
+            tracked
+                .live
+                .received
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        self.metrics
+            .outbound_bytes
+            .get_or_create(&crate::telemetry::DirectionLabels { direction: "sent" })
+            .inc_by(sent);
+        self.metrics
+            .outbound_bytes
+            .get_or_create(&crate::telemetry::DirectionLabels {
+                direction: "received",
+            })
+            .inc_by(received);
+        match outcome {
+            Ok(()) => self.metrics.connection(result::FORWARDED),
+            Err(e) => {
+                self.metrics.connection(result::ERROR);
+                debug!(error = %e, sent, received, "connection ended with error");
+                tracked.error = Some(e.to_string());
+            }
+        }
+    }
+
+    fn recorded(&self, socket: &TcpStream, peer: SocketAddr) -> Result<Recorded, Error> {
+        let local = socket.local_addr().ok();
+        match (peer, local) {
+            (SocketAddr::V4(p), Some(SocketAddr::V4(l))) => self
+                .redirect
+                .take_recorded(p, l)
+                .ok_or(Error::NotRedirected {
+                    peer,
+                    local: SocketAddr::V4(l),
+                }),
+            (_, l) => Err(Error::NotRedirected {
+                peer,
+                local: l.unwrap_or(peer),
+            }),
+        }
+    }
+
+    async fn connect(&self, dst: SocketAddrV4) -> Result<TcpStream, Error> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst))
+            .await
+            .map_err(|_| Error::ConnectTimeout(dst))?
+            .map_err(|source| Error::Connect { dst, source })?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+/// Closes with a reset, so the client sees a refusal rather than an empty reply.
+fn refuse(socket: TcpStream) {
+    let _ = socket.set_zero_linger();
+    drop(socket);
+}

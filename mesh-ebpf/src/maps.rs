@@ -1,0 +1,53 @@
+//! Maps shared by the programs. User space finds them by these names
+//! (`mesh_common::names`), so the statics keep SCREAMING_CASE names.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use mesh_common::{
+    AgentConfig, Decision, MAX_ENROLLED, MAX_EXCLUDED_PORTS, MAX_INFLIGHT, OrigDst, TupleKey,
+};
+
+/// Element 0: the agent's address and ports, written once at start-up.
+#[map]
+pub static CONFIG: Array<AgentConfig> = Array::with_max_entries(1, 0);
+
+/// cgroup id -> 1 for every enrolled pod.
+#[map]
+pub static ENROLLED: HashMap<u64, u32> = HashMap::with_max_entries(MAX_ENROLLED, 0);
+
+/// Destination port (host order) -> 1: connects to these are never redirected.
+#[map]
+pub static EXCLUDED_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_EXCLUDED_PORTS, 0);
+
+/// Socket cookie -> original destination, from connect4 until sock_ops.
+#[map]
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+
+/// Redirected connection's 4-tuple -> original destination, until the agent
+/// accepts it and removes the entry.
+#[map]
+pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> =
+    LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+
+/// One counter per `Decision`.
+#[map]
+pub static DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Decision::COUNT, 0);
+
+#[inline(always)]
+pub fn count(decision: Decision) {
+    if let Some(counter) = DECISIONS.get_ptr_mut(decision as u32) {
+        // SAFETY: per-CPU slot, and programs do not migrate CPUs mid-run, so
+        // nothing else writes it concurrently.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn config() -> Option<AgentConfig> {
+    match CONFIG.get(0) {
+        Some(cfg) if cfg.configured != 0 => Some(*cfg),
+        _ => None,
+    }
+}

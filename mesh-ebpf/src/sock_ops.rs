@@ -1,0 +1,59 @@
+//! `sockops`: when a redirected socket starts its handshake (its source port
+//! is bound by then), move the original destination from the cookie-keyed map
+//! to one keyed by the 4-tuple the agent will see on accept.
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
+    helpers::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use aya_log_ebpf::warn;
+use mesh_common::{Decision, TupleKey};
+
+use crate::maps::{self, ORIG_BY_COOKIE, ORIG_BY_TUPLE};
+
+/// sock_ops programs return 1 for success; the value is otherwise unused.
+const DONE: u32 = 1;
+const AF_INET: u32 = 2;
+
+#[sock_ops]
+pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
+    match try_sock_ops(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+fn try_sock_ops(ctx: &SockOpsContext) -> Result<u32, u32> {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB || ctx.family() != AF_INET {
+        return Ok(DONE);
+    }
+    let cfg = maps::config().ok_or(DONE)?;
+    // remote_port holds the network-order port in its upper 16 bits.
+    let remote_port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    let agent_port = u16::from_be(cfg.outbound_port as u16);
+    if ctx.remote_ip4() != cfg.agent_ip4 || remote_port != agent_port {
+        return Ok(DONE);
+    }
+    // SAFETY: the context pointer is the one the kernel handed this program.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once; the entry is only removed below, by us.
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+        maps::count(Decision::TupleMissingOrig);
+        return Ok(DONE);
+    };
+    let key = TupleKey {
+        src_ip4: ctx.local_ip4(),
+        dst_ip4: ctx.remote_ip4(),
+        src_port: ctx.local_port(),
+        dst_port: u32::from(remote_port),
+    };
+    if ORIG_BY_TUPLE.insert(&key, &orig, 0).is_err() {
+        warn!(ctx, "mesh: could not record redirected 4-tuple");
+        maps::count(Decision::MapUpdateFailed);
+        return Ok(DONE);
+    }
+    let _ = ORIG_BY_COOKIE.remove(&cookie);
+    maps::count(Decision::TupleRecorded);
+    Ok(DONE)
+}
