@@ -49,7 +49,7 @@ fn decide(ctx: &SockAddrContext, sa: &mut bpf_sock_addr) -> Decision {
         return Decision::AgentSocket;
     }
     // SAFETY: value is a u32 flag; only presence is read.
-    if unsafe { ENROLLED.get(&cgroup_id) }.is_none() {
+    if unsafe { ENROLLED.get(cgroup_id) }.is_none() {
         return Decision::NotEnrolled;
     }
     let dst_ip = sa.user_ip4;
@@ -63,7 +63,7 @@ fn decide(ctx: &SockAddrContext, sa: &mut bpf_sock_addr) -> Decision {
     }
     let dst_port = u32::from(u16::from_be(sa.user_port as u16));
     // SAFETY: value is a u32 flag; only presence is read.
-    if unsafe { EXCLUDED_PORTS.get(&dst_port) }.is_some() {
+    if unsafe { EXCLUDED_PORTS.get(dst_port) }.is_some() {
         return Decision::ExcludedPort;
     }
     // SAFETY: the context pointer is the one the kernel handed this program.
@@ -73,8 +73,11 @@ fn decide(ctx: &SockAddrContext, sa: &mut bpf_sock_addr) -> Decision {
         port: sa.user_port,
         cgroup_id,
     };
-    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
-        warn!(ctx, "mesh: could not record original destination, connect rejected");
+    if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
+        warn!(
+            ctx,
+            "mesh: could not record original destination, connect rejected"
+        );
         return Decision::MapUpdateFailed;
     }
     sa.user_ip4 = cfg.agent_ip4;
@@ -84,6 +87,7 @@ fn decide(ctx: &SockAddrContext, sa: &mut bpf_sock_addr) -> Decision {
 
 /// The one place that turns the context into a reference.
 #[inline(always)]
+#[allow(clippy::mut_from_ref)] // the kernel context is ours alone for the whole run
 fn sock_addr(ctx: &SockAddrContext) -> &mut bpf_sock_addr {
     // SAFETY: the kernel guarantees the context pointer is valid and
     // exclusively ours for the duration of the program.

@@ -22,8 +22,7 @@ pub static EXCLUDED_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_EXC
 
 /// Socket cookie -> original destination, from connect4 until sock_ops.
 #[map]
-pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
-    LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
 
 /// Redirected connection's 4-tuple -> original destination, until the agent
 /// accepts it and removes the entry.

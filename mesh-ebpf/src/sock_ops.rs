@@ -2,11 +2,8 @@
 //! is bound by then), move the original destination from the cookie-keyed map
 //! to one keyed by the 4-tuple the agent will see on accept.
 use aya_ebpf::{
-    EbpfContext,
-    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
-    helpers::bpf_get_socket_cookie,
-    macros::sock_ops,
-    programs::SockOpsContext,
+    EbpfContext, bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, helpers::bpf_get_socket_cookie,
+    macros::sock_ops, programs::SockOpsContext,
 };
 use aya_log_ebpf::warn;
 use mesh_common::{Decision, TupleKey};
@@ -38,7 +35,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<u32, u32> {
     // SAFETY: the context pointer is the one the kernel handed this program.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once; the entry is only removed below, by us.
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
         maps::count(Decision::TupleMissingOrig);
         return Ok(DONE);
     };
@@ -48,12 +45,12 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<u32, u32> {
         src_port: ctx.local_port(),
         dst_port: u32::from(remote_port),
     };
-    if ORIG_BY_TUPLE.insert(&key, &orig, 0).is_err() {
+    if ORIG_BY_TUPLE.insert(key, orig, 0).is_err() {
         warn!(ctx, "mesh: could not record redirected 4-tuple");
         maps::count(Decision::MapUpdateFailed);
         return Ok(DONE);
     }
-    let _ = ORIG_BY_COOKIE.remove(&cookie);
+    let _ = ORIG_BY_COOKIE.remove(cookie);
     maps::count(Decision::TupleRecorded);
     Ok(DONE)
 }
