@@ -1,0 +1,3 @@
+//! Helpers for the end-to-end tests of the mesh.
+
+pub mod testapp;

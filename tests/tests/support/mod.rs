@@ -1,0 +1,236 @@
+//! Helpers for end-to-end tests on a real local cluster (network namespaces,
+//! cgroups, kernel programs, agents). Each test builds its own cluster and
+//! tears it down when its guard drops, even when the test panics.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::{
+    io::{BufRead, BufReader},
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use xtask::cluster::{Cluster, ClusterSpec};
+
+pub const TESTAPP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
+pub const ECHO_PORT: u16 = 7000;
+pub const SINK_PORT: u16 = 7001;
+pub const HTTP_PORT: u16 = 8080;
+
+/// Whether privileged end-to-end tests must run here. In CI (CI=true) or under
+/// `cargo xtask test` (MESH_E2E_REQUIRED=1) a missing privilege or kernel
+/// feature is a failure, never a silent pass.
+fn required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+        || std::env::var("MESH_E2E_REQUIRED").is_ok_and(|v| v == "1")
+}
+
+/// Checks root, cgroup v2 and bpffs. Returns false (after saying so loudly)
+/// when the test should be skipped; panics instead when skipping is not allowed.
+pub fn privileged_env_ready() -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root");
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
+    {
+        missing.push("cgroup v2");
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("end-to-end test needs {}", missing.join(", "));
+    if required() {
+        panic!("{msg} (required in CI / cargo xtask test)");
+    }
+    eprintln!("SKIPPED: {msg}; run `cargo xtask test` as root");
+    false
+}
+
+pub fn spec(nodes: usize, pods_per_node: usize) -> ClusterSpec {
+    let spec = ClusterSpec {
+        nodes,
+        pods_per_node,
+        ..ClusterSpec::default()
+    };
+    for (what, path) in [
+        ("agent", &spec.agent_bin),
+        ("eBPF object", &spec.bpf_object),
+    ] {
+        assert!(
+            path.exists(),
+            "{what} not built at {}: run `cargo xtask test` (it builds everything first)",
+            path.display()
+        );
+    }
+    spec
+}
+
+/// The 3-node, 2-pods-per-node cluster the acceptance tests run on.
+pub fn cluster() -> Option<Cluster> {
+    if !privileged_env_ready() {
+        return None;
+    }
+    Some(Cluster::up(&spec(3, 2)).expect("cluster up"))
+}
+
+/// A `mesh-testapp serve` running in a pod; killed on drop.
+pub struct Server {
+    child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Connections the server saw, one JSON object each.
+    pub fn log_entries(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Peers (source IPs) of the connections the server saw.
+    pub fn peers(&self) -> Vec<Ipv4Addr> {
+        self.log_entries()
+            .iter()
+            .filter_map(|e| e["peer"].as_str()?.split(':').next()?.parse().ok())
+            .collect()
+    }
+
+    /// Waits until the server has logged at least `n` finished connections.
+    pub fn wait_for_entries(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let entries = self.log_entries();
+            if entries.len() >= n || Instant::now() > deadline {
+                return entries;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Starts the test server in `pod` (tcp-echo, sink and HTTP ports) and waits for it.
+pub fn serve(cluster: &Cluster, pod: &str) -> Server {
+    let log = cluster
+        .state_dir()
+        .join(format!("{pod}-server-{}.jsonl", std::process::id()));
+    let mut child = cluster
+        .command(pod, TESTAPP)
+        .args(["serve", "--name", pod, "--log"])
+        .arg(&log)
+        .args(["--tcp-echo", &ECHO_PORT.to_string()])
+        .args(["--sink", &SINK_PORT.to_string()])
+        .args(["--http", &HTTP_PORT.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting test server in {pod}: {e}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .expect("reading ready line");
+    let ready: Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("test server in {pod} did not report ready ({e}): {line:?}"));
+    assert_eq!(ready["ready"], true, "test server in {pod}: {line}");
+    Server {
+        child,
+        name: pod.to_owned(),
+        log,
+    }
+}
+
+/// Result of a client run inside a pod.
+pub struct ClientRun {
+    pub ok: bool,
+    pub report: Value,
+    pub stderr: String,
+}
+
+/// Runs `mesh-testapp <args>` inside `pod` and parses its JSON report.
+pub fn client(cluster: &Cluster, pod: &str, args: &[&str]) -> ClientRun {
+    let out = cluster
+        .command(pod, TESTAPP)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running client in {pod}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ClientRun {
+        ok: out.status.success(),
+        report: serde_json::from_str(stdout.trim()).unwrap_or(Value::Null),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Like [`client`], but the run must succeed.
+pub fn client_ok(cluster: &Cluster, pod: &str, args: &[&str]) -> Value {
+    let run = client(cluster, pod, args);
+    assert!(
+        run.ok,
+        "client {args:?} in {pod} failed: {}\nreport: {}",
+        run.stderr, run.report
+    );
+    run.report
+}
+
+pub fn addr(ip: Ipv4Addr, port: u16) -> String {
+    format!("{ip}:{port}")
+}
+
+/// The agent's record of connections, newest closed last seen first.
+pub fn agent_connections(cluster: &Cluster, node: &str) -> Vec<Value> {
+    cluster
+        .admin_get(node, "/connections")
+        .expect("agent /connections")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+pub fn decision(cluster: &Cluster, node: &str, reason: &str) -> u64 {
+    let status = cluster.admin_get(node, "/status").expect("agent /status");
+    status["decisions"][reason]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no decision counter {reason} in {status}"))
+}
+
+/// Programs attached directly to a cgroup, as the kernel reports them.
+pub fn attached_programs(cgroup: &std::path::Path) -> Vec<Value> {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .arg("--json")
+        .output()
+        .expect("bpftool (installed by cargo xtask test)");
+    assert!(
+        out.status.success(),
+        "bpftool cgroup show {}: {}",
+        cgroup.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return Vec::new();
+    }
+    serde_json::from_str::<Value>(&text)
+        .expect("bpftool JSON")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
