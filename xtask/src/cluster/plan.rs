@@ -1,0 +1,377 @@
+//! Names and addresses of a local cluster, derived from its prefix and size alone.
+//!
+//! Everything here is pure so that the address plan can be unit-tested and so that
+//! a crashed run can be swept by name.
+
+use std::io::{self, Read};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Nodes are 198.18.0.(10+i); pods of node i are 198.19.i.(10+j), so both stay below .255.
+pub const MAX_NODES: usize = 244;
+pub const MAX_PODS_PER_NODE: usize = 244;
+
+/// Bridge joining the nodes, in the fabric netns.
+pub const FABRIC_BRIDGE: &str = "br0";
+/// Bridge joining a node's pods, in the node netns.
+pub const NODE_BRIDGE: &str = "cni0";
+/// The interface name of a node's or a pod's uplink inside its own netns.
+pub const UPLINK: &str = "eth0";
+
+/// Where the host keeps the things a cluster is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Roots {
+    /// `/run/mesh-cluster`: one state dir per cluster plus the `current` file.
+    pub state: PathBuf,
+    /// The cgroup2 mount point.
+    pub cgroup2: PathBuf,
+    /// The bpffs mount point.
+    pub bpffs: PathBuf,
+}
+
+impl Roots {
+    pub fn state_dir(&self, prefix: &str) -> PathBuf {
+        self.state.join(prefix)
+    }
+    pub fn cgroup_root(&self, prefix: &str) -> PathBuf {
+        self.cgroup2.join(prefix)
+    }
+    pub fn bpf_root(&self, prefix: &str) -> PathBuf {
+        self.bpffs.join(prefix)
+    }
+    pub fn current_file(&self) -> PathBuf {
+        self.state.join("current")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// `node<i>`
+    pub name: String,
+    /// i, from 1
+    pub index: usize,
+    /// `<prefix>-node<i>`
+    pub netns: String,
+    /// 198.18.0.(10+i), on the fabric bridge.
+    pub ip: Ipv4Addr,
+    /// 198.19.i.1, on `cni0`; the pods' default gateway and the agent's address.
+    pub gateway_ip: Ipv4Addr,
+    /// 198.19.i.0/24
+    pub pod_cidr: String,
+    /// `<cg2>/<prefix>/node<i>`
+    pub cgroup: PathBuf,
+    /// `<cg2>/<prefix>/node<i>/agent`: where the agent runs.
+    pub agent_cgroup: PathBuf,
+    /// `<cg2>/<prefix>/node<i>/pods`: the cgroup root the agent attaches its programs to.
+    pub pods_cgroup: PathBuf,
+    /// `<state>/node<i>.sock`
+    pub admin_socket: PathBuf,
+    /// `<bpffs>/<prefix>/node<i>`
+    pub bpf_pin_dir: PathBuf,
+    /// `<state>/agent-node<i>.log`
+    pub agent_log: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodInfo {
+    /// `node<i>-pod<j>`
+    pub name: String,
+    /// `node<i>`
+    pub node: String,
+    /// j, from 1
+    pub index: usize,
+    /// 198.19.i.(10+j)
+    pub ip: Ipv4Addr,
+    /// 198.19.i.1
+    pub gateway_ip: Ipv4Addr,
+    /// `<prefix>-node<i>-pod<j>`
+    pub netns: String,
+    /// `<cg2>/<prefix>/node<i>/pods/pod<j>`
+    pub cgroup: PathBuf,
+    /// `<state>/node<i>-pod<j>.log`: for callers that want a place for the pod's output.
+    pub log: PathBuf,
+}
+
+pub fn node_name(i: usize) -> String {
+    format!("node{i}")
+}
+
+pub fn pod_name(i: usize, j: usize) -> String {
+    format!("node{i}-pod{j}")
+}
+
+pub fn fabric_netns(prefix: &str) -> String {
+    format!("{prefix}-fabric")
+}
+
+pub fn node_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, octet(10 + i))
+}
+
+pub fn gateway_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, octet(i), 1)
+}
+
+pub fn pod_ip(i: usize, j: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, octet(i), octet(10 + j))
+}
+
+pub fn pod_cidr(i: usize) -> String {
+    format!("198.19.{i}.0/24")
+}
+
+/// The fabric-side end of node i's uplink.
+pub fn fabric_port(i: usize) -> String {
+    format!("n{i}")
+}
+
+/// The node-side end of pod j's uplink.
+pub fn node_port(j: usize) -> String {
+    format!("p{j}")
+}
+
+fn octet(n: usize) -> u8 {
+    u8::try_from(n).expect("cluster size is validated before addresses are made")
+}
+
+pub fn validate_size(nodes: usize, pods_per_node: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=MAX_NODES).contains(&nodes),
+        "nodes must be in 1..={MAX_NODES}, got {nodes}"
+    );
+    anyhow::ensure!(
+        (1..=MAX_PODS_PER_NODE).contains(&pods_per_node),
+        "pods per node must be in 1..={MAX_PODS_PER_NODE}, got {pods_per_node}"
+    );
+    Ok(())
+}
+
+pub fn nodes(prefix: &str, count: usize, roots: &Roots) -> Vec<NodeInfo> {
+    let state = roots.state_dir(prefix);
+    let cgroup_root = roots.cgroup_root(prefix);
+    (1..=count)
+        .map(|i| {
+            let name = node_name(i);
+            let cgroup = cgroup_root.join(&name);
+            NodeInfo {
+                netns: format!("{prefix}-{name}"),
+                ip: node_ip(i),
+                gateway_ip: gateway_ip(i),
+                pod_cidr: pod_cidr(i),
+                agent_cgroup: cgroup.join("agent"),
+                pods_cgroup: cgroup.join("pods"),
+                cgroup,
+                admin_socket: state.join(format!("{name}.sock")),
+                bpf_pin_dir: roots.bpf_root(prefix).join(&name),
+                agent_log: state.join(format!("agent-{name}.log")),
+                index: i,
+                name,
+            }
+        })
+        .collect()
+}
+
+pub fn pods(prefix: &str, nodes: &[NodeInfo], per_node: usize, roots: &Roots) -> Vec<PodInfo> {
+    let state = roots.state_dir(prefix);
+    nodes
+        .iter()
+        .flat_map(|node| {
+            let state = &state;
+            (1..=per_node).map(move |j| {
+                let name = pod_name(node.index, j);
+                PodInfo {
+                    node: node.name.clone(),
+                    index: j,
+                    ip: pod_ip(node.index, j),
+                    gateway_ip: node.gateway_ip,
+                    netns: format!("{prefix}-{name}"),
+                    cgroup: node.pods_cgroup.join(format!("pod{j}")),
+                    log: state.join(format!("{name}.log")),
+                    name,
+                }
+            })
+        })
+        .collect()
+}
+
+/// `mc` + 6 lowercase hex digits.
+pub fn is_prefix(s: &str) -> bool {
+    s.len() == 8
+        && s.starts_with("mc")
+        && s[2..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The cluster prefix a netns, cgroup or pin dir name belongs to: `mc3fa2b1-node1` and
+/// `mc3fa2b1` both give `mc3fa2b1`.
+pub fn prefix_of(name: &str) -> Option<&str> {
+    let prefix = name.get(..8)?;
+    let rest = &name[8..];
+    (is_prefix(prefix) && (rest.is_empty() || rest.starts_with('-'))).then_some(prefix)
+}
+
+pub fn prefix_from_bytes(bytes: [u8; 3]) -> String {
+    format!("mc{:02x}{:02x}{:02x}", bytes[0], bytes[1], bytes[2])
+}
+
+pub fn random_prefix() -> io::Result<String> {
+    let mut bytes = [0u8; 3];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(prefix_from_bytes(bytes))
+}
+
+/// The cgroup2 mount point named in a `/proc/mounts` text.
+pub fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
+    mount_of_type(mounts, "cgroup2").next()
+}
+
+/// Whether `path` is a mount point of type `fstype` in a `/proc/mounts` text.
+pub fn is_mounted(mounts: &str, fstype: &str, path: &Path) -> bool {
+    mount_of_type(mounts, fstype).any(|p| p == path)
+}
+
+fn mount_of_type<'a>(mounts: &'a str, fstype: &'a str) -> impl Iterator<Item = PathBuf> + 'a {
+    mounts.lines().filter_map(move |line| {
+        let mut fields = line.split_whitespace();
+        let (_source, target, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == fstype).then(|| PathBuf::from(unescape_mount_path(target)))
+    })
+}
+
+/// `/proc/mounts` writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mount_path(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roots() -> Roots {
+        Roots {
+            state: "/run/mesh-cluster".into(),
+            cgroup2: "/sys/fs/cgroup/unified".into(),
+            bpffs: "/sys/fs/bpf".into(),
+        }
+    }
+
+    #[test]
+    fn addresses_follow_the_plan() {
+        assert_eq!(node_ip(1), Ipv4Addr::new(198, 18, 0, 11));
+        assert_eq!(node_ip(3), Ipv4Addr::new(198, 18, 0, 13));
+        assert_eq!(gateway_ip(2), Ipv4Addr::new(198, 19, 2, 1));
+        assert_eq!(pod_ip(2, 1), Ipv4Addr::new(198, 19, 2, 11));
+        assert_eq!(
+            pod_ip(MAX_NODES, MAX_PODS_PER_NODE),
+            Ipv4Addr::new(198, 19, 244, 254)
+        );
+        assert_eq!(node_ip(MAX_NODES), Ipv4Addr::new(198, 18, 0, 254));
+        assert_eq!(pod_cidr(3), "198.19.3.0/24");
+    }
+
+    #[test]
+    fn size_limits() {
+        assert!(validate_size(3, 2).is_ok());
+        assert!(validate_size(0, 2).is_err());
+        assert!(validate_size(2, 0).is_err());
+        assert!(validate_size(MAX_NODES + 1, 1).is_err());
+        assert!(validate_size(1, MAX_PODS_PER_NODE + 1).is_err());
+    }
+
+    #[test]
+    fn names_and_paths_derive_from_the_prefix() {
+        let roots = roots();
+        let nodes = nodes("mc3fa2b1", 3, &roots);
+        let pods = pods("mc3fa2b1", &nodes, 2, &roots);
+        assert_eq!(nodes.len(), 3);
+        assert_eq!(pods.len(), 6);
+
+        let n2 = &nodes[1];
+        assert_eq!(n2.name, "node2");
+        assert_eq!(n2.netns, "mc3fa2b1-node2");
+        assert_eq!(n2.ip, Ipv4Addr::new(198, 18, 0, 12));
+        assert_eq!(n2.gateway_ip, Ipv4Addr::new(198, 19, 2, 1));
+        assert_eq!(
+            n2.agent_cgroup,
+            Path::new("/sys/fs/cgroup/unified/mc3fa2b1/node2/agent")
+        );
+        assert_eq!(
+            n2.pods_cgroup,
+            Path::new("/sys/fs/cgroup/unified/mc3fa2b1/node2/pods")
+        );
+        assert_eq!(
+            n2.admin_socket,
+            Path::new("/run/mesh-cluster/mc3fa2b1/node2.sock")
+        );
+        assert_eq!(n2.bpf_pin_dir, Path::new("/sys/fs/bpf/mc3fa2b1/node2"));
+        assert_eq!(
+            n2.agent_log,
+            Path::new("/run/mesh-cluster/mc3fa2b1/agent-node2.log")
+        );
+
+        let p = &pods[3];
+        assert_eq!(p.name, "node2-pod2");
+        assert_eq!(p.node, "node2");
+        assert_eq!(p.netns, "mc3fa2b1-node2-pod2");
+        assert_eq!(p.ip, Ipv4Addr::new(198, 19, 2, 12));
+        assert_eq!(p.gateway_ip, Ipv4Addr::new(198, 19, 2, 1));
+        assert_eq!(
+            p.cgroup,
+            Path::new("/sys/fs/cgroup/unified/mc3fa2b1/node2/pods/pod2")
+        );
+        assert_eq!(fabric_netns("mc3fa2b1"), "mc3fa2b1-fabric");
+    }
+
+    #[test]
+    fn prefixes_are_recognised() {
+        assert!(is_prefix("mc3fa2b1"));
+        assert!(!is_prefix("mc3FA2b1"));
+        assert!(!is_prefix("mc3fa2b"));
+        assert!(!is_prefix("xx3fa2b1"));
+        assert_eq!(prefix_of("mc3fa2b1-node1-pod2"), Some("mc3fa2b1"));
+        assert_eq!(prefix_of("mc3fa2b1"), Some("mc3fa2b1"));
+        assert_eq!(prefix_of("mc3fa2b1x"), None);
+        assert_eq!(prefix_of("mc3fa2"), None);
+        assert_eq!(prefix_of("cni0"), None);
+        assert_eq!(prefix_from_bytes([0x3f, 0xa2, 0x0b]), "mc3fa20b");
+        assert!(is_prefix(&random_prefix().unwrap()));
+    }
+
+    #[test]
+    fn mounts_are_parsed() {
+        let mounts = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n\
+                      bpf /sys/fs/bpf bpf rw 0 0\n\
+                      none /mnt/with\\040space bpf rw 0 0\n";
+        assert_eq!(
+            cgroup2_mount(mounts),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert!(is_mounted(mounts, "bpf", Path::new("/sys/fs/bpf")));
+        assert!(is_mounted(mounts, "bpf", Path::new("/mnt/with space")));
+        assert!(!is_mounted(mounts, "bpf", Path::new("/sys/fs/cgroup")));
+        assert_eq!(cgroup2_mount("proc /proc proc rw 0 0\n"), None);
+    }
+}

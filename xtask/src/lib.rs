@@ -1,0 +1,9 @@
+//! `cargo xtask ...` as a library, so that end-to-end tests can drive the local
+//! cluster the same way the CLI does.
+
+pub mod admin;
+pub mod cluster;
+pub mod demo;
+pub mod deps;
+pub mod ebpf;
+pub mod test;
