@@ -4,6 +4,7 @@
 //! operator about it.
 pub mod admin;
 pub mod agent;
+pub mod api;
 pub mod cli;
 pub mod proxy;
 pub mod redirect;
