@@ -73,11 +73,11 @@ impl Workloads {
             cgroup_id,
         };
         let mut map = self.by_cgroup.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = map.values().find(|p| p.name == name).cloned() {
-            if old.cgroup_id != cgroup_id {
-                self.redirect.unenroll(old.cgroup_id)?;
-                map.remove(&old.cgroup_id);
-            }
+        if let Some(old) = map.values().find(|p| p.name == name).cloned()
+            && old.cgroup_id != cgroup_id
+        {
+            self.redirect.unenroll(old.cgroup_id)?;
+            map.remove(&old.cgroup_id);
         }
         self.redirect.enroll(cgroup_id)?;
         map.insert(cgroup_id, pod.clone());
