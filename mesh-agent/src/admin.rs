@@ -15,7 +15,8 @@ use tokio::net::{TcpListener, UnixListener};
 use tracing::warn;
 
 use crate::{
-    redirect::Redirect, telemetry::ConnectionTable, telemetry::Metrics, workload::Workloads,
+    discovery::SyncState, redirect::Redirect, telemetry::ConnectionTable, telemetry::Metrics,
+    workload::Workloads,
 };
 
 pub struct State {
@@ -26,6 +27,8 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     pub connections: Arc<ConnectionTable>,
+    /// Distribution state, when the agent has a control server.
+    pub sync: Option<Arc<std::sync::Mutex<SyncState>>>,
 }
 
 type Body = Full<Bytes>;
@@ -121,6 +124,7 @@ async fn admin(req: Request<Incoming>, state: &State) -> Response<Body> {
                     "enrolled": state.workloads.list(),
                     "decisions": decisions,
                     "open_connections": open,
+                    "sync": state.sync.as_ref().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone()),
                 }),
             )
         }

@@ -14,6 +14,7 @@ use tracing::info;
 
 use crate::{
     admin,
+    discovery::{self, Discovery},
     proxy::outbound::Outbound,
     redirect::{self, Redirect},
     telemetry::{ConnectionTable, Metrics},
@@ -52,6 +53,21 @@ pub struct Args {
     pub metrics_addr: SocketAddr,
     #[arg(long, default_value_t = 5000)]
     pub connect_timeout_ms: u64,
+    /// Control server (`http://host:15012`). Without it the agent only carries
+    /// connections to their original destinations.
+    #[arg(long, env = "MESH_CONTROL_ADDR")]
+    pub control_addr: Option<String>,
+    /// This node's bootstrap token for the control server.
+    #[arg(long, requires = "control_addr")]
+    pub token_file: Option<PathBuf>,
+    /// Where the last good configuration is kept, so a restart during a
+    /// control-server outage still serves it.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Port on the agent address that nothing listens on: connects to a VIP
+    /// port no Service owns are sent here and refused.
+    #[arg(long, default_value_t = 15002)]
+    pub refusal_port: u16,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -78,6 +94,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         outbound: outbound_addr,
         agent_cgroup_id: redirect::own_cgroup_id().context("finding the agent's own cgroup")?,
         excluded_ports: args.exclude_ports.clone(),
+        refusal_port: args.refusal_port,
     };
     let redirect = Arc::new(Redirect::attach(&settings).context("attaching kernel programs")?);
     let workloads = Workloads::new(args.cgroup_root.clone(), redirect.clone());
@@ -86,12 +103,45 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     metrics.register(&mut registry);
     let connections = Arc::new(ConnectionTable::new(1024));
 
+    let (config, sync, discovery) = match &args.control_addr {
+        Some(addr) => {
+            let token_file = args
+                .token_file
+                .clone()
+                .context("--token-file is required with --control-addr")?;
+            let kernel = redirect.clone();
+            let install: discovery::Install = Box::new(move |cfg| {
+                kernel
+                    .sync_services(&cfg.services.addresses())
+                    .map_err(|e| e.to_string())
+            });
+            let (d, rx, sync) = Discovery::new(
+                discovery::Settings {
+                    node: args.node.clone(),
+                    addr: addr.clone(),
+                    token_file,
+                    agent_ip: args.agent_ip,
+                    cache_dir: args.cache_dir.clone(),
+                },
+                install,
+            )?;
+            (rx, Some(sync), Some(d))
+        }
+        None => {
+            // No control server: an empty table, so everything passes through.
+            // (A receiver keeps its last value after the sender is gone.)
+            let (_, rx) = tokio::sync::watch::channel(Arc::new(discovery::Config::default()));
+            (rx, None, None)
+        }
+    };
+
     let proxy = Arc::new(Outbound {
         redirect: redirect.clone(),
         workloads: workloads.clone(),
         metrics: metrics.clone(),
         connections: connections.clone(),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        config,
     });
     let state = Arc::new(admin::State {
         node: args.node.clone(),
@@ -101,12 +151,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         metrics,
         registry,
         connections,
+        sync,
     });
-    let tasks = [
+    let mut tasks = vec![
         tokio::spawn(proxy.run(outbound)),
         tokio::spawn(admin::serve_admin(admin_listener, state.clone())),
         tokio::spawn(admin::serve_telemetry(telemetry, state.clone())),
     ];
+    if let Some(d) = discovery {
+        tasks.push(tokio::spawn(d.run()));
+    }
     info!(node = %args.node, outbound = %outbound_addr, admin = %args.admin_socket.display(), "agent ready");
 
     shutdown_signal().await;

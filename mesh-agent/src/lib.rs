@@ -6,6 +6,8 @@ pub mod admin;
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod discovery;
+pub mod lb;
 pub mod proxy;
 pub mod redirect;
 pub mod telemetry;

@@ -6,6 +6,7 @@
 //! answers) instead of silently bypassing the mesh; the next agent replaces
 //! those stale links rather than stacking a second set.
 use std::{
+    collections::BTreeSet,
     fs,
     net::{Ipv4Addr, SocketAddrV4},
     os::unix::fs::MetadataExt,
@@ -21,7 +22,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use mesh_common::{AgentConfig, Decision, OrigDst, TupleKey, names};
+use mesh_common::{AgentConfig, Decision, OrigDst, TupleKey, VipPort, names};
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -79,11 +80,17 @@ pub struct Settings {
     pub outbound: SocketAddrV4,
     pub agent_cgroup_id: u64,
     pub excluded_ports: Vec<u16>,
+    /// A port on the agent address where nothing listens (see `AgentConfig`).
+    pub refusal_port: u16,
 }
 
 struct Maps {
     enrolled: HashMap<MapData, u64, u32>,
     tuples: HashMap<MapData, TupleKey, OrigDst>,
+    vips: HashMap<MapData, u32, u32>,
+    vip_ports: HashMap<MapData, VipPort, u32>,
+    /// What the kernel holds now, so updates only write the difference.
+    programmed: BTreeSet<SocketAddrV4>,
 }
 
 pub struct Redirect {
@@ -122,7 +129,7 @@ impl Redirect {
             outbound_port: u32::from(settings.outbound.port().to_be()),
             agent_cgroup_id: settings.agent_cgroup_id,
             configured: 1,
-            _pad: 0,
+            refusal_port: u32::from(settings.refusal_port.to_be()),
         };
         config.set(0, cfg, 0).map_err(|source| Error::Map {
             name: names::CONFIG,
@@ -140,6 +147,8 @@ impl Redirect {
         let enrolled = take_map(&mut ebpf, names::ENROLLED)?;
         let tuples = take_map(&mut ebpf, names::ORIG_BY_TUPLE)?;
         let decisions = take_map(&mut ebpf, names::DECISIONS)?;
+        let vips = take_map(&mut ebpf, names::SERVICE_VIPS)?;
+        let vip_ports = take_map(&mut ebpf, names::SERVICE_PORTS)?;
 
         let cgroup = fs::File::open(&settings.cgroup_root).map_err(|source| Error::Cgroup {
             path: settings.cgroup_root.clone(),
@@ -189,7 +198,13 @@ impl Redirect {
 
         Ok(Self {
             _ebpf: ebpf,
-            maps: Mutex::new(Maps { enrolled, tuples }),
+            maps: Mutex::new(Maps {
+                enrolled,
+                tuples,
+                vips,
+                vip_ports,
+                programmed: BTreeSet::new(),
+            }),
             decisions,
             pins: vec![connect4_pin, sock_ops_pin],
         })
@@ -234,6 +249,41 @@ impl Redirect {
             ),
             cgroup_id: orig.cgroup_id,
         })
+    }
+
+    /// Makes the kernel's Service (VIP, port) set equal to `wanted`: connects
+    /// to a known VIP on any other port are then refused in the kernel.
+    pub fn sync_services(&self, wanted: &BTreeSet<SocketAddrV4>) -> Result<(), Error> {
+        let mut maps = self.lock();
+        let map_err = |name| move |source| Error::Map { name, source };
+        let ip_key = |a: &SocketAddrV4| u32::from_ne_bytes(a.ip().octets());
+        let port_key = |a: &SocketAddrV4| VipPort {
+            ip4: ip_key(a),
+            port: u32::from(a.port()),
+        };
+        let wanted_vips: BTreeSet<u32> = wanted.iter().map(ip_key).collect();
+        let stale: Vec<SocketAddrV4> = maps.programmed.difference(wanted).copied().collect();
+        for a in &stale {
+            match maps.vip_ports.remove(&port_key(a)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(names::SERVICE_PORTS)(e)),
+            }
+            maps.programmed.remove(a);
+            if !wanted_vips.contains(&ip_key(a)) {
+                let _ = maps.vips.remove(&ip_key(a));
+            }
+        }
+        let new: Vec<SocketAddrV4> = wanted.difference(&maps.programmed).copied().collect();
+        for a in new {
+            maps.vips
+                .insert(ip_key(&a), 1, 0)
+                .map_err(map_err(names::SERVICE_VIPS))?;
+            maps.vip_ports
+                .insert(port_key(&a), 1, 0)
+                .map_err(map_err(names::SERVICE_PORTS))?;
+            maps.programmed.insert(a);
+        }
+        Ok(())
     }
 
     /// Kernel decision counters, summed over CPUs.

@@ -4,7 +4,7 @@ use std::{
     collections::{BTreeMap, VecDeque},
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Instant, SystemTime, UNIX_EPOCH},
@@ -37,6 +37,8 @@ pub mod result {
     pub const FORWARDED: &str = "forwarded";
     pub const NOT_REDIRECTED: &str = "refused_not_redirected";
     pub const CONNECT_FAILED: &str = "upstream_connect_failed";
+    pub const NO_READY_ENDPOINT: &str = "no_ready_endpoint";
+    pub const UNKNOWN_SERVICE_PORT: &str = "unknown_service_port";
     pub const ERROR: &str = "error";
 }
 
@@ -100,6 +102,11 @@ pub struct ConnectionView {
     pub src_cgroup_id: u64,
     pub peer: SocketAddr,
     pub orig_dst: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Where the agent connected (a Service endpoint, or the original destination).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<SocketAddr>,
     pub started_unix_ms: u64,
     pub duration_ms: u64,
     pub bytes_sent: u64,
@@ -116,6 +123,7 @@ pub struct Live {
     pub src_cgroup_id: u64,
     pub peer: SocketAddr,
     pub orig_dst: SocketAddr,
+    pub upstream: OnceLock<(Option<String>, SocketAddr)>,
     pub started: SystemTime,
     pub start: Instant,
     pub sent: AtomicU64,
@@ -130,6 +138,8 @@ impl Live {
             src_cgroup_id: self.src_cgroup_id,
             peer: self.peer,
             orig_dst: self.orig_dst,
+            service: self.upstream.get().and_then(|u| u.0.clone()),
+            upstream: self.upstream.get().map(|u| u.1),
             started_unix_ms: self
                 .started
                 .duration_since(UNIX_EPOCH)
@@ -178,6 +188,7 @@ impl ConnectionTable {
             src_cgroup_id,
             peer,
             orig_dst,
+            upstream: OnceLock::new(),
             started: SystemTime::now(),
             start: Instant::now(),
             sent: AtomicU64::new(0),
@@ -213,6 +224,12 @@ pub struct Tracked {
     table: Arc<ConnectionTable>,
     pub live: Arc<Live>,
     pub error: Option<String>,
+}
+
+impl Tracked {
+    pub fn set_upstream(&self, service: Option<String>, addr: SocketAddr) {
+        let _ = self.live.upstream.set((service, addr));
+    }
 }
 
 impl Drop for Tracked {

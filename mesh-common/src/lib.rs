@@ -13,6 +13,8 @@ pub mod names {
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     pub const DECISIONS: &str = "DECISIONS";
+    pub const SERVICE_VIPS: &str = "SERVICE_VIPS";
+    pub const SERVICE_PORTS: &str = "SERVICE_PORTS";
     pub const PROG_CONNECT4: &str = "mesh_connect4";
     pub const PROG_SOCK_OPS: &str = "mesh_sock_ops";
 }
@@ -22,6 +24,9 @@ pub mod names {
 pub const MAX_INFLIGHT: u32 = 65536;
 pub const MAX_ENROLLED: u32 = 4096;
 pub const MAX_EXCLUDED_PORTS: u32 = 256;
+/// Service virtual IPs, and (VIP, port) pairs, the kernel knows about.
+pub const MAX_SERVICE_VIPS: u32 = 65536;
+pub const MAX_SERVICE_PORTS: u32 = 131072;
 
 /// Why the kernel did (or did not) redirect a connection. Index into the
 /// `DECISIONS` per-CPU array, so an operator can ask the kernel why.
@@ -50,10 +55,13 @@ pub enum Decision {
     TupleMissingOrig = 9,
     /// connect4: the original-destination map was full or refused the update.
     MapUpdateFailed = 10,
+    /// connect4: a Service VIP on a port no Service owns; sent to the refusal
+    /// port so the client gets "connection refused".
+    NoServicePort = 11,
 }
 
 impl Decision {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Decision; Decision::COUNT as usize] = [
         Decision::Redirected,
         Decision::NotEnrolled,
@@ -66,6 +74,7 @@ impl Decision {
         Decision::TupleRecorded,
         Decision::TupleMissingOrig,
         Decision::MapUpdateFailed,
+        Decision::NoServicePort,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -81,6 +90,7 @@ impl Decision {
             Decision::TupleRecorded => "tuple_recorded",
             Decision::TupleMissingOrig => "tuple_missing_orig",
             Decision::MapUpdateFailed => "map_update_failed",
+            Decision::NoServicePort => "no_service_port",
         }
     }
 }
@@ -98,7 +108,18 @@ pub struct AgentConfig {
     pub agent_cgroup_id: u64,
     /// 1 once the agent has written this entry.
     pub configured: u32,
-    pub _pad: u32,
+    /// Port on the agent address where nothing listens: connects to a VIP
+    /// port no Service owns go here and are refused. Network order, low 16 bits.
+    pub refusal_port: u32,
+}
+
+/// A Service (VIP, port) pair the agent serves. Address network order, port
+/// host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipPort {
+    pub ip4: u32,
+    pub port: u32,
 }
 
 /// Original destination recorded by `connect4`, keyed by socket cookie.
@@ -133,4 +154,6 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TupleKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipPort {}
 }

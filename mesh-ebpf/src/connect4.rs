@@ -7,9 +7,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use aya_log_ebpf::warn;
-use mesh_common::{Decision, OrigDst};
+use mesh_common::{Decision, OrigDst, VipPort};
 
-use crate::maps::{self, ENROLLED, EXCLUDED_PORTS, ORIG_BY_COOKIE};
+use crate::maps::{self, ENROLLED, EXCLUDED_PORTS, ORIG_BY_COOKIE, SERVICE_PORTS, SERVICE_VIPS};
 
 /// Let the connect proceed (possibly rewritten).
 const ALLOW: i32 = 1;
@@ -65,6 +65,14 @@ fn decide(ctx: &SockAddrContext, sa: &mut bpf_sock_addr) -> Decision {
     // SAFETY: value is a u32 flag; only presence is read.
     if unsafe { EXCLUDED_PORTS.get(dst_port) }.is_some() {
         return Decision::ExcludedPort;
+    }
+    // SAFETY: values are u32 flags; only presence is read.
+    if unsafe { SERVICE_VIPS.get(dst_ip) }.is_some()
+        && unsafe { SERVICE_PORTS.get(VipPort { ip4: dst_ip, port: dst_port }) }.is_none()
+    {
+        sa.user_ip4 = cfg.agent_ip4;
+        sa.user_port = cfg.refusal_port;
+        return Decision::NoServicePort;
     }
     // SAFETY: the context pointer is the one the kernel handed this program.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

@@ -5,7 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use mesh_common::{
-    AgentConfig, Decision, MAX_ENROLLED, MAX_EXCLUDED_PORTS, MAX_INFLIGHT, OrigDst, TupleKey,
+    AgentConfig, Decision, MAX_ENROLLED, MAX_EXCLUDED_PORTS, MAX_INFLIGHT, MAX_SERVICE_PORTS,
+    MAX_SERVICE_VIPS, OrigDst, TupleKey, VipPort,
 };
 
 /// Element 0: the agent's address and ports, written once at start-up.
@@ -29,6 +30,14 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entri
 #[map]
 pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> =
     LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+
+/// Service VIP (network order) -> 1.
+#[map]
+pub static SERVICE_VIPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SERVICE_VIPS, 0);
+
+/// (VIP, port) pairs some Service owns -> 1.
+#[map]
+pub static SERVICE_PORTS: HashMap<VipPort, u32> = HashMap::with_max_entries(MAX_SERVICE_PORTS, 0);
 
 /// One counter per `Decision`.
 #[map]

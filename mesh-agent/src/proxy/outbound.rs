@@ -11,6 +11,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::{
+    discovery::Config,
+    lb::Lookup,
     redirect::{Recorded, Redirect},
     telemetry::{ConnectionTable, Metrics, result},
     workload::Workloads,
@@ -27,6 +29,10 @@ pub enum Error {
     },
     #[error("connecting to original destination {0}: timed out")]
     ConnectTimeout(SocketAddrV4),
+    #[error("Service {service} has no ready endpoint")]
+    NoReadyEndpoint { service: String },
+    #[error("{0} is a Service VIP, but no Service owns that port")]
+    UnknownServicePort(SocketAddrV4),
 }
 
 pub struct Outbound {
@@ -35,6 +41,8 @@ pub struct Outbound {
     pub metrics: Arc<Metrics>,
     pub connections: Arc<ConnectionTable>,
     pub connect_timeout: Duration,
+    /// Distributed configuration; each connection reads the newest.
+    pub config: tokio::sync::watch::Receiver<Arc<Config>>,
 }
 
 impl Outbound {
@@ -74,7 +82,18 @@ impl Outbound {
             SocketAddr::V4(recorded.orig_dst),
         );
         debug!(src_pod = ?src_pod, dst = %recorded.orig_dst, "accepted");
-        let upstream = match self.connect(recorded.orig_dst).await {
+        let target = match self.resolve(recorded.orig_dst) {
+            Ok(t) => t,
+            Err((e, result)) => {
+                self.metrics.connection(result);
+                debug!(error = %e, "no destination");
+                tracked.error = Some(e.to_string());
+                refuse(socket);
+                return;
+            }
+        };
+        tracked.set_upstream(target.service, SocketAddr::V4(target.addr));
+        let upstream = match self.connect(target.addr).await {
             Ok(s) => s,
             Err(e) => {
                 self.metrics.connection(result::CONNECT_FAILED);
@@ -121,6 +140,34 @@ impl Outbound {
         }
     }
 
+    /// Where the connection goes: an endpoint of the Service owning the
+    /// original destination, or the original destination itself.
+    fn resolve(&self, orig: SocketAddrV4) -> Result<Target, (Error, &'static str)> {
+        let config = self.config.borrow().clone();
+        match config.services.lookup(orig) {
+            Lookup::Passthrough => Ok(Target {
+                service: None,
+                addr: orig,
+            }),
+            Lookup::UnknownPort => Err((
+                Error::UnknownServicePort(orig),
+                result::UNKNOWN_SERVICE_PORT,
+            )),
+            Lookup::Service(backend) => match backend.pick() {
+                Some(ep) => Ok(Target {
+                    service: Some(backend.service.clone()),
+                    addr: ep.addr,
+                }),
+                None => Err((
+                    Error::NoReadyEndpoint {
+                        service: backend.service.clone(),
+                    },
+                    result::NO_READY_ENDPOINT,
+                )),
+            },
+        }
+    }
+
     fn recorded(&self, socket: &TcpStream, peer: SocketAddr) -> Result<Recorded, Error> {
         let local = socket.local_addr().ok();
         match (peer, local) {
@@ -146,6 +193,11 @@ impl Outbound {
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
+}
+
+struct Target {
+    service: Option<String>,
+    addr: SocketAddrV4,
 }
 
 /// Closes with a reset, so the client sees a refusal rather than an empty reply.

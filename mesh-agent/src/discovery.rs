@@ -1,0 +1,456 @@
+//! The agent's side of configuration distribution: subscribes to the control
+//! server, validates every response before it takes effect, acknowledges or
+//! rejects it, keeps the last good configuration on disk, and publishes it to
+//! the data path through a `watch` channel.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use prost::Message;
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{metadata::MetadataValue, transport::Endpoint};
+use tracing::{info, warn};
+
+use crate::{
+    api::{
+        self, DeltaRequest, DeltaResponse, distribution_client::DistributionClient, resource::Body,
+    },
+    lb::ServiceTable,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("control server address {addr}: {source}")]
+    Address {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("connecting to the control server: {0}")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("control server refused the subscription: {0}")]
+    Refused(#[source] tonic::Status),
+    #[error("subscription stream broke: {0}")]
+    Stream(#[source] tonic::Status),
+    #[error("control server closed the subscription")]
+    Closed,
+    #[error("token file {path}: {source}")]
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cache {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A complete, validated configuration: what the data path serves.
+#[derive(Debug, Default)]
+pub struct Config {
+    pub version: String,
+    pub resources: BTreeMap<String, api::Resource>,
+    pub services: ServiceTable,
+}
+
+impl Config {
+    fn build(
+        version: String,
+        resources: BTreeMap<String, api::Resource>,
+        agent_ip: Ipv4Addr,
+    ) -> Result<Self, crate::lb::Error> {
+        let services = ServiceTable::build(
+            resources.values().filter_map(|r| match &r.body {
+                Some(Body::Service(s)) => Some(s),
+                _ => None,
+            }),
+            agent_ip,
+        )?;
+        Ok(Config {
+            version,
+            resources,
+            services,
+        })
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &api::Workload> {
+        self.resources.values().filter_map(|r| match &r.body {
+            Some(Body::Workload(w)) => Some(w),
+            _ => None,
+        })
+    }
+}
+
+/// What `meshctl status` shows about distribution.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SyncState {
+    pub connected: bool,
+    /// Revision of the configuration being served.
+    pub version: String,
+    /// Where that configuration came from: "control", "cache" or "none".
+    pub source: &'static str,
+    pub resources: usize,
+    pub last_update_unix_ms: u64,
+    pub last_error: Option<String>,
+    pub acks: u64,
+    pub nacks: u64,
+}
+
+/// Installs a validated configuration below the data path (the kernel's
+/// Service maps); a failure turns into a rejection.
+pub type Install = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
+
+pub struct Discovery {
+    node: String,
+    addr: String,
+    token: String,
+    agent_ip: Ipv4Addr,
+    cache: Option<PathBuf>,
+    install: Install,
+    tx: watch::Sender<Arc<Config>>,
+    state: Arc<Mutex<SyncState>>,
+}
+
+pub struct Settings {
+    pub node: String,
+    pub addr: String,
+    pub token_file: PathBuf,
+    pub agent_ip: Ipv4Addr,
+    pub cache_dir: Option<PathBuf>,
+}
+
+const CACHE_FILE: &str = "config.pb";
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Discovery {
+    /// Loads the disk cache (so the agent serves its last configuration even
+    /// if the control server is down) and returns the data path's handle.
+    pub fn new(
+        settings: Settings,
+        install: Install,
+    ) -> Result<(Self, watch::Receiver<Arc<Config>>, Arc<Mutex<SyncState>>), Error> {
+        let token = std::fs::read_to_string(&settings.token_file)
+            .map_err(|source| Error::Token {
+                path: settings.token_file.clone(),
+                source,
+            })?
+            .trim()
+            .to_owned();
+        let cache = settings.cache_dir.map(|d| d.join(CACHE_FILE));
+        let mut state = SyncState {
+            source: "none",
+            ..SyncState::default()
+        };
+        let initial = match cache.as_deref().map(load_cache) {
+            Some(Ok(Some(cfg))) => match Config::build(cfg.0, cfg.1, settings.agent_ip) {
+                Ok(cfg) => match install(&cfg) {
+                    Ok(()) => {
+                        info!(version = %cfg.version, resources = cfg.resources.len(), "serving cached configuration");
+                        state.source = "cache";
+                        state.version = cfg.version.clone();
+                        state.resources = cfg.resources.len();
+                        cfg
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cached configuration cannot be installed; ignoring it");
+                        Config::default()
+                    }
+                },
+                Err(e) => {
+                    warn!(error = %e, "cached configuration is invalid; ignoring it");
+                    Config::default()
+                }
+            },
+            Some(Err(e)) => {
+                warn!(error = %e, "cannot read configuration cache; starting empty");
+                Config::default()
+            }
+            _ => Config::default(),
+        };
+        let (tx, rx) = watch::channel(Arc::new(initial));
+        let state = Arc::new(Mutex::new(state));
+        Ok((
+            Discovery {
+                node: settings.node,
+                addr: settings.addr,
+                token,
+                agent_ip: settings.agent_ip,
+                cache,
+                install,
+                tx,
+                state: state.clone(),
+            },
+            rx,
+            state,
+        ))
+    }
+
+    /// Runs forever: subscribe, and on any failure reconnect with
+    /// exponential backoff and jitter.
+    pub async fn run(self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let got_response = match self.session().await {
+                Ok(got) => got,
+                Err((got, e)) => {
+                    warn!(error = %e, "configuration subscription ended");
+                    self.update_state(|s| s.last_error = Some(e.to_string()));
+                    got
+                }
+            };
+            self.update_state(|s| s.connected = false);
+            if got_response {
+                backoff = BACKOFF_MIN;
+            }
+            let jitter = rand::rng().random_range(0.5..1.5);
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One subscription; returns whether any response arrived.
+    async fn session(&self) -> Result<bool, (bool, Error)> {
+        let channel = Endpoint::from_shared(self.addr.clone())
+            .map_err(|source| {
+                (
+                    false,
+                    Error::Address {
+                        addr: self.addr.clone(),
+                        source,
+                    },
+                )
+            })?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| (false, Error::Connect(e)))?;
+        let bearer: MetadataValue<_> = format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| (false, Error::Closed))?;
+        let mut client =
+            DistributionClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+                req.metadata_mut().insert("authorization", bearer.clone());
+                Ok(req)
+            })
+            .max_decoding_message_size(256 * 1024 * 1024);
+
+        let (req_tx, req_rx) = mpsc::channel(4);
+        let have = self
+            .tx
+            .borrow()
+            .resources
+            .iter()
+            .map(|(k, r)| (k.clone(), r.version.clone()))
+            .collect();
+        let first = DeltaRequest {
+            node: self.node.clone(),
+            initial_resource_versions: have,
+            ..DeltaRequest::default()
+        };
+        req_tx
+            .send(first)
+            .await
+            .map_err(|_| (false, Error::Closed))?;
+        let mut stream = client
+            .delta_resources(ReceiverStream::new(req_rx))
+            .await
+            .map_err(|e| (false, Error::Refused(e)))?
+            .into_inner();
+        self.update_state(|s| {
+            s.connected = true;
+            s.last_error = None;
+        });
+        info!(addr = %self.addr, "subscribed to the control server");
+        let mut got = false;
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err((got, Error::Closed)),
+                Err(e) => return Err((got, Error::Stream(e))),
+            };
+            got = true;
+            let reply = self.handle(&resp);
+            if req_tx.send(reply).await.is_err() {
+                return Err((got, Error::Closed));
+            }
+        }
+    }
+
+    /// Validates and installs a response; the answer is its ACK or NACK.
+    fn handle(&self, resp: &DeltaResponse) -> DeltaRequest {
+        let current = self.tx.borrow().clone();
+        let mut resources = current.resources.clone();
+        for key in &resp.removed_resources {
+            resources.remove(key);
+        }
+        for r in &resp.resources {
+            resources.insert(r.key.clone(), r.clone());
+        }
+        let outcome = Config::build(resp.system_version_info.clone(), resources, self.agent_ip)
+            .map_err(|e| e.to_string())
+            .and_then(|cfg| (self.install)(&cfg).map(|()| cfg));
+        match outcome {
+            Ok(cfg) => {
+                if let Some(path) = &self.cache
+                    && let Err(e) = store_cache(path, &cfg)
+                {
+                    warn!(error = %e, "cannot write configuration cache");
+                }
+                info!(
+                    version = %cfg.version,
+                    changed = resp.resources.len(),
+                    removed = resp.removed_resources.len(),
+                    "configuration applied"
+                );
+                let (version, count) = (cfg.version.clone(), cfg.resources.len());
+                self.tx.send_replace(Arc::new(cfg));
+                self.update_state(|s| {
+                    s.version = version;
+                    s.source = "control";
+                    s.resources = count;
+                    s.last_update_unix_ms = now_ms();
+                    s.last_error = None;
+                    s.acks += 1;
+                });
+                DeltaRequest {
+                    response_nonce: resp.nonce.clone(),
+                    ..DeltaRequest::default()
+                }
+            }
+            Err(message) => {
+                warn!(error = %message, nonce = %resp.nonce, "configuration rejected; keeping the last good one");
+                let resources = rejected_keys(resp, self.agent_ip);
+                self.update_state(|s| {
+                    s.last_error = Some(message.clone());
+                    s.nacks += 1;
+                });
+                DeltaRequest {
+                    response_nonce: resp.nonce.clone(),
+                    error_detail: Some(api::Status { message, resources }),
+                    ..DeltaRequest::default()
+                }
+            }
+        }
+    }
+
+    fn update_state(&self, f: impl FnOnce(&mut SyncState)) {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// Keys of the response's Services that fail on their own; if the failure
+/// only shows in combination (a conflict), every Service in the response.
+fn rejected_keys(resp: &DeltaResponse, agent_ip: Ipv4Addr) -> Vec<String> {
+    let services = || {
+        resp.resources.iter().filter_map(|r| match &r.body {
+            Some(Body::Service(s)) => Some((r.key.clone(), s)),
+            _ => None,
+        })
+    };
+    let alone: Vec<String> = services()
+        .filter(|(_, s)| ServiceTable::build([*s], agent_ip).is_err())
+        .map(|(k, _)| k)
+        .collect();
+    if alone.is_empty() {
+        services().map(|(k, _)| k).collect()
+    } else {
+        alone
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+type Cached = (String, BTreeMap<String, api::Resource>);
+
+fn load_cache(path: &Path) -> Result<Option<Cached>, Error> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(Error::Cache {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let snap = DeltaResponse::decode(bytes.as_slice()).map_err(|e| Error::Cache {
+        path: path.to_owned(),
+        source: std::io::Error::other(e),
+    })?;
+    let resources = snap
+        .resources
+        .into_iter()
+        .map(|r| (r.key.clone(), r))
+        .collect();
+    Ok(Some((snap.system_version_info, resources)))
+}
+
+/// Atomic: a crash leaves either the old cache or the new one.
+fn store_cache(path: &Path, cfg: &Config) -> std::io::Result<()> {
+    use std::io::Write;
+    let snap = DeltaResponse {
+        system_version_info: cfg.version.clone(),
+        resources: cfg.resources.values().cloned().collect(),
+        ..DeltaResponse::default()
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&snap.encode_to_vec())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_round_trip_is_atomic_and_complete() {
+        let dir = std::env::temp_dir().join(format!("mesh-cache-test-{}", std::process::id()));
+        let path = dir.join(CACHE_FILE);
+        let mut resources = BTreeMap::new();
+        let svc = api::Resource {
+            key: "Service/default/echo".into(),
+            version: "7".into(),
+            body: Some(Body::Service(api::Service {
+                name: "echo".into(),
+                namespace: "default".into(),
+                vips: vec!["198.18.100.1".into()],
+                ports: vec![api::ServicePort {
+                    name: "tcp".into(),
+                    port: 80,
+                    target_port: 7000,
+                    app_protocol: "tcp".into(),
+                }],
+                ..api::Service::default()
+            })),
+        };
+        resources.insert(svc.key.clone(), svc);
+        let cfg = Config::build("7".into(), resources, Ipv4Addr::new(198, 19, 1, 1)).unwrap();
+        store_cache(&path, &cfg).unwrap();
+        let (version, loaded) = load_cache(&path).unwrap().unwrap();
+        assert_eq!(version, "7");
+        assert_eq!(loaded, cfg.resources);
+        assert!(!path.with_extension("tmp").exists());
+        assert!(load_cache(&dir.join("missing.pb")).unwrap().is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
