@@ -2,6 +2,7 @@
 //! cluster the same way the CLI does.
 
 pub mod admin;
+pub mod bench;
 pub mod cluster;
 pub mod demo;
 pub mod deps;

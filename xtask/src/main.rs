@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xtask::cluster::cli::ClusterCmd;
+use xtask::{bench::BenchCmd, cluster::cli::ClusterCmd};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Project automation", version)]
@@ -25,6 +25,11 @@ enum Command {
     },
     /// Bring up a 2-node cluster, send traffic through the agents, show what they carried.
     Demo,
+    /// Benchmarks on a local cluster: the node agent against direct connections and haproxy.
+    Bench {
+        #[command(subcommand)]
+        bench: BenchCmd,
+    },
 }
 
 fn main() -> ExitCode {
@@ -34,6 +39,7 @@ fn main() -> ExitCode {
         Command::BuildEbpf => xtask::ebpf::build().map(|_| ExitCode::SUCCESS),
         Command::Test { filter } => xtask::test::run(filter.as_deref()).map(|()| ExitCode::SUCCESS),
         Command::Demo => xtask::demo::run().map(|()| ExitCode::SUCCESS),
+        Command::Bench { bench } => bench.run().map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
