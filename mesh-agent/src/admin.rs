@@ -15,7 +15,10 @@ use tokio::net::{TcpListener, UnixListener};
 use tracing::warn;
 
 use crate::{
-    discovery::SyncState, redirect::Redirect, telemetry::ConnectionTable, telemetry::Metrics,
+    discovery::{ConfigRx, SyncState},
+    redirect::Redirect,
+    telemetry::ConnectionTable,
+    telemetry::Metrics,
     workload::Workloads,
 };
 
@@ -29,6 +32,8 @@ pub struct State {
     pub connections: Arc<ConnectionTable>,
     /// Distribution state, when the agent has a control server.
     pub sync: Option<Arc<std::sync::Mutex<SyncState>>>,
+    /// The configuration the data path serves.
+    pub config: ConfigRx,
 }
 
 type Body = Full<Bytes>;
@@ -126,6 +131,18 @@ async fn admin(req: Request<Incoming>, state: &State) -> Response<Body> {
                     "open_connections": open,
                     "sync": state.sync.as_ref().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone()),
                 }),
+            )
+        }
+        (Method::GET, "/config") => {
+            let config = state.config.borrow().clone();
+            let resources: Vec<serde_json::Value> = config
+                .resources
+                .values()
+                .map(|r| json!({ "key": r.key, "version": r.version }))
+                .collect();
+            json_response(
+                StatusCode::OK,
+                json!({ "version": config.version, "resources": resources }),
             )
         }
         (Method::GET, "/connections") => {

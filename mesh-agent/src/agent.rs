@@ -141,7 +141,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         connections: connections.clone(),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-        config,
+        config: config.clone(),
     });
     let state = Arc::new(admin::State {
         node: args.node.clone(),
@@ -152,6 +152,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         registry,
         connections,
         sync,
+        config,
     });
     let mut tasks = vec![
         tokio::spawn(proxy.run(outbound)),

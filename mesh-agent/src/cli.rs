@@ -1,13 +1,29 @@
-//! `meshctl`: the operator's view of a node's live traffic.
+//! `meshctl`: the operator's view of a node's live traffic (through the
+//! node agent's admin socket) and of the mesh's configuration (through the
+//! control server's operator API).
 use std::{
+    fs,
     io::{Read, Write},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
-use serde_json::Value;
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tonic::{Code, Status};
+
+use crate::{
+    api::{AgentsRequest, ApplyRequest, DeleteRequest, GetRequest},
+    control::{
+        auth,
+        client::{self, Target},
+        operator::DOCUMENT_INDEX_METADATA,
+        resources::{DEFAULT_NAMESPACE, Kind},
+    },
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", about = "Operate the mesh", version)]
@@ -23,8 +39,26 @@ pub struct Args {
     /// Print raw JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Control server: `unix:///path/to/socket` (local, no token) or
+    /// `http://host:15012` (with --token-file).
+    #[arg(
+        long,
+        global = true,
+        env = "MESH_CONTROL",
+        default_value = "unix:///run/mesh/control.sock"
+    )]
+    pub control: String,
+    /// Admin token for a control server reached over the network.
+    #[arg(long, global = true, env = "MESH_CONTROL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Yaml,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,10 +80,51 @@ pub enum Command {
     },
     /// Stop redirecting a pod's connections.
     Unenroll { pod: String },
+    /// Create or update resources from YAML; all documents are applied or none.
+    Apply {
+        /// A file, a directory (its *.yaml and *.yml, in name order) or `-`
+        /// for stdin; repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Validate and say what would change, without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show resources, as a table or as documents.
+    Get {
+        /// workload (wl) or service (svc).
+        kind: String,
+        /// One resource; all of the kind when omitted.
+        name: Option<String>,
+        #[arg(short = 'n', long, default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// All namespaces.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Documents instead of a table.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Output>,
+    },
+    /// Delete a resource.
+    Delete {
+        /// workload (wl) or service (svc).
+        kind: String,
+        name: String,
+        #[arg(short = 'n', long, default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
+    /// Configuration sync state of every node agent, with its last rejection.
+    Agents,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let out = match &args.command {
+        Command::Apply { .. } | Command::Get { .. } | Command::Delete { .. } | Command::Agents => {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(control(&args))?
+        }
         Command::Status => {
             let v = request(&args.admin, "GET", "/status", None)?;
             if args.json {
@@ -83,8 +158,417 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )?
         .to_string(),
     };
-    println!("{out}");
+    if !out.is_empty() {
+        println!("{out}");
+    }
     Ok(())
+}
+
+/// Runs an operator-API command; the result is what to print.
+async fn control(args: &Args) -> anyhow::Result<String> {
+    let target: Target = args.control.parse()?;
+    let token = args
+        .token_file
+        .as_deref()
+        .map(auth::read_token)
+        .transpose()?;
+    let mut client = client::operator(&target, token.as_deref()).await?;
+    match &args.command {
+        Command::Apply { files, dry_run } => {
+            let input = Input::read(files)?;
+            let response = client
+                .apply(ApplyRequest {
+                    yaml: input.yaml.clone(),
+                    dry_run: *dry_run,
+                })
+                .await
+                .map_err(|status| input.explain(&status))?
+                .into_inner();
+            let suffix = if *dry_run { " (dry run)" } else { "" };
+            Ok(response
+                .results
+                .iter()
+                .map(|r| format!("{r}{suffix}"))
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            if *all_namespaces && name.is_some() {
+                bail!("a resource can't be retrieved by name across all namespaces");
+            }
+            let kind = Kind::from_loose(kind).with_context(|| {
+                format!("unknown kind {kind:?} (expected workload, wl, service or svc)")
+            })?;
+            let response = client
+                .get(GetRequest {
+                    kind: kind.as_str().to_owned(),
+                    namespace: if *all_namespaces {
+                        String::new()
+                    } else {
+                        namespace.clone()
+                    },
+                    name: name.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(server_error)?
+                .into_inner();
+            let documents = response
+                .documents_json
+                .iter()
+                .map(|d| serde_json::from_str(d))
+                .collect::<Result<Vec<Value>, _>>()
+                .context("the control server sent a document that is not JSON")?;
+            if documents.is_empty() && output.is_none() {
+                eprintln!(
+                    "No resources found{}.",
+                    if *all_namespaces {
+                        String::new()
+                    } else {
+                        format!(" in {namespace} namespace")
+                    }
+                );
+                return Ok(String::new());
+            }
+            render_documents(kind, documents, name.is_some(), *output, *all_namespaces)
+        }
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+        } => {
+            let kind = Kind::from_loose(kind).with_context(|| {
+                format!("unknown kind {kind:?} (expected workload, wl, service or svc)")
+            })?;
+            client
+                .delete(DeleteRequest {
+                    kind: kind.as_str().to_owned(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                })
+                .await
+                .map_err(server_error)?;
+            Ok(format!("{kind}/{namespace}/{name} deleted"))
+        }
+        Command::Agents => {
+            let agents = client
+                .agents(AgentsRequest {})
+                .await
+                .map_err(server_error)?
+                .into_inner()
+                .agents;
+            if args.json {
+                let rows: Vec<Value> = agents
+                    .iter()
+                    .map(|a| {
+                        json!({
+                            "node": a.node,
+                            "connected": a.connected,
+                            "acked_version": a.acked_version,
+                            "last_ack_unix_ms": a.last_ack_unix_ms,
+                            "last_error": a.last_error.as_ref().map(|e| json!({
+                                "message": e.message,
+                                "resources": e.resources,
+                            })),
+                        })
+                    })
+                    .collect();
+                return Ok(Value::Array(rows).to_string());
+            }
+            let now = now_unix_ms();
+            let rows = agents
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.node.clone(),
+                        if a.connected { "yes" } else { "no" }.to_owned(),
+                        or_dash(&a.acked_version),
+                        if a.last_ack_unix_ms == 0 {
+                            "-".to_owned()
+                        } else {
+                            format!("{}s ago", now.saturating_sub(a.last_ack_unix_ms) / 1000)
+                        },
+                        a.last_error.as_ref().map_or_else(
+                            || "-".to_owned(),
+                            |e| {
+                                if e.resources.is_empty() {
+                                    e.message.clone()
+                                } else {
+                                    format!("{} [{}]", e.message, e.resources.join(", "))
+                                }
+                            },
+                        ),
+                    ]
+                })
+                .collect();
+            Ok(table(
+                &[
+                    "NODE",
+                    "CONNECTED",
+                    "ACKED VERSION",
+                    "LAST ACK",
+                    "LAST REJECTION",
+                ],
+                rows,
+            ))
+        }
+        Command::Status
+        | Command::Connections { .. }
+        | Command::Enroll { .. }
+        | Command::Unenroll { .. } => unreachable!("agent commands don't use the control server"),
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The server's own message: it names the document, field and value.
+fn server_error(status: Status) -> anyhow::Error {
+    match status.code() {
+        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition => {
+            anyhow!("{}", status.message())
+        }
+        Code::Unauthenticated => anyhow!("not allowed: {}", status.message()),
+        Code::Unavailable => anyhow!("control server unavailable: {}", status.message()),
+        code => anyhow!("{} ({code:?})", status.message()),
+    }
+}
+
+/// The YAML of an apply, and where each of its documents came from.
+#[derive(Debug)]
+struct Input {
+    yaml: String,
+    /// Per document sent: its file and its 1-based index there.
+    origins: Vec<(String, usize)>,
+    sources: usize,
+}
+
+impl Input {
+    /// Reads files, directories and stdin. Each document is parsed here
+    /// first, so malformed YAML is reported with its file, and re-encoded,
+    /// so the server's document numbers map back to files exactly.
+    fn read(paths: &[PathBuf]) -> anyhow::Result<Input> {
+        let mut sources: Vec<(String, String)> = Vec::new();
+        for path in paths {
+            if path == Path::new("-") {
+                let mut text = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .context("reading stdin")?;
+                sources.push(("<stdin>".to_owned(), text));
+            } else if path.is_dir() {
+                let mut files: Vec<PathBuf> = fs::read_dir(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml")
+                    })
+                    .collect();
+                files.sort();
+                if files.is_empty() {
+                    bail!("{}: no *.yaml or *.yml files", path.display());
+                }
+                for file in files {
+                    let text = fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    sources.push((file.display().to_string(), text));
+                }
+            } else {
+                let text = fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                sources.push((path.display().to_string(), text));
+            }
+        }
+        let mut documents = Vec::new();
+        let mut origins = Vec::new();
+        for (name, text) in &sources {
+            for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+                let value = serde_yaml::Value::deserialize(document)
+                    .map_err(|e| anyhow!("{name}: document {}: malformed YAML: {e}", i + 1))?;
+                if value.is_null() {
+                    continue;
+                }
+                documents.push(serde_yaml::to_string(&value)?);
+                origins.push((name.clone(), i + 1));
+            }
+        }
+        if documents.is_empty() {
+            bail!("no documents to apply");
+        }
+        Ok(Input {
+            yaml: documents.join("---\n"),
+            origins,
+            sources: sources.len(),
+        })
+    }
+
+    /// The server's message, and which file the document at fault is in.
+    fn explain(&self, status: &Status) -> anyhow::Error {
+        let origin = status
+            .metadata()
+            .get(DOCUMENT_INDEX_METADATA)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .and_then(|i| Some((i, self.origins.get(i.checked_sub(1)?)?)));
+        match origin {
+            Some((index, (file, local))) if self.sources > 1 || index != *local => anyhow!(
+                "{} (document {index} is {file}, document {local})",
+                server_error(status.clone())
+            ),
+            _ => server_error(status.clone()),
+        }
+    }
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn render_documents(
+    kind: Kind,
+    documents: Vec<Value>,
+    named: bool,
+    output: Option<Output>,
+    all_namespaces: bool,
+) -> anyhow::Result<String> {
+    match output {
+        Some(Output::Json) => {
+            let value = if named && documents.len() == 1 {
+                documents.into_iter().next().expect("one document")
+            } else {
+                json!({ "apiVersion": "v1", "kind": "List", "items": documents })
+            };
+            Ok(serde_json::to_string_pretty(&value)?)
+        }
+        Some(Output::Yaml) => Ok(documents
+            .iter()
+            .map(serde_yaml::to_string)
+            .collect::<Result<Vec<_>, _>>()?
+            .join("---\n")
+            .trim_end()
+            .to_owned()),
+        None => {
+            let (headers, rows): (&[&str], Vec<Vec<String>>) = match kind {
+                Kind::Workload => (
+                    &["NAME", "NODE", "IP", "READY", "SERVICE ACCOUNT", "PORTS"],
+                    documents.iter().map(workload_row).collect(),
+                ),
+                Kind::Service => (
+                    &["NAME", "VIPS", "PORTS", "SELECTOR"],
+                    documents.iter().map(service_row).collect(),
+                ),
+            };
+            if !all_namespaces {
+                return Ok(table(headers, rows));
+            }
+            let headers: Vec<&str> = std::iter::once("NAMESPACE")
+                .chain(headers.iter().copied())
+                .collect();
+            let rows = documents
+                .iter()
+                .zip(rows)
+                .map(|(d, row)| {
+                    std::iter::once(text(&d["metadata"]["namespace"]))
+                        .chain(row)
+                        .collect()
+                })
+                .collect();
+            Ok(table(&headers, rows))
+        }
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn joined(items: &Value, item: impl Fn(&Value) -> String) -> String {
+    let parts: Vec<String> = items.as_array().into_iter().flatten().map(item).collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+fn workload_row(d: &Value) -> Vec<String> {
+    let spec = &d["spec"];
+    vec![
+        text(&d["metadata"]["name"]),
+        text(&spec["node"]),
+        text(&spec["ip"]),
+        text(&spec["ready"]),
+        text(&spec["serviceAccount"]),
+        joined(&spec["ports"], |p| {
+            format!("{}/{}", p["port"], text(&p["protocol"]))
+        }),
+    ]
+}
+
+fn service_row(d: &Value) -> Vec<String> {
+    let spec = &d["spec"];
+    let selector: Vec<String> = spec["selector"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", text(v)))
+        .collect();
+    vec![
+        text(&d["metadata"]["name"]),
+        joined(&spec["vips"], text),
+        joined(&spec["ports"], |p| {
+            let target = if p["targetPort"] == p["port"] {
+                String::new()
+            } else {
+                format!(":{}", p["targetPort"])
+            };
+            format!("{}{target}/{}", p["port"], text(&p["appProtocol"]))
+        }),
+        if selector.is_empty() {
+            "-".into()
+        } else {
+            selector.join(",")
+        },
+    ]
+}
+
+/// Left-aligned columns, as wide as their widest cell.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("   ")
+            .trim_end()
+            .to_owned()
+    };
+    std::iter::once(line(headers.iter().map(|h| (*h).to_owned()).collect()))
+        .chain(rows.into_iter().map(line))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// One HTTP/1.1 request over the agent's unix socket.

@@ -103,6 +103,11 @@ pub struct SyncState {
     pub nacks: u64,
 }
 
+/// The data path's handle on the newest configuration.
+pub type ConfigRx = watch::Receiver<Arc<Config>>;
+/// Distribution state shared with the admin API.
+pub type SharedSync = Arc<Mutex<SyncState>>;
+
 /// Installs a validated configuration below the data path (the kernel's
 /// Service maps); a failure turns into a rejection.
 pub type Install = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
@@ -136,7 +141,7 @@ impl Discovery {
     pub fn new(
         settings: Settings,
         install: Install,
-    ) -> Result<(Self, watch::Receiver<Arc<Config>>, Arc<Mutex<SyncState>>), Error> {
+    ) -> Result<(Self, ConfigRx, SharedSync), Error> {
         let token = std::fs::read_to_string(&settings.token_file)
             .map_err(|source| Error::Token {
                 path: settings.token_file.clone(),
@@ -288,8 +293,12 @@ impl Discovery {
     }
 
     /// Validates and installs a response; the answer is its ACK or NACK.
+    /// Resources this agent cannot serve are rejected one by one: the rest of
+    /// the response still takes effect, and the rejected ones keep their last
+    /// good version, so one bad Service never freezes the node.
     fn handle(&self, resp: &DeltaResponse) -> DeltaRequest {
         let current = self.tx.borrow().clone();
+        let version = resp.system_version_info.clone();
         let mut resources = current.resources.clone();
         for key in &resp.removed_resources {
             resources.remove(key);
@@ -297,11 +306,26 @@ impl Discovery {
         for r in &resp.resources {
             resources.insert(r.key.clone(), r.clone());
         }
-        let outcome = Config::build(resp.system_version_info.clone(), resources, self.agent_ip)
+        let mut rejected = Vec::new();
+        let mut reason = None;
+        let mut outcome = Config::build(version.clone(), resources.clone(), self.agent_ip);
+        if let Err(first) = &outcome {
+            reason = Some(first.to_string());
+            rejected = rejected_keys(resp, self.agent_ip);
+            for key in &rejected {
+                match current.resources.get(key) {
+                    Some(old) => resources.insert(key.clone(), old.clone()),
+                    None => resources.remove(key),
+                };
+            }
+            let first = first.clone();
+            outcome = Config::build(version, resources, self.agent_ip).map_err(|_| first);
+        }
+        let installed = outcome
             .map_err(|e| e.to_string())
             .and_then(|cfg| (self.install)(&cfg).map(|()| cfg));
-        match outcome {
-            Ok(cfg) => {
+        match (installed, reason) {
+            (Ok(cfg), reason) => {
                 if let Some(path) = &self.cache
                     && let Err(e) = store_cache(path, &cfg)
                 {
@@ -311,33 +335,53 @@ impl Discovery {
                     version = %cfg.version,
                     changed = resp.resources.len(),
                     removed = resp.removed_resources.len(),
+                    rejected = rejected.len(),
                     "configuration applied"
                 );
                 let (version, count) = (cfg.version.clone(), cfg.resources.len());
                 self.tx.send_replace(Arc::new(cfg));
+                let error_detail = reason.map(|message| {
+                    warn!(error = %message, resources = ?rejected, "resources rejected; the rest applied");
+                    api::Status {
+                        message,
+                        resources: rejected,
+                    }
+                });
                 self.update_state(|s| {
                     s.version = version;
                     s.source = "control";
                     s.resources = count;
                     s.last_update_unix_ms = now_ms();
-                    s.last_error = None;
-                    s.acks += 1;
+                    match &error_detail {
+                        Some(e) => {
+                            s.last_error = Some(e.message.clone());
+                            s.nacks += 1;
+                        }
+                        None => {
+                            s.last_error = None;
+                            s.acks += 1;
+                        }
+                    }
                 });
                 DeltaRequest {
                     response_nonce: resp.nonce.clone(),
+                    error_detail,
                     ..DeltaRequest::default()
                 }
             }
-            Err(message) => {
+            (Err(message), _) => {
                 warn!(error = %message, nonce = %resp.nonce, "configuration rejected; keeping the last good one");
-                let resources = rejected_keys(resp, self.agent_ip);
                 self.update_state(|s| {
                     s.last_error = Some(message.clone());
                     s.nacks += 1;
                 });
+                // No resources named: the whole response was rejected.
                 DeltaRequest {
                     response_nonce: resp.nonce.clone(),
-                    error_detail: Some(api::Status { message, resources }),
+                    error_detail: Some(api::Status {
+                        message,
+                        resources: Vec::new(),
+                    }),
                     ..DeltaRequest::default()
                 }
             }

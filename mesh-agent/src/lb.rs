@@ -8,7 +8,7 @@ use std::{
 
 use crate::api;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
     #[error("Service {service}: field vips: {value:?} is not an IPv4 address")]
     BadVip { service: String, value: String },

@@ -68,7 +68,13 @@ fn decide(ctx: &SockAddrContext, sa: &mut bpf_sock_addr) -> Decision {
     }
     // SAFETY: values are u32 flags; only presence is read.
     if unsafe { SERVICE_VIPS.get(dst_ip) }.is_some()
-        && unsafe { SERVICE_PORTS.get(VipPort { ip4: dst_ip, port: dst_port }) }.is_none()
+        && unsafe {
+            SERVICE_PORTS.get(VipPort {
+                ip4: dst_ip,
+                port: dst_port,
+            })
+        }
+        .is_none()
     {
         sa.user_ip4 = cfg.agent_ip4;
         sa.user_port = cfg.refusal_port;

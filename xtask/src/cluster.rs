@@ -4,8 +4,13 @@
 //!
 //! ```text
 //! <prefix>-fabric   br0 ── n1 ═ eth0 198.18.0.11  <prefix>-node1   cni0 198.19.1.1 ── p1 ═ eth0 198.19.1.11  <prefix>-node1-pod1
-//!                       └─ n2 ═ eth0 198.18.0.12  <prefix>-node2   cni0 198.19.2.1 ── ...
+//!   198.18.0.2          └─ n2 ═ eth0 198.18.0.12  <prefix>-node2   cni0 198.19.2.1 ── ...
+//!   mesh-control :15012
 //! ```
+//!
+//! The control plane (`mesh-control`) runs in the fabric netns on br0's address; every
+//! agent subscribes to it with its node's bootstrap token, and `up` registers every
+//! pod as a `Workload` through `meshctl apply`.
 
 pub mod cli;
 pub mod plan;
@@ -28,8 +33,8 @@ use serde_json::{Value, json};
 
 use crate::admin;
 use plan::Roots;
-pub use plan::{NodeInfo, PodInfo};
-use state::{NodeState, Owner, State};
+pub use plan::{ControlInfo, NodeInfo, PodInfo};
+use state::{ControlState, NodeState, Owner, State};
 use sys::Placement;
 
 /// One state dir per cluster, plus `current`.
@@ -37,6 +42,10 @@ pub const STATE_ROOT: &str = "/run/mesh-cluster";
 
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+const CONTROL_READY_TIMEOUT: Duration = Duration::from_secs(10);
+const CONTROL_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// One `meshctl` call; the operator API answers in milliseconds.
+const MESHCTL_TIMEOUT: Duration = Duration::from_secs(10);
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(20);
 /// A state dir without a readable state.json younger than this may be a cluster
@@ -55,10 +64,15 @@ pub struct ClusterSpec {
     pub agent_args: Vec<String>,
     /// Enroll every pod with its node's agent once the agents are ready.
     pub enroll_all: bool,
+    /// `mesh-control`; `None`: no control plane, agents run without `--control-addr`.
+    pub control_bin: Option<PathBuf>,
+    /// `meshctl`, used to wait for the control plane and to apply configuration.
+    pub meshctl_bin: PathBuf,
 }
 
 impl Default for ClusterSpec {
-    /// Two nodes of two pods, the workspace's release agent and eBPF object, all enrolled.
+    /// Two nodes of two pods, the workspace's release agent, eBPF object and control
+    /// server, all pods enrolled.
     fn default() -> Self {
         ClusterSpec {
             nodes: 2,
@@ -67,6 +81,8 @@ impl Default for ClusterSpec {
             bpf_object: default_bpf_object(),
             agent_args: Vec::new(),
             enroll_all: true,
+            control_bin: Some(default_control_bin()),
+            meshctl_bin: default_meshctl_bin(),
         }
     }
 }
@@ -90,6 +106,16 @@ pub fn default_agent_bin() -> PathBuf {
     target_dir().join("release").join("mesh-agent")
 }
 
+/// `<target>/release/mesh-control`
+pub fn default_control_bin() -> PathBuf {
+    target_dir().join("release").join("mesh-control")
+}
+
+/// `<target>/release/meshctl`
+pub fn default_meshctl_bin() -> PathBuf {
+    target_dir().join("release").join("meshctl")
+}
+
 /// `<target>/bpf/mesh-ebpf.o`, where `cargo xtask build-ebpf` puts it.
 pub fn default_bpf_object() -> PathBuf {
     target_dir().join("bpf").join("mesh-ebpf.o")
@@ -105,15 +131,18 @@ pub struct Cluster {
     enrolled: Mutex<BTreeSet<String>>,
     /// Agents this process started, so they can be reaped.
     agents: BTreeMap<String, Child>,
+    /// The control server, if this process started it.
+    control: Option<Child>,
     keep: bool,
     torn_down: bool,
 }
 
 impl Cluster {
-    /// Creates the namespaces, links, cgroups and pin dir, starts one agent per node and
-    /// waits for them, then enrolls every pod if `spec.enroll_all`. On any error, tears
-    /// down what it made. The cluster belongs to this process: [`sweep`] removes it
-    /// once this process is gone.
+    /// Creates the namespaces, links, cgroups and pin dir, starts the control server (if
+    /// `spec.control_bin`) and one agent per node and waits for them, registers every
+    /// pod as a `Workload`, then enrolls every pod if `spec.enroll_all`. On any error,
+    /// tears down what it made. The cluster belongs to this process: [`sweep`] removes
+    /// it once this process is gone.
     pub fn up(spec: &ClusterSpec) -> Result<Cluster> {
         plan::validate_size(spec.nodes, spec.pods_per_node)?;
         let agent_bin = existing_file(
@@ -126,6 +155,21 @@ impl Cluster {
             "eBPF object",
             "build it with `cargo xtask build-ebpf`",
         )?;
+        let control_bins = match &spec.control_bin {
+            Some(bin) => Some((
+                existing_file(
+                    bin,
+                    "control server binary",
+                    "build it with `cargo build --release -p mesh-agent`",
+                )?,
+                existing_file(
+                    &spec.meshctl_bin,
+                    "meshctl binary",
+                    "build it with `cargo build --release -p mesh-agent`",
+                )?,
+            )),
+            None => None,
+        };
         let roots = Roots {
             state: PathBuf::from(STATE_ROOT),
             cgroup2: sys::cgroup2_mount()?,
@@ -154,6 +198,12 @@ impl Cluster {
                 .collect(),
             pods,
             enrolled: BTreeSet::new(),
+            control: control_bins.map(|(bin, meshctl_bin)| ControlState {
+                info: plan::control(&prefix, &roots),
+                bin,
+                meshctl_bin,
+                pid: None,
+            }),
             prefix,
         };
         let mut cluster = Cluster::from_state(state, state_dir, false);
@@ -197,6 +247,7 @@ impl Cluster {
             state_dir,
             enrolled,
             agents: BTreeMap::new(),
+            control: None,
             keep,
             torn_down: false,
         }
@@ -271,6 +322,21 @@ impl Cluster {
         cmd
     }
 
+    /// A command that runs inside the fabric netns (where the control server listens),
+    /// in the caller's cgroup.
+    pub fn fabric_command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        sys::place(
+            &mut cmd,
+            &Placement {
+                netns: Some(&self.state.fabric_netns),
+                cgroup: None,
+                new_session: false,
+            },
+        );
+        cmd
+    }
+
     /// The agent's pid while it is alive in its node's agent cgroup.
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
         let node = self.try_node_state(node).ok()?;
@@ -286,7 +352,9 @@ impl Cluster {
         self.stop_agents(&[node.to_string()])
     }
 
-    /// Starts the node's agent again and waits until it answers `GET /status`.
+    /// Starts the node's agent again, waits until it answers `GET /status`, and
+    /// enrolls again the node's pods the cluster has marked enrolled (an agent does
+    /// not keep its enrolments across a restart).
     pub fn start_agent(&mut self, node: &str) -> Result<()> {
         self.try_node(node)?;
         if let Some(pid) = self.agent_pid(node) {
@@ -295,7 +363,132 @@ impl Cluster {
         let nodes = [node.to_string()];
         self.spawn_agent(node)?;
         self.save()?;
-        self.wait_ready(&nodes)
+        self.wait_ready(&nodes)?;
+        let pods: Vec<String> = self
+            .state
+            .pods
+            .iter()
+            .filter(|p| p.node == node && self.is_enrolled(&p.name))
+            .map(|p| p.name.clone())
+            .collect();
+        for pod in pods {
+            self.enroll(&pod).with_context(|| {
+                format!("enrolling {pod} again after restarting {node}'s agent")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The control plane's addresses and files; `None` if the cluster runs without one.
+    pub fn control_info(&self) -> Option<&ControlInfo> {
+        self.state.control.as_ref().map(|c| &c.info)
+    }
+
+    /// `<state>/control.sock`, the operator API. Panics if the cluster has no control plane.
+    pub fn control_socket(&self) -> &Path {
+        &self
+            .try_control()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .info
+            .socket
+    }
+
+    /// The control server's pid while it is alive in its cgroup.
+    pub fn control_pid(&self) -> Option<u32> {
+        let ctl = self.state.control.as_ref()?;
+        let pid = ctl.pid?;
+        sys::cgroup_pids(&ctl.info.cgroup)
+            .contains(&pid)
+            .then_some(pid)
+    }
+
+    /// SIGTERM (a graceful exit), up to 5 s, then SIGKILL; anything left in the control
+    /// cgroup is killed too. The store stays.
+    pub fn stop_control(&mut self) -> Result<()> {
+        self.try_control()?;
+        if let Some(pid) = self.control_pid() {
+            sys::signal(pid, libc::SIGTERM);
+            let deadline = Instant::now() + CONTROL_STOP_TIMEOUT;
+            while self.control_pid().is_some() && Instant::now() < deadline {
+                self.reap_control();
+                thread::sleep(POLL);
+            }
+            if let Some(pid) = self.control_pid() {
+                eprintln!(
+                    "warning: the control server (pid {pid}) ignored SIGTERM for {} s; killing it",
+                    CONTROL_STOP_TIMEOUT.as_secs()
+                );
+                sys::signal(pid, libc::SIGKILL);
+            }
+        }
+        let cgroup = self.try_control()?.info.cgroup.clone();
+        let killed = sys::cgroup_kill(&cgroup, KILL_TIMEOUT);
+        self.reap_control();
+        if let Some(ctl) = self.state.control.as_mut() {
+            ctl.pid = None;
+        }
+        if self.state_dir.exists() {
+            self.save()?;
+        }
+        killed
+    }
+
+    /// Starts the control server again (on its existing store) and waits until it answers.
+    pub fn start_control(&mut self) -> Result<()> {
+        self.try_control()?;
+        if let Some(pid) = self.control_pid() {
+            bail!("the control server is already running (pid {pid})");
+        }
+        self.spawn_control()?;
+        self.save()?;
+        self.wait_control_ready()
+    }
+
+    /// Runs `meshctl --control unix://<socket> <args>` and returns what it did, whatever
+    /// its exit status (for tests of bad input). Fails only if it cannot run it.
+    pub fn meshctl(&self, args: &[&str]) -> Result<std::process::Output> {
+        self.meshctl_with_input(args, None)
+    }
+
+    /// `meshctl apply -f -` with `yaml` on stdin; its stdout on success, else an error
+    /// carrying its stderr.
+    pub fn apply(&self, yaml: &str) -> Result<String> {
+        let out = self.meshctl_with_input(&["apply", "-f", "-"], Some(yaml))?;
+        if !out.status.success() {
+            bail!(
+                "`meshctl apply -f -` failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The pod's `Workload` document as `up` registers it (name, namespace `default`,
+    /// labels `app: <pod>`, `node: <node>`, service account, node, IP), with
+    /// `extra_labels` added. Panics if there is no such pod.
+    pub fn workload_yaml(&self, pod: &str, extra_labels: &[(&str, &str)]) -> String {
+        plan::workload_yaml(self.pod(pod), extra_labels)
+    }
+
+    /// Registers every pod as a `Workload` (one apply, all or nothing).
+    pub fn register_pods(&self) -> Result<String> {
+        let docs: Vec<String> = self
+            .state
+            .pods
+            .iter()
+            .map(|p| plan::workload_yaml(p, &[]))
+            .collect();
+        self.apply(&plan::yaml_stream(&docs))
+            .context("registering the pods as Workloads")
+    }
+
+    /// The last `lines` lines of the control server's log.
+    pub fn control_log_tail(&self, lines: usize) -> String {
+        match &self.state.control {
+            Some(ctl) => sys::tail(&ctl.info.log, lines),
+            None => "(no control plane)".to_string(),
+        }
     }
 
     pub fn admin_get(&self, node: &str, path: &str) -> Result<Value> {
@@ -380,6 +573,12 @@ impl Cluster {
         self.create_cgroups()?;
         fs::create_dir_all(&self.state.bpf_root)
             .with_context(|| format!("creating {}", self.state.bpf_root.display()))?;
+        if self.state.control.is_some() {
+            self.write_tokens()?;
+            self.spawn_control()?;
+            self.save()?;
+            self.wait_control_ready()?;
+        }
         let names: Vec<String> = self
             .state
             .nodes
@@ -391,6 +590,9 @@ impl Cluster {
         }
         self.save()?;
         self.wait_ready(&names)?;
+        if self.state.control.is_some() {
+            self.register_pods()?;
+        }
         if enroll_all {
             for pod in self.pods() {
                 self.enroll(&pod.name)?;
@@ -405,6 +607,10 @@ impl Cluster {
         sys::netns_add(fabric)?;
         sys::ip_in(fabric, &["link", "add", FABRIC_BRIDGE, "type", "bridge"])?;
         sys::ip_in(fabric, &["link", "set", FABRIC_BRIDGE, "up"])?;
+        if let Some(ctl) = &self.state.control {
+            let addr = format!("{}/24", ctl.info.ip);
+            sys::ip_in(fabric, &["addr", "add", &addr, "dev", FABRIC_BRIDGE])?;
+        }
 
         let nodes: Vec<&NodeInfo> = self.state.nodes.iter().map(|n| &n.info).collect();
         for node in &nodes {
@@ -475,6 +681,9 @@ impl Cluster {
             ]);
         }
         dirs.extend(self.state.pods.iter().map(|p| &p.cgroup));
+        if let Some(ctl) = &self.state.control {
+            dirs.push(&ctl.info.cgroup);
+        }
         for dir in dirs {
             fs::create_dir(dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
         }
@@ -503,9 +712,16 @@ impl Cluster {
             .arg("--bpf-pin-dir")
             .arg(&info.bpf_pin_dir)
             .arg("--bpf-object")
-            .arg(&self.state.bpf_object)
-            .args(&self.state.agent_args)
-            .env("RUST_LOG", "info");
+            .arg(&self.state.bpf_object);
+        if let Some(ctl) = &self.state.control {
+            cmd.arg("--control-addr")
+                .arg(ctl.info.url())
+                .arg("--token-file")
+                .arg(&info.token_file)
+                .arg("--cache-dir")
+                .arg(&info.cache_dir);
+        }
+        cmd.args(&self.state.agent_args).env("RUST_LOG", "info");
 
         let mut log = OpenOptions::new()
             .create(true)
@@ -533,6 +749,185 @@ impl Cluster {
         self.node_state_mut(node)?.agent_pid = Some(child.id());
         self.agents.insert(node.to_string(), child);
         Ok(())
+    }
+
+    /// A random bootstrap token per node: `tokens.yaml` for the control server and
+    /// `node<i>.token` for each agent, readable by root only.
+    fn write_tokens(&self) -> Result<()> {
+        let ctl = self.try_control()?;
+        let mut tokens = Vec::new();
+        for node in &self.state.nodes {
+            let token = plan::random_token().context("reading /dev/urandom")?;
+            write_private(&node.info.token_file, &format!("{token}\n"))?;
+            tokens.push((node.info.name.clone(), token));
+        }
+        let yaml = plan::tokens_yaml(tokens.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+        write_private(&ctl.info.tokens, &yaml)
+    }
+
+    /// Starts `mesh-control` in the fabric netns and its own cgroup, in its own session
+    /// so that it outlives this process, its output appended to `<state>/control.log`.
+    fn spawn_control(&mut self) -> Result<()> {
+        let ctl = self.try_control()?.clone();
+        match fs::remove_file(&ctl.info.socket) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(e).context(format!("removing {}", ctl.info.socket.display()));
+            }
+            _ => {}
+        }
+        let mut cmd = Command::new(&ctl.bin);
+        cmd.arg("--listen")
+            .arg(ctl.info.listen.to_string())
+            .arg("--metrics-addr")
+            .arg(ctl.info.metrics.to_string())
+            .arg("--operator-socket")
+            .arg(&ctl.info.socket)
+            .arg("--store-dir")
+            .arg(&ctl.info.store_dir)
+            .arg("--tokens")
+            .arg(&ctl.info.tokens)
+            .env("RUST_LOG", "info");
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&ctl.info.log)
+            .with_context(|| format!("opening {}", ctl.info.log.display()))?;
+        writeln!(log, "--- xtask: starting {cmd:?}")?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        sys::place(
+            &mut cmd,
+            &Placement {
+                netns: Some(&self.state.fabric_netns),
+                cgroup: Some(&ctl.info.cgroup),
+                new_session: true,
+            },
+        );
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting the control server ({})", ctl.bin.display()))?;
+        if let Some(state) = self.state.control.as_mut() {
+            state.pid = Some(child.id());
+        }
+        self.control = Some(child);
+        Ok(())
+    }
+
+    /// Waits until `meshctl get workloads -A` succeeds.
+    fn wait_control_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + CONTROL_READY_TIMEOUT;
+        loop {
+            if let Some(child) = self.control.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.control = None;
+                if let Some(ctl) = self.state.control.as_mut() {
+                    ctl.pid = None;
+                }
+                self.save()?;
+                bail!(
+                    "the control server exited ({status}) before it was ready; last lines of its log:\n{}",
+                    self.control_log_tail(LOG_TAIL_LINES)
+                );
+            }
+            let last = match self.meshctl(&["get", "workloads", "-A"]) {
+                Ok(out) if out.status.success() => return Ok(()),
+                Ok(out) => format!(
+                    "`meshctl get workloads -A` failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "the control server was not ready within {} s (last: {last}); last lines of its log:\n{}",
+                    CONTROL_READY_TIMEOUT.as_secs(),
+                    self.control_log_tail(LOG_TAIL_LINES)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn meshctl_with_input(
+        &self,
+        args: &[&str],
+        input: Option<&str>,
+    ) -> Result<std::process::Output> {
+        let ctl = self.try_control()?;
+        let mut cmd = Command::new(&ctl.meshctl_bin);
+        cmd.arg("--control")
+            .arg(ctl.info.meshctl_target())
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let what = format!("meshctl {}", args.join(" "));
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("running {what} ({})", ctl.meshctl_bin.display()))?;
+        if let Some(input) = input {
+            let mut stdin = child.stdin.take().expect("piped");
+            let input = input.to_string();
+            // A writer thread, so that a meshctl that stops reading cannot block us.
+            thread::spawn(move || {
+                let _ = stdin.write_all(input.as_bytes());
+            });
+        }
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let read = |mut r: Box<dyn io::Read + Send>| {
+            thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = r.read_to_end(&mut buf);
+                buf
+            })
+        };
+        let (stdout, stderr) = (read(Box::new(stdout)), read(Box::new(stderr)));
+        let deadline = Instant::now() + MESHCTL_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{what} did not finish within {} s",
+                    MESHCTL_TIMEOUT.as_secs()
+                );
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        Ok(std::process::Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        })
+    }
+
+    /// Collects the control server's exit status, if this process started it and it exited.
+    fn reap_control(&mut self) {
+        if let Some(child) = self.control.as_mut()
+            && !matches!(child.try_wait(), Ok(None))
+        {
+            self.control = None;
+        }
+    }
+
+    fn try_control(&self) -> Result<&ControlState> {
+        self.state.control.as_ref().ok_or_else(|| {
+            anyhow!(
+                "cluster {} runs without a control plane (ClusterSpec::control_bin was None)",
+                self.prefix()
+            )
+        })
     }
 
     /// Waits until every named agent answers `GET /status` with 200.
@@ -655,6 +1050,11 @@ impl Cluster {
         if let Err(e) = self.stop_agents(&names) {
             errors.push(format!("{e:#}"));
         }
+        if self.state.control.is_some()
+            && let Err(e) = self.stop_control()
+        {
+            errors.push(format!("{e:#}"));
+        }
         let (removed, purge_errors) = purge(&Leftovers {
             prefix: self.state.prefix.clone(),
             cgroup_root: self.state.cgroup_root.clone(),
@@ -737,6 +1137,13 @@ impl Drop for Cluster {
                     "--- last lines of {} ---\n{}",
                     node.info.agent_log.display(),
                     sys::tail(&node.info.agent_log, LOG_TAIL_LINES)
+                );
+            }
+            if let Some(ctl) = &self.state.control {
+                eprintln!(
+                    "--- last lines of {} ---\n{}",
+                    ctl.info.log.display(),
+                    sys::tail(&ctl.info.log, LOG_TAIL_LINES)
                 );
             }
         }
@@ -963,6 +1370,20 @@ fn claim_prefix(roots: &Roots) -> Result<String> {
     bail!("no free cluster prefix after 32 tries")
 }
 
+/// Writes a file only root can read (mode 0600 from its creation).
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 fn existing_file(path: &Path, what: &str, hint: &str) -> Result<PathBuf> {
     let path = std::path::absolute(path)?;
     anyhow::ensure!(path.is_file(), "no {what} at {}: {hint}", path.display());
@@ -1000,5 +1421,11 @@ mod tests {
         assert!(spec.bpf_object.ends_with("bpf/mesh-ebpf.o"));
         assert!(workspace_root().join("xtask").join("Cargo.toml").is_file());
         assert!(spec.enroll_all);
+        assert!(
+            spec.control_bin
+                .as_deref()
+                .is_some_and(|p| p.ends_with("release/mesh-control"))
+        );
+        assert!(spec.meshctl_bin.ends_with("release/meshctl"));
     }
 }

@@ -59,9 +59,15 @@ pub fn spec(nodes: usize, pods_per_node: usize) -> ClusterSpec {
         pods_per_node,
         ..ClusterSpec::default()
     };
+    let control = spec
+        .control_bin
+        .as_ref()
+        .expect("default spec has a control plane");
     for (what, path) in [
         ("agent", &spec.agent_bin),
         ("eBPF object", &spec.bpf_object),
+        ("control server", control),
+        ("meshctl", &spec.meshctl_bin),
     ] {
         assert!(
             path.exists(),
@@ -233,4 +239,145 @@ pub fn attached_programs(cgroup: &std::path::Path) -> Vec<Value> {
         .as_array()
         .cloned()
         .unwrap_or_default()
+}
+
+/// Polls `probe` until it gives a value; panics naming `what` (and the last
+/// thing `probe` reported through `last`) after `timeout`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut(&mut String) -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        if let Some(v) = probe(&mut last) {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}; last: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `Service` document: one VIP, one TCP port, a label selector.
+pub fn service_yaml(
+    name: &str,
+    vip: &str,
+    port: u32,
+    target_port: u32,
+    selector: &[(&str, &str)],
+) -> String {
+    let selector: String = selector
+        .iter()
+        .map(|(k, v)| format!("    {k}: {v}\n"))
+        .collect();
+    let selector = if selector.is_empty() {
+        " {}\n".to_owned()
+    } else {
+        format!("\n{selector}")
+    };
+    format!(
+        "apiVersion: mesh.dev/v1alpha1\n\
+         kind: Service\n\
+         metadata:\n  name: {name}\n  namespace: default\n\
+         spec:\n  vips: [\"{vip}\"]\n  ports:\n  - name: tcp\n    port: {port}\n    targetPort: {target_port}\n    appProtocol: tcp\n  \
+         selector:{selector}"
+    )
+}
+
+/// Documents joined into one multi-document YAML stream.
+pub fn yaml_stream<S: AsRef<str>>(docs: &[S]) -> String {
+    docs.iter()
+        .map(|d| format!("---\n{}", d.as_ref()))
+        .collect()
+}
+
+/// `meshctl <args>`; panics unless it succeeds, returns its stdout.
+pub fn meshctl_ok(cluster: &Cluster, args: &[&str]) -> String {
+    let out = cluster.meshctl(args).expect("running meshctl");
+    assert!(
+        out.status.success(),
+        "meshctl {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What `meshctl get KIND -A -o json` shows, one JSON document per resource,
+/// sorted by namespace and name.
+pub fn stored(cluster: &Cluster, kind: &str) -> Vec<Value> {
+    let text = meshctl_ok(cluster, &["get", kind, "-A", "-o", "json"]);
+    let mut docs = json_documents(&text);
+    docs.sort_by_key(|d| {
+        (
+            d["metadata"]["namespace"].as_str().unwrap_or("").to_owned(),
+            d["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+        )
+    });
+    docs
+}
+
+/// Everything the control server stores, by kind.
+pub fn stored_config(cluster: &Cluster) -> Value {
+    serde_json::json!({
+        "workloads": stored(cluster, "workloads"),
+        "services": stored(cluster, "services"),
+    })
+}
+
+/// A JSON list, a `{"items": [...]}` list, one document, or one document per line.
+fn json_documents(text: &str) -> Vec<Value> {
+    match serde_json::from_str::<Value>(text.trim()) {
+        Ok(Value::Array(docs)) => docs,
+        Ok(Value::Object(o)) if o.get("items").is_some_and(Value::is_array) => {
+            o["items"].as_array().cloned().unwrap_or_default()
+        }
+        Ok(Value::Null) => Vec::new(),
+        Ok(doc) => vec![doc],
+        Err(_) => text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("meshctl get -o json printed {text:?}: {e}"))
+            })
+            .collect(),
+    }
+}
+
+/// The agent's `sync` block of `GET /status`.
+pub fn sync_state(cluster: &Cluster, node: &str) -> Value {
+    let status = cluster.admin_get(node, "/status").expect("agent /status");
+    status["sync"].clone()
+}
+
+/// The value of one sample of the agent's Prometheus page (0 if absent).
+pub fn agent_metric(cluster: &Cluster, node: &str, sample: &str) -> u64 {
+    let mut curl = cluster.node_command(node, "curl");
+    curl.args(["-sf", "http://127.0.0.1:15020/metrics"]);
+    metric(curl, sample).unwrap_or(0)
+}
+
+/// The value of one sample of the control server's Prometheus page; panics if absent.
+pub fn control_metric(cluster: &Cluster, sample: &str) -> u64 {
+    let addr = cluster.control_info().expect("a control plane").metrics;
+    let mut curl = cluster.fabric_command("curl");
+    curl.args(["-sf", &format!("http://{addr}/metrics")]);
+    metric(curl, sample).unwrap_or_else(|| panic!("no sample {sample} on the control server"))
+}
+
+fn metric(mut curl: Command, sample: &str) -> Option<u64> {
+    let out = curl.output().expect("fetch metrics");
+    assert!(
+        out.status.success(),
+        "fetching metrics: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
 }

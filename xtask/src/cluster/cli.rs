@@ -18,7 +18,8 @@ pub struct ClusterCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterAction {
-    /// Create a cluster, start one agent per node, and leave it running.
+    /// Create a cluster, start the control server and one agent per node, register the
+    /// pods as Workloads, and leave it running.
     Up(UpArgs),
     /// Run a command inside a pod (its netns and cgroup) or a node (its netns).
     Exec {
@@ -30,7 +31,8 @@ pub enum ClusterAction {
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<OsString>,
     },
-    /// Show nodes, agents and pods, and each agent's `GET /status`.
+    /// Show nodes, agents, pods and the control server, each agent's `GET /status`
+    /// and `meshctl agents`.
     Status {
         #[command(flatten)]
         target: Target,
@@ -82,7 +84,17 @@ pub struct UpArgs {
     /// Default: target/bpf/mesh-ebpf.o.
     #[arg(long)]
     pub bpf_object: Option<PathBuf>,
-    /// Build the agent first (`cargo build --release -p mesh-agent`).
+    /// Default: target/release/mesh-control.
+    #[arg(long, conflicts_with = "no_control")]
+    pub control_bin: Option<PathBuf>,
+    /// Default: target/release/meshctl.
+    #[arg(long)]
+    pub meshctl_bin: Option<PathBuf>,
+    /// Run without a control server: agents only carry connections to their
+    /// original destinations.
+    #[arg(long)]
+    pub no_control: bool,
+    /// Build the agent, control server and meshctl first (`cargo build --release -p mesh-agent`).
     #[arg(long)]
     pub release: bool,
     /// Extra arguments for every agent, after `--`.
@@ -131,6 +143,12 @@ fn up(args: UpArgs) -> Result<ExitCode> {
         bpf_object: args.bpf_object.unwrap_or_else(super::default_bpf_object),
         agent_args: args.agent_args,
         enroll_all: !args.no_enroll,
+        control_bin: if args.no_control {
+            None
+        } else {
+            Some(args.control_bin.unwrap_or_else(super::default_control_bin))
+        },
+        meshctl_bin: args.meshctl_bin.unwrap_or_else(super::default_meshctl_bin),
     };
     match sweep(false) {
         Ok(removed) => report_sweep(removed),
@@ -152,6 +170,16 @@ fn up(args: UpArgs) -> Result<ExitCode> {
             .last()
             .map_or_else(String::new, |p| p.ip.to_string())
     );
+    if let Some(ctl) = cluster.control_info() {
+        println!(
+            "     {} --control {} get workloads -A",
+            cluster.state.control.as_ref().map_or_else(
+                || "meshctl".to_string(),
+                |c| c.meshctl_bin.display().to_string()
+            ),
+            ctl.meshctl_target()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -212,6 +240,22 @@ fn status(cluster: &Cluster) {
             Err(e) => println!("{} GET /status: unreachable: {e:#}", node.name),
         }
     }
+    if cluster.control_info().is_some() {
+        println!("\nmeshctl agents:");
+        match cluster.meshctl(&["agents"]) {
+            Ok(out) => {
+                print!("{}", String::from_utf8_lossy(&out.stdout));
+                if !out.status.success() {
+                    println!(
+                        "(failed, {}: {})",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+            }
+            Err(e) => println!("(cannot run meshctl: {e:#})"),
+        }
+    }
 }
 
 fn print_tables(cluster: &Cluster) {
@@ -258,6 +302,28 @@ fn print_tables(cluster: &Cluster) {
         })
         .collect();
     print_table(&["POD", "NODE", "IP", "NETNS", "CGROUP", "ENROLLED"], &pods);
+    println!();
+    match cluster.control_info() {
+        Some(ctl) => {
+            let process = match cluster.control_pid() {
+                Some(pid) => format!("pid {pid}"),
+                None => "not running".to_string(),
+            };
+            print_table(
+                &["CONTROL", "LISTEN", "METRICS", "OPERATOR SOCKET", "PROCESS"],
+                &[vec![
+                    "mesh-control".to_string(),
+                    ctl.listen.to_string(),
+                    ctl.metrics.to_string(),
+                    ctl.socket.display().to_string(),
+                    process,
+                ]],
+            );
+        }
+        None => {
+            println!("no control plane (agents carry connections to their original destinations)")
+        }
+    }
 }
 
 fn print_table(header: &[&str], rows: &[Vec<String>]) {

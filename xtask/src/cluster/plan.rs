@@ -4,7 +4,7 @@
 //! a crashed run can be swept by name.
 
 use std::io::{self, Read};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -72,6 +72,45 @@ pub struct NodeInfo {
     pub bpf_pin_dir: PathBuf,
     /// `<state>/agent-node<i>.log`
     pub agent_log: PathBuf,
+    /// `<state>/node<i>.token`: the node's bootstrap token for the control server.
+    #[serde(default)]
+    pub token_file: PathBuf,
+    /// `<state>/node<i>-cache`: where the agent keeps its last good configuration.
+    #[serde(default)]
+    pub cache_dir: PathBuf,
+}
+
+/// The control plane: `mesh-control` in the fabric netns, on the nodes' bridge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlInfo {
+    /// 198.18.0.2, on the fabric bridge.
+    pub ip: Ipv4Addr,
+    /// 198.18.0.2:15012: gRPC for agents.
+    pub listen: SocketAddrV4,
+    /// 198.18.0.2:15014: `/metrics`, `/healthz/ready`.
+    pub metrics: SocketAddrV4,
+    /// `<cg2>/<prefix>/control`
+    pub cgroup: PathBuf,
+    /// `<state>/control.sock`: the operator API `meshctl` talks to.
+    pub socket: PathBuf,
+    /// `<state>/control-store`: the durable store.
+    pub store_dir: PathBuf,
+    /// `<state>/tokens.yaml`: `node<i>: <token>` per node.
+    pub tokens: PathBuf,
+    /// `<state>/control.log`
+    pub log: PathBuf,
+}
+
+impl ControlInfo {
+    /// `http://198.18.0.2:15012`, what agents get as `--control-addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    /// `unix://<state>/control.sock`, what `meshctl --control` takes.
+    pub fn meshctl_target(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +139,25 @@ pub fn node_name(i: usize) -> String {
 
 pub fn pod_name(i: usize, j: usize) -> String {
     format!("node{i}-pod{j}")
+}
+
+/// The control server's address on the fabric bridge.
+pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const CONTROL_PORT: u16 = 15012;
+pub const CONTROL_METRICS_PORT: u16 = 15014;
+
+pub fn control(prefix: &str, roots: &Roots) -> ControlInfo {
+    let state = roots.state_dir(prefix);
+    ControlInfo {
+        ip: CONTROL_IP,
+        listen: SocketAddrV4::new(CONTROL_IP, CONTROL_PORT),
+        metrics: SocketAddrV4::new(CONTROL_IP, CONTROL_METRICS_PORT),
+        cgroup: roots.cgroup_root(prefix).join("control"),
+        socket: state.join("control.sock"),
+        store_dir: state.join("control-store"),
+        tokens: state.join("tokens.yaml"),
+        log: state.join("control.log"),
+    }
 }
 
 pub fn fabric_netns(prefix: &str) -> String {
@@ -166,6 +224,8 @@ pub fn nodes(prefix: &str, count: usize, roots: &Roots) -> Vec<NodeInfo> {
                 admin_socket: state.join(format!("{name}.sock")),
                 bpf_pin_dir: roots.bpf_root(prefix).join(&name),
                 agent_log: state.join(format!("agent-{name}.log")),
+                token_file: state.join(format!("{name}.token")),
+                cache_dir: state.join(format!("{name}-cache")),
                 index: i,
                 name,
             }
@@ -221,6 +281,70 @@ pub fn random_prefix() -> io::Result<String> {
     let mut bytes = [0u8; 3];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(prefix_from_bytes(bytes))
+}
+
+/// A bootstrap token: 16 random bytes, hex.
+pub fn random_token() -> io::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `tokens.yaml` for `mesh-control --tokens`: `node<i>: <token>` per node.
+pub fn tokens_yaml<'a>(tokens: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    tokens
+        .into_iter()
+        .map(|(node, token)| format!("{node}: {}\n", quote(token)))
+        .collect()
+}
+
+/// The pod's `Workload` document: name and service account are the pod's name,
+/// namespace `default`, labels `app: <pod>`, `node: <node>` plus `extra_labels`
+/// (which may override them).
+pub fn workload_yaml(pod: &PodInfo, extra_labels: &[(&str, &str)]) -> String {
+    let mut labels = std::collections::BTreeMap::new();
+    labels.insert("app", pod.name.as_str());
+    labels.insert("node", pod.node.as_str());
+    for (k, v) in extra_labels {
+        labels.insert(k, v);
+    }
+    let labels: String = labels
+        .iter()
+        .map(|(k, v)| format!("    {}: {}\n", quote(k), quote(v)))
+        .collect();
+    format!(
+        "apiVersion: mesh.dev/v1alpha1\n\
+         kind: Workload\n\
+         metadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}\
+         spec:\n  serviceAccount: {name}\n  node: {node}\n  ip: {ip}\n  ready: true\n",
+        name = quote(&pod.name),
+        node = quote(&pod.node),
+        ip = quote(&pod.ip.to_string()),
+    )
+}
+
+/// Documents joined into one multi-document YAML stream.
+pub fn yaml_stream<S: AsRef<str>>(docs: &[S]) -> String {
+    docs.iter()
+        .map(|d| format!("---\n{}", d.as_ref()))
+        .collect()
+}
+
+/// A YAML string scalar: plain when that cannot be read as anything but this
+/// string, else double-quoted (JSON string syntax is valid YAML).
+fn quote(s: &str) -> String {
+    let plain = s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'))
+        && !matches!(
+            s.to_ascii_lowercase().as_str(),
+            "true" | "false" | "null" | "yes" | "no" | "on" | "off" | "y" | "n"
+        );
+    if plain {
+        s.to_string()
+    } else {
+        serde_json::Value::from(s).to_string()
+    }
 }
 
 /// The cgroup2 mount point named in a `/proc/mounts` text.
@@ -341,6 +465,30 @@ mod tests {
             Path::new("/sys/fs/cgroup/unified/mc3fa2b1/node2/pods/pod2")
         );
         assert_eq!(fabric_netns("mc3fa2b1"), "mc3fa2b1-fabric");
+        assert_eq!(
+            n2.token_file,
+            Path::new("/run/mesh-cluster/mc3fa2b1/node2.token")
+        );
+        assert_eq!(
+            n2.cache_dir,
+            Path::new("/run/mesh-cluster/mc3fa2b1/node2-cache")
+        );
+
+        let c = control("mc3fa2b1", &roots);
+        assert_eq!(c.url(), "http://198.18.0.2:15012");
+        assert_eq!(c.metrics.to_string(), "198.18.0.2:15014");
+        assert_eq!(
+            c.cgroup,
+            Path::new("/sys/fs/cgroup/unified/mc3fa2b1/control")
+        );
+        assert_eq!(
+            c.meshctl_target(),
+            "unix:///run/mesh-cluster/mc3fa2b1/control.sock"
+        );
+        assert_eq!(
+            c.store_dir,
+            Path::new("/run/mesh-cluster/mc3fa2b1/control-store")
+        );
     }
 
     #[test]
@@ -356,6 +504,35 @@ mod tests {
         assert_eq!(prefix_of("cni0"), None);
         assert_eq!(prefix_from_bytes([0x3f, 0xa2, 0x0b]), "mc3fa20b");
         assert!(is_prefix(&random_prefix().unwrap()));
+    }
+
+    #[test]
+    fn workload_documents_carry_the_pod() {
+        let nodes = nodes("mc3fa2b1", 2, &roots());
+        let pods = pods("mc3fa2b1", &nodes, 2, &roots());
+        let doc = workload_yaml(&pods[2], &[("role", "echo")]);
+        assert_eq!(
+            doc,
+            "apiVersion: mesh.dev/v1alpha1\n\
+             kind: Workload\n\
+             metadata:\n  name: node2-pod1\n  namespace: default\n  labels:\n\
+             \x20   app: node2-pod1\n\
+             \x20   node: node2\n\
+             \x20   role: echo\n\
+             spec:\n  serviceAccount: node2-pod1\n  node: node2\n  ip: \"198.19.2.11\"\n  ready: true\n"
+        );
+        let stream = yaml_stream(&["a: 1\n", "b: 2\n"]);
+        assert_eq!(stream, "---\na: 1\n---\nb: 2\n");
+        assert_eq!(
+            tokens_yaml([("node1", "ab"), ("node2", "0d")]),
+            "node1: ab\nnode2: \"0d\"\n"
+        );
+        assert_eq!(quote("true"), "\"true\"");
+        assert_eq!(quote("a b"), "\"a b\"");
+        assert_eq!(quote(""), "\"\"");
+        let token = random_token().unwrap();
+        assert_eq!(token.len(), 32);
+        assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
     }
 
     #[test]

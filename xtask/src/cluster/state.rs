@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::plan::{NodeInfo, PodInfo};
+use super::plan::{ControlInfo, NodeInfo, PodInfo};
 
 pub const STATE_FILE: &str = "state.json";
 
@@ -30,6 +30,20 @@ pub struct State {
     pub pods: Vec<PodInfo>,
     /// Pods the cluster asked their agent to enroll (and did not unenroll since).
     pub enrolled: BTreeSet<String>,
+    /// The control plane, if the cluster runs one.
+    #[serde(default)]
+    pub control: Option<ControlState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlState {
+    #[serde(flatten)]
+    pub info: ControlInfo,
+    /// `mesh-control`
+    pub bin: PathBuf,
+    /// `meshctl`
+    pub meshctl_bin: PathBuf,
+    pub pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +144,12 @@ mod tests {
                 .collect(),
             pods,
             enrolled: ["node1-pod1".to_string()].into(),
+            control: Some(ControlState {
+                info: plan::control("mc0000aa", &roots),
+                bin: "/bin/mesh-control".into(),
+                meshctl_bin: "/bin/meshctl".into(),
+                pid: Some(43),
+            }),
         };
         state.write(&dir).unwrap();
         let back = State::read(&dir).unwrap();
@@ -140,6 +160,8 @@ mod tests {
         assert_eq!(json["nodes"][1]["ip"], "198.18.0.12");
         assert_eq!(json["nodes"][1]["agent_pid"], 42);
         assert_eq!(json["pods"][2]["name"], "node2-pod1");
+        assert_eq!(json["control"]["pid"], 43);
+        assert_eq!(json["control"]["listen"], "198.18.0.2:15012");
     }
 
     #[test]

@@ -1,0 +1,163 @@
+//! `mesh-control`: the control server of the mesh.
+use std::{
+    io::Write,
+    net::SocketAddr,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use clap::Parser;
+use mesh_agent::control::{self, Access, ControlPlane, Listeners, auth};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{info, warn};
+
+/// How long open connections get to finish after SIGTERM.
+const GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Parser)]
+#[command(name = "mesh-control", about = "Control server of the mesh", version)]
+struct Args {
+    /// gRPC address for both services: configuration distribution to agents,
+    /// and the operator API (which needs --admin-token-file there).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Unix socket serving the operator API alone, without a token: access
+    /// is the socket file's permissions (0600).
+    #[arg(long, default_value = "/run/mesh/control.sock")]
+    operator_socket: PathBuf,
+    /// Directory of the durable store; created if missing.
+    #[arg(long, default_value = "/var/lib/mesh-control")]
+    store_dir: PathBuf,
+    /// Agents' bootstrap tokens: a YAML map `node: token`.
+    #[arg(long)]
+    tokens: PathBuf,
+    /// File holding the token that opens the operator API on --listen.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// `/metrics` and `/healthz/ready`.
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    metrics_addr: SocketAddr,
+    /// Compact the store's log into a new snapshot after this many transactions.
+    #[arg(long, default_value_t = 1000)]
+    compact_after: usize,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("mesh-control: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let access = Access {
+        tokens: auth::Tokens::load(&args.tokens)?,
+        admin_token: args
+            .admin_token_file
+            .as_deref()
+            .map(auth::read_token)
+            .transpose()?,
+    };
+    let plane = Arc::new(
+        ControlPlane::open(&args.store_dir, args.compact_after)
+            .with_context(|| format!("opening the store in {}", args.store_dir.display()))?,
+    );
+    let grpc = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let metrics = TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_addr))?;
+    let operator_socket = bind_socket(&args.operator_socket)?;
+    let ready = format!(
+        "mesh-control ready: grpc={} metrics={} operator-socket={} revision={}",
+        grpc.local_addr()?,
+        metrics.local_addr()?,
+        args.operator_socket.display(),
+        plane.revision()
+    );
+    info!("{ready}");
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "{ready}")?;
+    stdout.flush()?;
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = control::serve(
+        plane,
+        access,
+        Listeners {
+            grpc: Some(grpc),
+            operator_socket: Some(operator_socket),
+            metrics: Some(metrics),
+        },
+        async {
+            let _ = stopped.await;
+        },
+    );
+    tokio::pin!(serving);
+    let result = tokio::select! {
+        result = &mut serving => result.map_err(Into::into),
+        signal = shutdown_signal() => {
+            info!(signal = signal?, "stopping");
+            let _ = stop.send(());
+            match tokio::time::timeout(GRACE, &mut serving).await {
+                Ok(result) => result.map_err(Into::into),
+                Err(_) => {
+                    warn!(grace = ?GRACE, "connections still open; exiting anyway");
+                    Ok(())
+                }
+            }
+        }
+    };
+    let _ = std::fs::remove_file(&args.operator_socket);
+    result
+}
+
+/// Binds the operator socket, replacing a stale one from a previous run.
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(listener)
+}
+
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
