@@ -18,5 +18,6 @@ pub use csr::{CsrError, generate_key_and_csr};
 pub use spiffe::{SpiffeId, SpiffeIdError};
 pub use store::{CertStore, CertStoreError};
 pub use tls::{
-    Refusal, TlsError, client_config, peer_identity, refusal_reason, server_config, tls_error,
+    Refusal, TlsError, client_config, peer_identity, refusal_reason, server_config,
+    server_config_by_sni, sni_for, tls_error,
 };

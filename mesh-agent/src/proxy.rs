@@ -1,5 +1,7 @@
 //! The data path: listeners and the byte pump they share.
+pub mod inbound;
 pub mod outbound;
+pub mod tunnel;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -20,8 +22,8 @@ pub async fn copy_bidirectional<A, B>(
     b_to_a: &AtomicU64,
 ) -> std::io::Result<()>
 where
-    A: AsyncRead + AsyncWrite + Unpin + Splittable,
-    B: AsyncRead + AsyncWrite + Unpin + Splittable,
+    A: Splittable,
+    B: Splittable,
 {
     let (mut ar, mut aw) = a.halves();
     let (mut br, mut bw) = b.halves();
@@ -48,7 +50,7 @@ where
     }
 }
 
-/// Borrowed read and write halves of a duplex stream.
+/// Read and write halves of a duplex stream, usable at the same time.
 pub trait Splittable {
     type Read<'a>: AsyncRead + Unpin
     where
@@ -64,6 +66,23 @@ impl Splittable for tokio::net::TcpStream {
     type Write<'a> = tokio::net::tcp::WriteHalf<'a>;
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
         self.split()
+    }
+}
+
+/// Any other stream (a tunnel's CONNECT stream): split through a lock.
+pub struct Locked<S>(pub S);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Splittable for Locked<S> {
+    type Read<'a>
+        = tokio::io::ReadHalf<&'a mut S>
+    where
+        S: 'a;
+    type Write<'a>
+        = tokio::io::WriteHalf<&'a mut S>
+    where
+        S: 'a;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        tokio::io::split(&mut self.0)
     }
 }
 

@@ -28,6 +28,12 @@ pub struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -48,6 +54,8 @@ pub struct Metrics {
     pub outbound_active: Gauge,
     pub outbound_bytes: Family<DirectionLabels, Counter>,
     pub redirect_decisions: Family<ReasonLabels, Counter>,
+    pub tunnel_handshakes: Family<HandshakeLabels, Counter>,
+    pub inbound_streams: Family<ResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -69,6 +77,16 @@ impl Metrics {
             self.outbound_bytes.clone(),
         );
         r.register(
+            "tunnel_handshakes",
+            "mTLS handshakes of the tunnel between agents, by direction and result (ok, or the refusal reason)",
+            self.tunnel_handshakes.clone(),
+        );
+        r.register(
+            "inbound_streams",
+            "CONNECT streams received on the tunnel listener, by result",
+            self.inbound_streams.clone(),
+        );
+        r.register(
             "redirect_decisions",
             "Decisions of the kernel programs, by reason",
             self.redirect_decisions.clone(),
@@ -77,6 +95,18 @@ impl Metrics {
 
     pub fn connection(&self, result: &'static str) {
         self.outbound_connections
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn tunnel_handshake(&self, direction: &'static str, result: &'static str) {
+        self.tunnel_handshakes
+            .get_or_create(&HandshakeLabels { direction, result })
+            .inc();
+    }
+
+    pub fn inbound_stream(&self, result: &'static str) {
+        self.inbound_streams
             .get_or_create(&ResultLabels { result })
             .inc();
     }

@@ -92,6 +92,21 @@ impl CertStore {
     }
 }
 
+/// Presents the certificate of the identity the client asked for by SNI
+/// (see [`super::sni_for`]): one agent serves every workload of its node.
+#[derive(Debug)]
+pub(super) struct SniResolver {
+    pub(super) store: CertStore,
+    pub(super) trust_domain: String,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let id = super::tls::identity_of_sni(&self.trust_domain, client_hello.server_name()?)?;
+        self.store.current(&id)
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct IdentityResolver {
     store: CertStore,

@@ -77,7 +77,9 @@ impl Refusal {
         match err {
             rustls::Error::NoCertificatesPresented => Some(Self::NoIdentity),
             rustls::Error::InvalidCertificate(cert_err) => Some(match cert_err {
-                E::UnknownIssuer => Self::UnknownCa,
+                // A bad signature on a chain that names our root: another
+                // CA that happens to carry the same name.
+                E::UnknownIssuer | E::BadSignature => Self::UnknownCa,
                 E::Expired
                 | E::ExpiredContext { .. }
                 | E::NotValidYet
@@ -139,6 +141,52 @@ pub fn server_config(
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
+}
+
+/// The server side of a node agent's tunnel: like [`server_config`], but it
+/// presents whichever local identity the client names by SNI ([`sni_for`]),
+/// so the client can insist on the destination workload's own identity.
+pub fn server_config_by_sni(
+    store: &CertStore,
+    trust_domain: &str,
+    trust_bundle_pem: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let webpki = WebPkiClientVerifier::builder_with_provider(
+        trust_anchors(trust_bundle_pem)?,
+        provider.clone(),
+    )
+    .build()
+    .map_err(TlsError::Verifier)?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
+        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier { webpki }))
+        .with_cert_resolver(Arc::new(super::store::SniResolver {
+            store: store.clone(),
+            trust_domain: trust_domain.to_owned(),
+        }));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// Suffix of the SNI names that carry a workload identity.
+const SNI_SUFFIX: &str = "id.mesh.internal";
+
+/// The SNI a client sends to ask a node agent for `id`'s certificate:
+/// `<service account>.<namespace>.id.mesh.internal` (both parts are DNS
+/// labels, so the name is always valid).
+pub fn sni_for(id: &SpiffeId) -> ServerName<'static> {
+    let name = format!("{}.{}.{SNI_SUFFIX}", id.service_account(), id.namespace());
+    ServerName::try_from(name).expect("SPIFFE namespace and service account are DNS labels")
+}
+
+pub(super) fn identity_of_sni(trust_domain: &str, sni: &str) -> Option<SpiffeId> {
+    let rest = sni.strip_suffix(SNI_SUFFIX)?.strip_suffix('.')?;
+    let (sa, ns) = rest.split_once('.')?;
+    SpiffeId::new(trust_domain, ns, sa).ok()
 }
 
 /// The client side of the tunnel: presents `local`'s current certificate from
