@@ -17,6 +17,8 @@ pub mod names {
     pub const SERVICE_PORTS: &str = "SERVICE_PORTS";
     pub const PROG_CONNECT4: &str = "mesh_connect4";
     pub const PROG_SOCK_OPS: &str = "mesh_sock_ops";
+    pub const PROG_STRICT_INGRESS: &str = "mesh_strict_ingress";
+    pub const STRICT_PODS: &str = "STRICT_PODS";
 }
 
 /// Capacity of the per-connection maps. LRU, so a flood of connections that
@@ -58,10 +60,13 @@ pub enum Decision {
     /// connect4: a Service VIP on a port no Service owns; sent to the refusal
     /// port so the client gets "connection refused".
     NoServicePort = 11,
+    /// cgroup_skb ingress: a plaintext connection attempt into a STRICT pod
+    /// that did not come from its node agent; dropped.
+    StrictPlaintextDropped = 12,
 }
 
 impl Decision {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Decision; Decision::COUNT as usize] = [
         Decision::Redirected,
         Decision::NotEnrolled,
@@ -75,6 +80,7 @@ impl Decision {
         Decision::TupleMissingOrig,
         Decision::MapUpdateFailed,
         Decision::NoServicePort,
+        Decision::StrictPlaintextDropped,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -91,6 +97,7 @@ impl Decision {
             Decision::TupleMissingOrig => "tuple_missing_orig",
             Decision::MapUpdateFailed => "map_update_failed",
             Decision::NoServicePort => "no_service_port",
+            Decision::StrictPlaintextDropped => "strict_plaintext_dropped",
         }
     }
 }

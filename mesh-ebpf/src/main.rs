@@ -11,6 +11,7 @@
 mod connect4;
 mod maps;
 mod sock_ops;
+mod strict;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -39,6 +39,11 @@ pub static SERVICE_VIPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SERVI
 #[map]
 pub static SERVICE_PORTS: HashMap<VipPort, u32> = HashMap::with_max_entries(MAX_SERVICE_PORTS, 0);
 
+/// Pod IP (network order) -> 1 for pods in STRICT mode: only their node
+/// agent may open connections into them.
+#[map]
+pub static STRICT_PODS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_ENROLLED, 0);
+
 /// One counter per `Decision`.
 #[map]
 pub static DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Decision::COUNT, 0);
