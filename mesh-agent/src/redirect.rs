@@ -18,7 +18,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -91,6 +91,8 @@ struct Maps {
     vip_ports: HashMap<MapData, VipPort, u32>,
     /// What the kernel holds now, so updates only write the difference.
     programmed: BTreeSet<SocketAddrV4>,
+    strict: HashMap<MapData, u32, u32>,
+    strict_programmed: BTreeSet<Ipv4Addr>,
 }
 
 pub struct Redirect {
@@ -110,6 +112,7 @@ pub struct Recorded {
 
 const PIN_CONNECT4: &str = "connect4_link";
 const PIN_SOCK_OPS: &str = "sock_ops_link";
+const PIN_STRICT: &str = "strict_ingress_link";
 
 impl Redirect {
     pub fn attach(settings: &Settings) -> Result<Self, Error> {
@@ -149,6 +152,7 @@ impl Redirect {
         let decisions = take_map(&mut ebpf, names::DECISIONS)?;
         let vips = take_map(&mut ebpf, names::SERVICE_VIPS)?;
         let vip_ports = take_map(&mut ebpf, names::SERVICE_PORTS)?;
+        let strict = take_map(&mut ebpf, names::STRICT_PODS)?;
 
         let cgroup = fs::File::open(&settings.cgroup_root).map_err(|source| Error::Cgroup {
             path: settings.cgroup_root.clone(),
@@ -160,8 +164,9 @@ impl Redirect {
         })?;
         let connect4_pin = settings.pin_dir.join(PIN_CONNECT4);
         let sock_ops_pin = settings.pin_dir.join(PIN_SOCK_OPS);
+        let strict_pin = settings.pin_dir.join(PIN_STRICT);
         // Replace, never stack: a previous agent's links go before ours attach.
-        for pin in [&connect4_pin, &sock_ops_pin] {
+        for pin in [&connect4_pin, &sock_ops_pin, &strict_pin] {
             release_stale(pin);
         }
 
@@ -194,6 +199,21 @@ impl Redirect {
                 source,
             })?;
         pin_link(link, &sock_ops_pin)?;
+
+        let prog: &mut CgroupSkb = program(&mut ebpf, names::PROG_STRICT_INGRESS)?;
+        prog.load().map_err(prog_err(names::PROG_STRICT_INGRESS))?;
+        let id = prog
+            .attach(&cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+            .map_err(prog_err(names::PROG_STRICT_INGRESS))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(prog_err(names::PROG_STRICT_INGRESS))?
+            .try_into()
+            .map_err(|source| Error::Link {
+                name: names::PROG_STRICT_INGRESS,
+                source,
+            })?;
+        pin_link(link, &strict_pin)?;
         info!(cgroup = %settings.cgroup_root.display(), "redirect attached");
 
         Ok(Self {
@@ -204,9 +224,11 @@ impl Redirect {
                 vips,
                 vip_ports,
                 programmed: BTreeSet::new(),
+                strict,
+                strict_programmed: BTreeSet::new(),
             }),
             decisions,
-            pins: vec![connect4_pin, sock_ops_pin],
+            pins: vec![connect4_pin, sock_ops_pin, strict_pin],
         })
     }
 
@@ -282,6 +304,30 @@ impl Redirect {
                 .insert(port_key(&a), 1, 0)
                 .map_err(map_err(names::SERVICE_PORTS))?;
             maps.programmed.insert(a);
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel's set of STRICT pods equal to `wanted`: plaintext
+    /// connection attempts into them that do not come from this agent are
+    /// dropped.
+    pub fn sync_strict(&self, wanted: &BTreeSet<Ipv4Addr>) -> Result<(), Error> {
+        let mut maps = self.lock();
+        let key = |ip: &Ipv4Addr| u32::from_ne_bytes(ip.octets());
+        let stale: Vec<Ipv4Addr> = maps.strict_programmed.difference(wanted).copied().collect();
+        for ip in stale {
+            let _ = maps.strict.remove(&key(&ip));
+            maps.strict_programmed.remove(&ip);
+        }
+        let new: Vec<Ipv4Addr> = wanted.difference(&maps.strict_programmed).copied().collect();
+        for ip in new {
+            maps.strict
+                .insert(key(&ip), 1, 0)
+                .map_err(|source| Error::Map {
+                    name: names::STRICT_PODS,
+                    source,
+                })?;
+            maps.strict_programmed.insert(ip);
         }
         Ok(())
     }

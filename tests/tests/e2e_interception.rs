@@ -231,7 +231,7 @@ fn stopped_agent_leaves_nothing_attached_and_restart_replaces_stale_links() {
     };
     assert_eq!(
         names(&attached_programs(&pods_cgroup)),
-        ["mesh_connect4", "mesh_sock_ops"]
+        ["mesh_connect4", "mesh_sock_ops", "mesh_strict_ingress"]
     );
 
     cluster.stop_agent("node1").expect("stop agent");
@@ -258,7 +258,7 @@ fn stopped_agent_leaves_nothing_attached_and_restart_replaces_stale_links() {
     cluster.start_agent("node1").expect("restart agent");
     assert_eq!(
         names(&attached_programs(&pods_cgroup)),
-        ["mesh_connect4", "mesh_sock_ops"]
+        ["mesh_connect4", "mesh_sock_ops", "mesh_strict_ingress"]
     );
 
     // And the restarted agent carries traffic again once the pod is enrolled.
