@@ -34,6 +34,8 @@ pub struct State {
     pub sync: Option<Arc<std::sync::Mutex<SyncState>>>,
     /// The configuration the data path serves.
     pub config: ConfigRx,
+    /// Certificates, when the agent has a control server with a CA.
+    pub identity: Option<crate::identity::manager::SharedStatus>,
 }
 
 type Body = Full<Bytes>;
@@ -130,6 +132,7 @@ async fn admin(req: Request<Incoming>, state: &State) -> Response<Body> {
                     "decisions": decisions,
                     "open_connections": open,
                     "sync": state.sync.as_ref().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+                    "identity": state.identity.as_ref().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone()),
                 }),
             )
         }

@@ -14,8 +14,14 @@ use tracing::info;
 
 use crate::{
     admin,
+    control::{auth, client::AgentConnector},
     discovery::{self, Discovery},
-    proxy::outbound::Outbound,
+    identity::manager::{self, Manager, TlsMaterial},
+    proxy::{
+        inbound::{Inbound, LocalCheck},
+        outbound::Outbound,
+        tunnel::TunnelClient,
+    },
     redirect::{self, Redirect},
     telemetry::{ConnectionTable, Metrics},
     workload::Workloads,
@@ -53,13 +59,21 @@ pub struct Args {
     pub metrics_addr: SocketAddr,
     #[arg(long, default_value_t = 5000)]
     pub connect_timeout_ms: u64,
-    /// Control server (`http://host:15012`). Without it the agent only carries
-    /// connections to their original destinations.
+    /// Control server (`https://host:15012`, with --ca-bundle). Without it
+    /// the agent only carries connections to their original destinations.
     #[arg(long, env = "MESH_CONTROL_ADDR")]
     pub control_addr: Option<String>,
-    /// This node's bootstrap token for the control server.
+    /// This node's bootstrap token for the control server: it gets the node
+    /// its first certificate, which authenticates the agent from then on.
     #[arg(long, requires = "control_addr")]
     pub token_file: Option<PathBuf>,
+    /// The mesh CA's root (mesh-control's `<ca-dir>/ca.crt`): the control
+    /// server must prove its identity against it.
+    #[arg(long, requires = "control_addr")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Trust domain of the mesh's SPIFFE IDs.
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
     /// Where the last good configuration is kept, so a restart during a
     /// control-server outage still serves it.
     #[arg(long)]
@@ -68,6 +82,9 @@ pub struct Args {
     /// port no Service owns are sent here and refused.
     #[arg(long, default_value_t = 15002)]
     pub refusal_port: u16,
+    /// Inbound tunnel listener: mutual TLS from other nodes' agents.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    pub tunnel_addr: SocketAddr,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -103,12 +120,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     metrics.register(&mut registry);
     let connections = Arc::new(ConnectionTable::new(1024));
 
-    let (config, sync, discovery) = match &args.control_addr {
+    let (config, sync, discovery, identity) = match &args.control_addr {
         Some(addr) => {
-            let token_file = args
+            let token = args
                 .token_file
-                .clone()
-                .context("--token-file is required with --control-addr")?;
+                .as_deref()
+                .map(auth::read_token)
+                .transpose()?;
+            let connector = Arc::new(AgentConnector::new(
+                addr,
+                &args.node,
+                &args.trust_domain,
+                token,
+                args.ca_bundle.clone(),
+            )?);
             let kernel = redirect.clone();
             let install: discovery::Install = Box::new(move |cfg| {
                 kernel
@@ -118,21 +143,64 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let (d, rx, sync) = Discovery::new(
                 discovery::Settings {
                     node: args.node.clone(),
-                    addr: addr.clone(),
-                    token_file,
+                    connector: connector.clone(),
                     agent_ip: args.agent_ip,
                     cache_dir: args.cache_dir.clone(),
                 },
                 install,
             )?;
-            (rx, Some(sync), Some(d))
+            // Certificates come from a control server with a CA (over TLS).
+            let identity = connector.target().is_tls().then(|| {
+                let settings = manager::Settings {
+                    node: args.node.clone(),
+                    cache_dir: args.cache_dir.clone(),
+                };
+                Manager::new(settings, connector, rx.clone())
+            });
+            (rx, Some(sync), Some(d), identity)
         }
         None => {
             // No control server: an empty table, so everything passes through.
             // (A receiver keeps its last value after the sender is gone.)
             let (_, rx) = tokio::sync::watch::channel(Arc::new(discovery::Config::default()));
-            (rx, None, None)
+            (rx, None, None, None)
         }
+    };
+    let (identity, tls_material, identity_status): (Option<Manager>, Option<TlsMaterial>, _) =
+        match identity {
+            Some((m, material, status)) => {
+                m.metrics().register(&mut registry);
+                (Some(m), Some(material), Some(status))
+            }
+            None => (None, None, None),
+        };
+    let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
+    let tunnel = tls_material
+        .clone()
+        .map(|m| Arc::new(TunnelClient::new(m, metrics.clone(), connect_timeout)));
+    let inbound = match tls_material {
+        Some(creds) => {
+            let listener = tokio::net::TcpListener::bind(args.tunnel_addr)
+                .await
+                .with_context(|| format!("binding tunnel listener {}", args.tunnel_addr))?;
+            let (node, config) = (args.node.clone(), config.clone());
+            let is_local: LocalCheck = Arc::new(move |target| {
+                config
+                    .borrow()
+                    .workload_by_ip(*target.ip())
+                    .is_some_and(|w| w.node == node)
+            });
+            Some((
+                Arc::new(Inbound {
+                    creds,
+                    metrics: metrics.clone(),
+                    is_local,
+                    connect_timeout,
+                }),
+                listener,
+            ))
+        }
+        None => None,
     };
 
     let proxy = Arc::new(Outbound {
@@ -140,8 +208,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         workloads: workloads.clone(),
         metrics: metrics.clone(),
         connections: connections.clone(),
-        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        connect_timeout,
         config: config.clone(),
+        node: args.node.clone(),
+        tunnel,
     });
     let state = Arc::new(admin::State {
         node: args.node.clone(),
@@ -153,6 +223,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         connections,
         sync,
         config,
+        identity: identity_status,
     });
     let mut tasks = vec![
         tokio::spawn(proxy.run(outbound)),
@@ -161,6 +232,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ];
     if let Some(d) = discovery {
         tasks.push(tokio::spawn(d.run()));
+    }
+    if let Some(m) = identity {
+        tasks.push(tokio::spawn(m.run()));
+    }
+    if let Some((server, listener)) = inbound {
+        tasks.push(tokio::spawn(server.run(listener)));
     }
     info!(node = %args.node, outbound = %outbound_addr, admin = %args.admin_socket.display(), "agent ready");
 

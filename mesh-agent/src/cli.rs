@@ -40,7 +40,7 @@ pub struct Args {
     #[arg(long, global = true)]
     pub json: bool,
     /// Control server: `unix:///path/to/socket` (local, no token) or
-    /// `http://host:15012` (with --token-file).
+    /// `https://host:15012` (with --token-file and --ca-bundle).
     #[arg(
         long,
         global = true,
@@ -48,9 +48,23 @@ pub struct Args {
         default_value = "unix:///run/mesh/control.sock"
     )]
     pub control: String,
-    /// Admin token for a control server reached over the network.
+    /// Admin token for a control server reached over the network (for
+    /// `sign`: a node's bootstrap token).
     #[arg(long, global = true, env = "MESH_CONTROL_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// The mesh CA's root (mesh-control's `<ca-dir>/ca.crt`), to verify a
+    /// control server reached over https.
+    #[arg(long, global = true, env = "MESH_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Trust domain of the mesh (the control server proves
+    /// spiffe://<trust domain>/ns/mesh-system/sa/mesh-control).
+    #[arg(
+        long,
+        global = true,
+        env = "MESH_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub trust_domain: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -92,7 +106,7 @@ pub enum Command {
     },
     /// Show resources, as a table or as documents.
     Get {
-        /// workload (wl) or service (svc).
+        /// workload (wl), service (svc) or node (no).
         kind: String,
         /// One resource; all of the kind when omitted.
         name: Option<String>,
@@ -107,7 +121,7 @@ pub enum Command {
     },
     /// Delete a resource.
     Delete {
-        /// workload (wl) or service (svc).
+        /// workload (wl), service (svc) or node (no).
         kind: String,
         name: String,
         #[arg(short = 'n', long, default_value = DEFAULT_NAMESPACE)]
@@ -115,16 +129,37 @@ pub enum Command {
     },
     /// Configuration sync state of every node agent, with its last rejection.
     Agents,
+    /// Debugging: ask the control server for a certificate with a node's
+    /// credentials (its bootstrap token, --token-file, or its node
+    /// certificate, --cert/--key), as its agent would. Prints the identity
+    /// and expiry; a refusal exits non-zero with the server's reason.
+    Sign {
+        /// A workload identity (spiffe://<td>/ns/<namespace>/sa/<account>).
+        #[arg(long, required_unless_present = "node", conflicts_with = "node")]
+        identity: Option<String>,
+        /// Instead: the node certificate of this node (SignNode).
+        #[arg(long)]
+        node: Option<String>,
+        /// A node certificate (PEM chain) to present, e.g. from the agent's
+        /// cache: <cache>/identity/mesh-system.node-<node>.crt
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// Its private key (PEM).
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+    },
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let out = match &args.command {
-        Command::Apply { .. } | Command::Get { .. } | Command::Delete { .. } | Command::Agents => {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(control(&args))?
-        }
+        Command::Apply { .. }
+        | Command::Get { .. }
+        | Command::Delete { .. }
+        | Command::Agents
+        | Command::Sign { .. } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(control(&args))?,
         Command::Status => {
             let v = request(&args.admin, "GET", "/status", None)?;
             if args.json {
@@ -164,6 +199,55 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `meshctl sign`: one signing request, with a fresh key that is thrown away.
+async fn sign(
+    target: &Target,
+    tls: &client::Tls,
+    token: Option<&str>,
+    identity: Option<&str>,
+    node: Option<&str>,
+) -> anyhow::Result<String> {
+    use crate::api::{SignNodeRequest, SignRequest, certificates_client::CertificatesClient};
+    let channel = client::channel_with_tls(target, Some(tls)).await?;
+    let mut certs = CertificatesClient::with_interceptor(channel, client::Bearer::new(token)?);
+    let (id, response) = match (identity, node) {
+        (Some(identity), _) => {
+            let id: crate::identity::SpiffeId = identity.parse()?;
+            let (_, csr_pem) = crate::identity::generate_key_and_csr(&id)?;
+            let response = certs
+                .sign(SignRequest {
+                    csr_pem,
+                    identity: identity.to_owned(),
+                })
+                .await;
+            (id, response)
+        }
+        (None, Some(node)) => {
+            let id = auth::node_identity(tls.server.trust_domain(), node)?;
+            let (_, csr_pem) = crate::identity::generate_key_and_csr(&id)?;
+            let response = certs
+                .sign_node(SignNodeRequest {
+                    node: node.to_owned(),
+                    csr_pem,
+                })
+                .await;
+            (id, response)
+        }
+        (None, None) => bail!("sign needs --identity or --node"),
+    };
+    let response = response
+        .map_err(|status| anyhow!("{:?}: {}", status.code(), status.message()))?
+        .into_inner();
+    let (_, not_after) = crate::identity::manager::validity(&response.cert_chain_pem)
+        .map_err(|e| anyhow!("the control server sent an unreadable certificate: {e}"))?;
+    Ok(json!({
+        "identity": id.to_string(),
+        "not_after_unix": response.not_after_unix,
+        "chain_not_after_unix": not_after.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    })
+    .to_string())
+}
+
 /// Runs an operator-API command; the result is what to print.
 async fn control(args: &Args) -> anyhow::Result<String> {
     let target: Target = args.control.parse()?;
@@ -172,7 +256,41 @@ async fn control(args: &Args) -> anyhow::Result<String> {
         .as_deref()
         .map(auth::read_token)
         .transpose()?;
-    let mut client = client::operator(&target, token.as_deref()).await?;
+    let tls = match &args.ca_bundle {
+        Some(path) => Some(client::Tls::from_bundle_file(path, &args.trust_domain)?),
+        None => None,
+    };
+    if let Command::Sign {
+        identity,
+        node,
+        cert,
+        key,
+    } = &args.command
+    {
+        let mut tls =
+            tls.context("sign talks to the control server over https: pass --ca-bundle")?;
+        if let (Some(cert), Some(key)) = (cert, key) {
+            let store = crate::identity::CertStore::new();
+            let chain =
+                fs::read_to_string(cert).with_context(|| format!("reading {}", cert.display()))?;
+            use rustls::pki_types::pem::PemObject;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("reading the key {}", key.display()))?;
+            let id = store
+                .insert(&chain, key)
+                .context("the client certificate")?;
+            tls.client = Some((store, id));
+        }
+        return sign(
+            &target,
+            &tls,
+            token.as_deref(),
+            identity.as_deref(),
+            node.as_deref(),
+        )
+        .await;
+    }
+    let mut client = client::operator_with_tls(&target, token.as_deref(), tls.as_ref()).await?;
     match &args.command {
         Command::Apply { files, dry_run } => {
             let input = Input::read(files)?;
@@ -203,7 +321,7 @@ async fn control(args: &Args) -> anyhow::Result<String> {
                 bail!("a resource can't be retrieved by name across all namespaces");
             }
             let kind = Kind::from_loose(kind).with_context(|| {
-                format!("unknown kind {kind:?} (expected workload, wl, service or svc)")
+                format!("unknown kind {kind:?} (expected workload, wl, service, svc, node or no)")
             })?;
             let response = client
                 .get(GetRequest {
@@ -227,7 +345,7 @@ async fn control(args: &Args) -> anyhow::Result<String> {
             if documents.is_empty() && output.is_none() {
                 eprintln!(
                     "No resources found{}.",
-                    if *all_namespaces {
+                    if *all_namespaces || kind.is_cluster_scoped() {
                         String::new()
                     } else {
                         format!(" in {namespace} namespace")
@@ -243,7 +361,7 @@ async fn control(args: &Args) -> anyhow::Result<String> {
             namespace,
         } => {
             let kind = Kind::from_loose(kind).with_context(|| {
-                format!("unknown kind {kind:?} (expected workload, wl, service or svc)")
+                format!("unknown kind {kind:?} (expected workload, wl, service, svc, node or no)")
             })?;
             client
                 .delete(DeleteRequest {
@@ -321,6 +439,7 @@ async fn control(args: &Args) -> anyhow::Result<String> {
         | Command::Connections { .. }
         | Command::Enroll { .. }
         | Command::Unenroll { .. } => unreachable!("agent commands don't use the control server"),
+        Command::Sign { .. } => unreachable!("handled above"),
     }
 }
 
@@ -468,8 +587,21 @@ fn render_documents(
                     &["NAME", "VIPS", "PORTS", "SELECTOR"],
                     documents.iter().map(service_row).collect(),
                 ),
+                Kind::Node => (
+                    &["NAME", "ADDRESS", "TUNNEL PORT"],
+                    documents
+                        .iter()
+                        .map(|d| {
+                            vec![
+                                text(&d["metadata"]["name"]),
+                                text(&d["spec"]["address"]),
+                                text(&d["spec"]["tunnelPort"]),
+                            ]
+                        })
+                        .collect(),
+                ),
             };
-            if !all_namespaces {
+            if !all_namespaces || kind.is_cluster_scoped() {
                 return Ok(table(headers, rows));
             }
             let headers: Vec<&str> = std::iter::once("NAMESPACE")
@@ -625,6 +757,34 @@ fn render_status(v: &Value) -> String {
     if let Some(d) = v["decisions"].as_object() {
         for (k, n) in d {
             out += &format!("  {k:<22} {n}\n");
+        }
+    }
+    let identity = &v["identity"];
+    if identity.is_object() {
+        out += &format!(
+            "\ncertificates (trust domain {}, trust bundle {}):\n",
+            text(&identity["trust_domain"]),
+            if identity["trust_bundle"] == true {
+                "received"
+            } else {
+                "missing"
+            }
+        );
+        let now = now_unix_ms() / 1000;
+        let line = |c: &Value| {
+            let expires = c["not_after_unix"].as_u64().map_or_else(
+                || "none held".to_owned(),
+                |t| format!("expires in {}s", t.saturating_sub(now)),
+            );
+            let error = c["last_error"]
+                .as_str()
+                .map(|e| format!("  last error ({} failures): {e}", c["failures"]))
+                .unwrap_or_default();
+            format!("  {:<60} {expires}{error}\n", text(&c["identity"]))
+        };
+        out += &line(&identity["node"]);
+        for c in identity["certificates"].as_array().into_iter().flatten() {
+            out += &line(c);
         }
     }
     out

@@ -12,15 +12,21 @@
 //!                                                               send, wait for ACK/NACK
 //! ```
 //!
-//! Ports: gRPC (both services) on `--listen` (15012), the operator API alone
+//! With a certificate authority ([`certs::Authority`]) the gRPC listener
+//! speaks TLS ([`tls`]), serves `Certificates` too, and distributes the CA's
+//! trust bundle; agents authenticate with their node certificates.
+//!
+//! Ports: gRPC (all services) on `--listen` (15012), the operator API alone
 //! on a unix socket, `/metrics` and `/healthz/ready` on 15014.
 pub mod auth;
+pub mod certs;
 pub mod client;
 pub mod distribution;
 pub mod operator;
 pub mod resources;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 use std::{
     convert::Infallible,
@@ -36,7 +42,8 @@ use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
-    metrics::{counter::Counter, gauge::Gauge},
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tokio::{
@@ -48,7 +55,8 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Server, server::TcpIncoming};
 use tracing::{info, warn};
 
-use crate::api::operator_server::OperatorServer;
+use crate::api::{certificates_server::CertificatesServer, operator_server::OperatorServer};
+use certs::Authority;
 use distribution::View;
 use resources::{Change, Kind, ResourceId};
 use server::Agents;
@@ -73,6 +81,25 @@ pub enum Error {
     },
     #[error("{0} stopped unexpectedly")]
     Stopped(&'static str),
+    #[error(transparent)]
+    Tls(#[from] tls::Error),
+    #[error("certificate authority: {0}")]
+    Authority(String),
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
 }
 
 /// Metrics of the control server, prefix `mesh_control_`.
@@ -85,6 +112,9 @@ pub struct Metrics {
     pub nacks: Counter,
     pub unauthenticated_streams: Counter,
     pub store_revision: Gauge,
+    pub sign_refused: Family<ReasonLabels, Counter>,
+    pub certificates_issued: Family<KindLabels, Counter>,
+    pub tls_handshakes: Family<ResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -121,6 +151,21 @@ impl Metrics {
             "Revision of the stored configuration",
             self.store_revision.clone(),
         );
+        r.register(
+            "sign_refused",
+            "Signing requests refused, by reason (not_on_node, other_node, reserved_identity, foreign_trust_domain, invalid_identity, csr_mismatch, bad_csr, unauthenticated)",
+            self.sign_refused.clone(),
+        );
+        r.register(
+            "certificates_issued",
+            "Certificates issued, by kind (workload, node)",
+            self.certificates_issued.clone(),
+        );
+        r.register(
+            "tls_handshakes",
+            "TLS handshakes on the gRPC listener, by result (ok, failed)",
+            self.tls_handshakes.clone(),
+        );
     }
 }
 
@@ -139,6 +184,7 @@ pub struct ControlPlane {
     revision: watch::Sender<u64>,
     agents: Agents,
     metrics: Metrics,
+    authority: Option<Arc<Authority>>,
 }
 
 /// A panic while a lock was held is a bug that was already reported; keep
@@ -151,14 +197,30 @@ impl ControlPlane {
     /// Opens the store in `store_dir`, compacting its log every
     /// `compact_after` transactions.
     pub fn open(store_dir: &Path, compact_after: usize) -> Result<ControlPlane, Error> {
+        Self::open_with_authority(store_dir, compact_after, || Ok(None))
+    }
+
+    /// [`open`](Self::open), with a certificate authority: the server then
+    /// signs certificates, distributes its trust bundle and serves TLS.
+    /// `authority` runs once the store is open (and locked), so it may keep
+    /// its files in the store's directory.
+    pub fn open_with_authority(
+        store_dir: &Path,
+        compact_after: usize,
+        authority: impl FnOnce() -> Result<Option<Authority>, String>,
+    ) -> Result<ControlPlane, Error> {
         let store = Store::open(store_dir, compact_after)?;
+        let authority = authority().map_err(Error::Authority)?;
         let state = store.state();
         let revision = state.revision();
-        let view = View::new(
+        let mut view = View::new(
             revision,
             state.iter().map(|s| &s.resource),
             distribution::DEFAULT_CHANGE_LOG_KEYS,
         );
+        if let Some(authority) = &authority {
+            view = view.with_trust_bundle(authority.trust_bundle_pem());
+        }
         let metrics = Metrics::default();
         metrics.store_revision.set(revision_gauge(revision));
         Ok(ControlPlane {
@@ -167,7 +229,12 @@ impl ControlPlane {
             revision: watch::Sender::new(revision),
             agents: Agents::default(),
             metrics,
+            authority: authority.map(Arc::new),
         })
+    }
+
+    pub fn authority(&self) -> Option<&Authority> {
+        self.authority.as_deref()
     }
 
     pub fn revision(&self) -> u64 {
@@ -229,7 +296,7 @@ impl ControlPlane {
         {
             return Err(Error::NotFound(format!(
                 "{kind}/{}/{name}",
-                namespace.unwrap_or("*")
+                namespace.unwrap_or(if kind.is_cluster_scoped() { "" } else { "*" })
             )));
         }
         Ok(documents)
@@ -288,7 +355,7 @@ pub async fn serve(
     if let Some(listener) = listeners.grpc {
         let distribution = server::DistributionServer::new(server::DistributionService::new(
             plane.clone(),
-            access.tokens,
+            access.tokens.clone(),
             stop.clone(),
         ));
         let operator = tonic::service::interceptor::InterceptedService::new(
@@ -296,23 +363,49 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
             auth::admin_only(access.admin_token),
         );
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(60)));
         let signal = stopped(stop.clone());
-        tasks.spawn(async move {
-            Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                .add_service(distribution)
-                .add_service(operator)
-                .serve_with_incoming_shutdown(incoming, signal)
-                .await
-                .map_err(|source| Error::Serve {
-                    listener: "gRPC listener",
-                    source,
-                })
-        });
+        let serve_error = |source| Error::Serve {
+            listener: "gRPC listener",
+            source,
+        };
+        let router = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(distribution)
+            .add_service(operator);
+        match plane.authority.clone() {
+            Some(authority) => {
+                let cert = tls::ServerCert::issue(&authority)?;
+                let config = tls::server_config(cert.clone(), authority.trust_bundle_pem())?;
+                let renewal = tokio::spawn(cert.renew(authority));
+                let certificates = CertificatesServer::new(certs::CertificatesService::new(
+                    plane.clone(),
+                    access.tokens,
+                ));
+                let incoming =
+                    tls::incoming(listener, config, plane.metrics.tls_handshakes.clone());
+                tasks.spawn(async move {
+                    let served = router
+                        .add_service(certificates)
+                        .serve_with_incoming_shutdown(incoming, signal)
+                        .await
+                        .map_err(serve_error);
+                    renewal.abort();
+                    served
+                });
+            }
+            None => {
+                let incoming = TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(60)));
+                tasks.spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(incoming, signal)
+                        .await
+                        .map_err(serve_error)
+                });
+            }
+        }
     }
     if let Some(listener) = listeners.operator_socket {
         let operator = OperatorServer::new(operator::OperatorService::new(plane.clone()))

@@ -3,8 +3,8 @@
 //! rejects it, keeps the last good configuration on disk, and publishes it to
 //! the data path through a `watch` channel.
 use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -15,36 +15,26 @@ use rand::Rng;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{metadata::MetadataValue, transport::Endpoint};
 use tracing::{info, warn};
 
 use crate::{
     api::{
         self, DeltaRequest, DeltaResponse, distribution_client::DistributionClient, resource::Body,
     },
+    control::client::{self, AgentConnector},
     lb::ServiceTable,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("control server address {addr}: {source}")]
-    Address {
-        addr: String,
-        source: tonic::transport::Error,
-    },
-    #[error("connecting to the control server: {0}")]
-    Connect(#[source] tonic::transport::Error),
+    #[error(transparent)]
+    Connect(#[from] client::Error),
     #[error("control server refused the subscription: {0}")]
     Refused(#[source] tonic::Status),
     #[error("subscription stream broke: {0}")]
     Stream(#[source] tonic::Status),
     #[error("control server closed the subscription")]
     Closed,
-    #[error("token file {path}: {source}")]
-    Token {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("cache {path}: {source}")]
     Cache {
         path: PathBuf,
@@ -58,6 +48,10 @@ pub struct Config {
     pub version: String,
     pub resources: BTreeMap<String, api::Resource>,
     pub services: ServiceTable,
+    /// Node name -> its agent's tunnel address.
+    nodes: HashMap<String, SocketAddrV4>,
+    /// Workload IP -> key of the Workload.
+    workloads_by_ip: HashMap<Ipv4Addr, String>,
 }
 
 impl Config {
@@ -73,18 +67,74 @@ impl Config {
             }),
             agent_ip,
         )?;
+        let mut nodes = HashMap::new();
+        let mut workloads_by_ip = HashMap::new();
+        for r in resources.values() {
+            match &r.body {
+                Some(Body::Node(n)) => match n.tunnel_address.parse() {
+                    Ok(addr) => {
+                        nodes.insert(n.name.clone(), addr);
+                    }
+                    Err(_) => {
+                        warn!(key = %r.key, address = %n.tunnel_address, "ignoring a Node whose tunnel address is not ip:port")
+                    }
+                },
+                Some(Body::Workload(w)) => match w.ip.parse() {
+                    Ok(ip) => {
+                        workloads_by_ip.insert(ip, r.key.clone());
+                    }
+                    Err(_) => {
+                        warn!(key = %r.key, ip = %w.ip, "ignoring a Workload whose IP is not IPv4")
+                    }
+                },
+                _ => {}
+            }
+        }
         Ok(Config {
             version,
             resources,
             services,
+            nodes,
+            workloads_by_ip,
         })
     }
 
+    /// Every Workload of the mesh (the control server sends them all).
     pub fn workloads(&self) -> impl Iterator<Item = &api::Workload> {
         self.resources.values().filter_map(|r| match &r.body {
             Some(Body::Workload(w)) => Some(w),
             _ => None,
         })
+    }
+
+    /// The Workloads `node` runs.
+    pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a api::Workload> {
+        self.workloads().filter(move |w| w.node == node)
+    }
+
+    /// The Workload that has `ip`.
+    pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&api::Workload> {
+        match &self.resources.get(self.workloads_by_ip.get(&ip)?)?.body {
+            Some(Body::Workload(w)) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Where `node`'s agent accepts tunnel connections (its Node resource).
+    pub fn node_tunnel(&self, node: &str) -> Option<SocketAddrV4> {
+        self.nodes.get(node).copied()
+    }
+
+    /// The mesh CA's trust bundle (PEM), once the control server sent it.
+    pub fn trust_bundle(&self) -> Option<&str> {
+        match &self
+            .resources
+            .get(crate::control::distribution::TRUST_BUNDLE_KEY)?
+            .body
+        {
+            Some(Body::TrustBundle(b)) => Some(&b.pem),
+            _ => None,
+        }
     }
 }
 
@@ -114,8 +164,7 @@ pub type Install = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
 
 pub struct Discovery {
     node: String,
-    addr: String,
-    token: String,
+    connector: Arc<AgentConnector>,
     agent_ip: Ipv4Addr,
     cache: Option<PathBuf>,
     install: Install,
@@ -125,8 +174,8 @@ pub struct Discovery {
 
 pub struct Settings {
     pub node: String,
-    pub addr: String,
-    pub token_file: PathBuf,
+    /// How to reach and authenticate to the control server.
+    pub connector: Arc<AgentConnector>,
     pub agent_ip: Ipv4Addr,
     pub cache_dir: Option<PathBuf>,
 }
@@ -134,6 +183,10 @@ pub struct Settings {
 const CACHE_FILE: &str = "config.pb";
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// At first start the stream waits this long for the node certificate (the
+/// identity manager asks for it with the bootstrap token), so that it is
+/// authenticated by certificate from the start; then it goes with the token.
+const NODE_CERT_WAIT: Duration = Duration::from_secs(5);
 
 impl Discovery {
     /// Loads the disk cache (so the agent serves its last configuration even
@@ -142,13 +195,6 @@ impl Discovery {
         settings: Settings,
         install: Install,
     ) -> Result<(Self, ConfigRx, SharedSync), Error> {
-        let token = std::fs::read_to_string(&settings.token_file)
-            .map_err(|source| Error::Token {
-                path: settings.token_file.clone(),
-                source,
-            })?
-            .trim()
-            .to_owned();
         let cache = settings.cache_dir.map(|d| d.join(CACHE_FILE));
         let mut state = SyncState {
             source: "none",
@@ -185,8 +231,7 @@ impl Discovery {
         Ok((
             Discovery {
                 node: settings.node,
-                addr: settings.addr,
-                token,
+                connector: settings.connector,
                 agent_ip: settings.agent_ip,
                 cache,
                 install,
@@ -201,6 +246,9 @@ impl Discovery {
     /// Runs forever: subscribe, and on any failure reconnect with
     /// exponential backoff and jitter.
     pub async fn run(self) {
+        if self.connector.target().is_tls() {
+            self.connector.node_cert().wait_valid(NODE_CERT_WAIT).await;
+        }
         let mut backoff = BACKOFF_MIN;
         loop {
             let got_response = match self.session().await {
@@ -223,31 +271,12 @@ impl Discovery {
 
     /// One subscription; returns whether any response arrived.
     async fn session(&self) -> Result<bool, (bool, Error)> {
-        let channel = Endpoint::from_shared(self.addr.clone())
-            .map_err(|source| {
-                (
-                    false,
-                    Error::Address {
-                        addr: self.addr.clone(),
-                        source,
-                    },
-                )
-            })?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
+        let (channel, credentials) = self
+            .connector
             .connect()
             .await
             .map_err(|e| (false, Error::Connect(e)))?;
-        let bearer: MetadataValue<_> = format!("Bearer {}", self.token)
-            .parse()
-            .map_err(|_| (false, Error::Closed))?;
-        let mut client =
-            DistributionClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-                req.metadata_mut().insert("authorization", bearer.clone());
-                Ok(req)
-            })
+        let mut client = DistributionClient::with_interceptor(channel, credentials)
             .max_decoding_message_size(256 * 1024 * 1024);
 
         let (req_tx, req_rx) = mpsc::channel(4);
@@ -276,7 +305,7 @@ impl Discovery {
             s.connected = true;
             s.last_error = None;
         });
-        info!(addr = %self.addr, "subscribed to the control server");
+        info!(addr = %self.connector.target(), "subscribed to the control server");
         let mut got = false;
         loop {
             let resp = match stream.message().await {

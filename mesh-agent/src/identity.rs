@@ -9,6 +9,7 @@
 //! for metrics.
 mod ca;
 mod csr;
+pub mod manager;
 mod spiffe;
 mod store;
 mod tls;

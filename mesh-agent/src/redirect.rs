@@ -203,7 +203,11 @@ impl Redirect {
         let prog: &mut CgroupSkb = program(&mut ebpf, names::PROG_STRICT_INGRESS)?;
         prog.load().map_err(prog_err(names::PROG_STRICT_INGRESS))?;
         let id = prog
-            .attach(&cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+            .attach(
+                &cgroup,
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )
             .map_err(prog_err(names::PROG_STRICT_INGRESS))?;
         let link: FdLink = prog
             .take_link(id)
@@ -319,7 +323,10 @@ impl Redirect {
             let _ = maps.strict.remove(&key(&ip));
             maps.strict_programmed.remove(&ip);
         }
-        let new: Vec<Ipv4Addr> = wanted.difference(&maps.strict_programmed).copied().collect();
+        let new: Vec<Ipv4Addr> = wanted
+            .difference(&maps.strict_programmed)
+            .copied()
+            .collect();
         for ip in new {
             maps.strict
                 .insert(key(&ip), 1, 0)

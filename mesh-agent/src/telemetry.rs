@@ -45,6 +45,7 @@ pub mod result {
     pub const CONNECT_FAILED: &str = "upstream_connect_failed";
     pub const NO_READY_ENDPOINT: &str = "no_ready_endpoint";
     pub const UNKNOWN_SERVICE_PORT: &str = "unknown_service_port";
+    pub const NO_ROUTE: &str = "no_route";
     pub const ERROR: &str = "error";
 }
 

@@ -1,5 +1,6 @@
 //! The control server end to end: the real `mesh-control` binary on
-//! loopback and a unix socket, real gRPC clients, a temporary store.
+//! loopback (TLS, with the CA it generated) and a unix socket, real gRPC
+//! clients, a temporary store.
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Read, Write},
@@ -14,7 +15,7 @@ use mesh_agent::{
         AgentsRequest, ApplyRequest, DeltaRequest, DeltaResponse, GetRequest, Status as NackStatus,
         distribution_client::DistributionClient, resource::Body,
     },
-    control::client::{self, Bearer, Target},
+    control::client::{self, Bearer, Target, Tls},
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -56,6 +57,8 @@ struct Server {
     grpc: SocketAddr,
     metrics: SocketAddr,
     socket: PathBuf,
+    /// The CA's root, which clients verify the server against.
+    ca: PathBuf,
 }
 
 impl Server {
@@ -93,13 +96,27 @@ impl Server {
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| panic!("no {name} in ready line {line:?}"))
         };
+        let ca = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("ca="))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("no ca= in ready line {line:?}"));
         Server {
             grpc: field("grpc="),
             metrics: field("metrics="),
             child,
             log,
             socket,
+            ca,
         }
+    }
+
+    fn target(&self) -> Target {
+        Target::Http(format!("https://{}", self.grpc))
+    }
+
+    fn tls(&self) -> Tls {
+        Tls::from_bundle_file(&self.ca, "cluster.local").expect("trust bundle")
     }
 
     /// SIGTERM, and the exit must be clean.
@@ -169,7 +186,7 @@ impl Server {
         token: &str,
         have: HashMap<String, String>,
     ) -> Result<Agent, tonic::Status> {
-        let channel = client::channel(&Target::Http(format!("http://{}", self.grpc)))
+        let channel = client::channel_with_tls(&self.target(), Some(&self.tls()))
             .await
             .expect("connect");
         let mut client =
@@ -259,8 +276,15 @@ impl Agent {
     }
 }
 
+/// Keys of a response, sorted, without the trust bundle (every first
+/// response carries it).
 fn keys(r: &DeltaResponse) -> Vec<&str> {
-    let mut keys: Vec<&str> = r.resources.iter().map(|r| r.key.as_str()).collect();
+    let mut keys: Vec<&str> = r
+        .resources
+        .iter()
+        .map(|r| r.key.as_str())
+        .filter(|k| *k != "TrustBundle//mesh")
+        .collect();
     keys.sort_unstable();
     keys
 }
@@ -307,7 +331,7 @@ fn base() -> String {
 }
 
 #[tokio::test]
-async fn agents_get_their_node_and_every_service_then_only_changes() {
+async fn agents_get_every_workload_and_service_and_the_trust_bundle_then_only_changes() {
     let dir = TempDir::new("changes");
     let server = Server::start(&dir.0);
     server.apply(&base()).await.expect("apply");
@@ -322,8 +346,22 @@ async fn agents_get_their_node_and_every_service_then_only_changes() {
         [
             "Service/default/echo",
             "Service/default/other",
-            "Workload/default/echo-1"
+            "Workload/default/echo-1",
+            "Workload/default/echo-2",
         ]
+    );
+    let bundle = first
+        .resources
+        .iter()
+        .find(|r| r.key == "TrustBundle//mesh")
+        .expect("the trust bundle is distributed");
+    let Some(Body::TrustBundle(bundle)) = &bundle.body else {
+        panic!("not a trust bundle: {bundle:?}")
+    };
+    assert_eq!(
+        bundle.pem,
+        std::fs::read_to_string(&server.ca).expect("ca.crt"),
+        "the bundle is the CA's root"
     );
     assert_eq!(
         endpoints(&first, "Service/default/echo"),
@@ -331,13 +369,17 @@ async fn agents_get_their_node_and_every_service_then_only_changes() {
     );
     assert_eq!(first.system_version_info, "1");
 
-    // A new endpoint on another node: exactly one response, with the Service only.
+    // A new endpoint on another node: exactly one response, with the Service
+    // and the Workload (the tunnel needs every workload's identity).
     server
         .apply(&workload("echo-3", "n2", "198.18.2.11", "echo"))
         .await
         .expect("apply");
     let change = n1.recv_and_ack().await;
-    assert_eq!(keys(&change), ["Service/default/echo"]);
+    assert_eq!(
+        keys(&change),
+        ["Service/default/echo", "Workload/default/echo-3"]
+    );
     assert_eq!(
         endpoints(&change, "Service/default/echo"),
         ["echo-1", "echo-2", "echo-3"]
@@ -566,14 +608,16 @@ async fn streams_without_the_nodes_token_are_refused() {
     assert_eq!(server.metric("mesh_control_connected_agents"), 0.0);
 
     // The operator API on the network wants the admin token.
-    let target = Target::Http(format!("http://{}", server.grpc));
-    let mut anonymous = client::operator(&target, None).await.expect("connect");
+    let (target, tls) = (server.target(), server.tls());
+    let mut anonymous = client::operator_with_tls(&target, None, Some(&tls))
+        .await
+        .expect("connect");
     let e = anonymous
         .agents(AgentsRequest {})
         .await
         .expect_err("refused");
     assert_eq!(e.code(), Code::Unauthenticated);
-    let mut admin = client::operator(&target, Some("admin-secret"))
+    let mut admin = client::operator_with_tls(&target, Some("admin-secret"), Some(&tls))
         .await
         .expect("connect");
     admin.agents(AgentsRequest {}).await.expect("admin allowed");
@@ -778,4 +822,79 @@ async fn meshctl_applies_a_directory_gets_and_deletes() {
     let (code, _, err) = meshctl(&["get", "gateway"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("unknown kind \"gateway\""), "{err}");
+}
+
+#[tokio::test]
+async fn nodes_are_cluster_scoped_and_reach_every_agent() {
+    let dir = TempDir::new("nodes");
+    let server = Server::start(&dir.0);
+    let node = |name: &str, address: &str| {
+        format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{address: {address}}}\n"
+        )
+    };
+    server
+        .apply(&[node("n1", "198.18.0.11"), node("n2", "198.18.0.12")].join("---\n"))
+        .await
+        .expect("apply nodes");
+    let mut n2 = server
+        .subscribe("n2", "token-2", HashMap::new())
+        .await
+        .expect("subscribe");
+    let first = n2.recv_and_ack().await;
+    assert_eq!(keys(&first), ["Node//n1", "Node//n2"]);
+    let n1 = first
+        .resources
+        .iter()
+        .find(|r| r.key == "Node//n1")
+        .expect("n1");
+    assert_eq!(
+        n1.body,
+        Some(Body::Node(mesh_agent::api::Node {
+            name: "n1".into(),
+            tunnel_address: "198.18.0.11:15008".into(),
+        }))
+    );
+
+    // A bad address is refused naming the field and the value.
+    let e = server
+        .apply(&node("n3", "198.18.0.300"))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        e.message(),
+        "document 1 (Node//n3): spec.address: \"198.18.0.300\" is not an IPv4 address"
+    );
+    // Two nodes can't have one address.
+    let e = server
+        .apply(&node("n3", "198.18.0.11"))
+        .await
+        .expect_err("refused");
+    assert!(
+        e.message()
+            .contains("spec.address: 198.18.0.11 is already owned by Node//n1"),
+        "{e:?}"
+    );
+
+    let meshctl = |args: &[&str]| {
+        let out = Command::new(MESHCTL)
+            .args(["--control", &format!("unix://{}", server.socket.display())])
+            .args(args)
+            .output()
+            .expect("meshctl");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = meshctl(&["get", "nodes"]);
+    assert!(table.contains("n2     198.18.0.12   15008"), "{table}");
+    let yaml = meshctl(&["get", "node", "n1", "-o", "yaml"]);
+    assert!(!yaml.contains("namespace"), "{yaml}");
+    meshctl(&["delete", "node", "n1"]);
+    let removal = n2.recv_and_ack().await;
+    assert_eq!(removal.removed_resources, ["Node//n1"]);
 }

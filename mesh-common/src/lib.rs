@@ -17,7 +17,7 @@ pub mod names {
     pub const SERVICE_PORTS: &str = "SERVICE_PORTS";
     pub const PROG_CONNECT4: &str = "mesh_connect4";
     pub const PROG_SOCK_OPS: &str = "mesh_sock_ops";
-    pub const PROG_STRICT_INGRESS: &str = "mesh_strict_ingress";
+    pub const PROG_STRICT_INGRESS: &str = "mesh_strict";
     pub const STRICT_PODS: &str = "STRICT_PODS";
 }
 

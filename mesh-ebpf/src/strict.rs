@@ -15,7 +15,7 @@ const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
 #[cgroup_skb(ingress)]
-pub fn mesh_strict_ingress(ctx: SkBuffContext) -> i32 {
+pub fn mesh_strict(ctx: SkBuffContext) -> i32 {
     match try_strict_ingress(&ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     }

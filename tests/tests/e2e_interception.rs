@@ -24,8 +24,9 @@ fn cross_node_and_same_node_connections_go_through_the_agent() {
     let local = serve(&cluster, "node1-pod2");
 
     for (server, expect_peer) in [
-        // Cross-node: the agent dials from node1's fabric address.
-        (&remote, cluster.node_ip("node1")),
+        // Cross-node: node1's agent tunnels to node2's, which dials the pod
+        // from node2's pod gateway.
+        (&remote, cluster.gateway_ip("node2")),
         // Same node: the agent dials from node1's pod gateway.
         (&local, cluster.gateway_ip("node1")),
     ] {
@@ -145,7 +146,8 @@ fn enrolment_changes_apply_to_the_next_connection() {
     let server = serve(&cluster, "node2-pod1");
     let dst = addr(cluster.pod("node2-pod1").ip, ECHO_PORT);
     let client_ip = cluster.pod("node1-pod1").ip;
-    let agent_ip = cluster.node_ip("node1");
+    // Through the agents (and the tunnel), the server sees node2's agent.
+    let agent_ip = cluster.gateway_ip("node2");
 
     let mut expect = Vec::new();
     for enrolled in [false, true, false] {
@@ -231,7 +233,7 @@ fn stopped_agent_leaves_nothing_attached_and_restart_replaces_stale_links() {
     };
     assert_eq!(
         names(&attached_programs(&pods_cgroup)),
-        ["mesh_connect4", "mesh_sock_ops", "mesh_strict_ingress"]
+        ["mesh_connect4", "mesh_sock_ops", "mesh_strict"]
     );
 
     cluster.stop_agent("node1").expect("stop agent");
@@ -252,13 +254,13 @@ fn stopped_agent_leaves_nothing_attached_and_restart_replaces_stale_links() {
     }
     assert_eq!(
         attached_programs(&pods_cgroup).len(),
-        2,
+        3,
         "pinned links survive a crash"
     );
     cluster.start_agent("node1").expect("restart agent");
     assert_eq!(
         names(&attached_programs(&pods_cgroup)),
-        ["mesh_connect4", "mesh_sock_ops", "mesh_strict_ingress"]
+        ["mesh_connect4", "mesh_sock_ops", "mesh_strict"]
     );
 
     // And the restarted agent carries traffic again once the pod is enrolled.

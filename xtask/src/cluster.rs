@@ -8,9 +8,11 @@
 //!   mesh-control :15012
 //! ```
 //!
-//! The control plane (`mesh-control`) runs in the fabric netns on br0's address; every
-//! agent subscribes to it with its node's bootstrap token, and `up` registers every
-//! pod as a `Workload` through `meshctl apply`.
+//! The control plane (`mesh-control`) runs in the fabric netns on br0's address, over
+//! TLS with the root CA it generates in its store; every agent trusts that root
+//! (`--ca-bundle`), gets its node certificate with its node's bootstrap token and
+//! authenticates with the certificate from then on. `up` registers every node as a
+//! `Node` and every pod as a `Workload` through `meshctl apply`.
 
 pub mod cli;
 pub mod plan;
@@ -68,6 +70,9 @@ pub struct ClusterSpec {
     pub control_bin: Option<PathBuf>,
     /// `meshctl`, used to wait for the control plane and to apply configuration.
     pub meshctl_bin: PathBuf,
+    /// Lifetime of the certificates the control server issues (`mesh-control
+    /// --cert-ttl`, e.g. "2m"); `None`: its default, 24h.
+    pub cert_ttl: Option<String>,
 }
 
 impl Default for ClusterSpec {
@@ -83,6 +88,7 @@ impl Default for ClusterSpec {
             enroll_all: true,
             control_bin: Some(default_control_bin()),
             meshctl_bin: default_meshctl_bin(),
+            cert_ttl: None,
         }
     }
 }
@@ -203,6 +209,7 @@ impl Cluster {
                 bin,
                 meshctl_bin,
                 pid: None,
+                cert_ttl: spec.cert_ttl.clone(),
             }),
             prefix,
         };
@@ -471,16 +478,29 @@ impl Cluster {
         plan::workload_yaml(self.pod(pod), extra_labels)
     }
 
-    /// Registers every pod as a `Workload` (one apply, all or nothing).
+    /// Registers every node as a `Node` and every pod as a `Workload` (one apply,
+    /// all or nothing).
     pub fn register_pods(&self) -> Result<String> {
         let docs: Vec<String> = self
             .state
-            .pods
+            .nodes
             .iter()
-            .map(|p| plan::workload_yaml(p, &[]))
+            .map(|n| plan::node_yaml(&n.info))
+            .chain(self.state.pods.iter().map(|p| plan::workload_yaml(p, &[])))
             .collect();
         self.apply(&plan::yaml_stream(&docs))
-            .context("registering the pods as Workloads")
+            .context("registering the nodes and pods")
+    }
+
+    /// The node's `Node` document as `up` registers it. Panics if there is no such node.
+    pub fn node_yaml(&self, node: &str) -> String {
+        plan::node_yaml(self.node(node))
+    }
+
+    /// The root CA agents trust (`mesh-agent --ca-bundle`), written by the control
+    /// server at its first start. `None` without a control plane.
+    pub fn ca_bundle(&self) -> Option<PathBuf> {
+        self.state.control.as_ref().map(|c| c.info.ca_bundle())
     }
 
     /// The last `lines` lines of the control server's log.
@@ -716,6 +736,8 @@ impl Cluster {
         if let Some(ctl) = &self.state.control {
             cmd.arg("--control-addr")
                 .arg(ctl.info.url())
+                .arg("--ca-bundle")
+                .arg(ctl.info.ca_bundle())
                 .arg("--token-file")
                 .arg(&info.token_file)
                 .arg("--cache-dir")
@@ -787,6 +809,9 @@ impl Cluster {
             .arg("--tokens")
             .arg(&ctl.info.tokens)
             .env("RUST_LOG", "info");
+        if let Some(ttl) = &ctl.cert_ttl {
+            cmd.arg("--cert-ttl").arg(ttl);
+        }
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)

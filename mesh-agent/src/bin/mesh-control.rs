@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::Context;
 use clap::Parser;
-use mesh_agent::control::{self, Access, ControlPlane, Listeners, auth};
+use mesh_agent::{
+    control::{self, Access, ControlPlane, Listeners, auth, certs},
+    identity::Ca,
+};
 use tokio::{
     net::{TcpListener, UnixListener},
     signal::unix::{SignalKind, signal},
@@ -23,8 +26,9 @@ const GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug, Parser)]
 #[command(name = "mesh-control", about = "Control server of the mesh", version)]
 struct Args {
-    /// gRPC address for both services: configuration distribution to agents,
-    /// and the operator API (which needs --admin-token-file there).
+    /// gRPC address (TLS) for configuration distribution to agents,
+    /// certificate signing, and the operator API (which needs
+    /// --admin-token-file there).
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
     /// Unix socket serving the operator API alone, without a token: access
@@ -34,9 +38,29 @@ struct Args {
     /// Directory of the durable store; created if missing.
     #[arg(long, default_value = "/var/lib/mesh-control")]
     store_dir: PathBuf,
-    /// Agents' bootstrap tokens: a YAML map `node: token`.
+    /// Agents' bootstrap tokens: a YAML map `node: token`. An agent uses its
+    /// token for its first node certificate, and that certificate afterwards.
     #[arg(long)]
     tokens: PathBuf,
+    /// Trust domain of every SPIFFE ID the CA issues.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Directory of the generated root CA (ca.crt, ca.key 0600): loaded if
+    /// present, else generated at first start. Agents trust its ca.crt
+    /// (`mesh-agent --ca-bundle`). Default: <store-dir>/ca.
+    #[arg(long, conflicts_with_all = ["ca_cert", "ca_key"])]
+    ca_dir: Option<PathBuf>,
+    /// The operator's own CA instead: the signing (intermediate) certificate,
+    /// optionally followed by its parents up to the root (the trust bundle).
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// Unencrypted PKCS#8 PEM key of --ca-cert.
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Lifetime of issued certificates (e.g. 24h, 5m, 90s); agents renew at
+    /// half of it.
+    #[arg(long, default_value = "24h", value_parser = cert_ttl)]
+    cert_ttl: Duration,
     /// File holding the token that opens the operator API on --listen.
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
@@ -46,6 +70,45 @@ struct Args {
     /// Compact the store's log into a new snapshot after this many transactions.
     #[arg(long, default_value_t = 1000)]
     compact_after: usize,
+}
+
+fn cert_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = certs::parse_duration(text)?;
+    if ttl < certs::MIN_CERT_TTL {
+        return Err(format!(
+            "{text} is too short: at least {} s",
+            certs::MIN_CERT_TTL.as_secs()
+        ));
+    }
+    Ok(ttl)
+}
+
+/// The CA: the operator's, or the generated root in `ca_dir`.
+fn load_ca(args: &Args) -> anyhow::Result<(Ca, PathBuf)> {
+    if let (Some(cert), Some(key)) = (&args.ca_cert, &args.ca_key) {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        let ca = Ca::from_pem(&args.trust_domain, &read(cert)?, &read(key)?)
+            .with_context(|| format!("loading the CA {}", cert.display()))?;
+        return Ok((ca, cert.clone()));
+    }
+    let dir = args
+        .ca_dir
+        .clone()
+        .unwrap_or_else(|| args.store_dir.join("ca"));
+    let bundle = dir.join("ca.crt");
+    let present = ["ca.crt", "ca.key"].map(|f| dir.join(f).exists());
+    if present == [false, false] {
+        let ca = Ca::generate(&args.trust_domain).context("generating the root CA")?;
+        ca.save(&dir)
+            .with_context(|| format!("saving the root CA in {}", dir.display()))?;
+        info!(dir = %dir.display(), "generated a root CA");
+        return Ok((ca, bundle));
+    }
+    let ca = Ca::load(&dir, &args.trust_domain)
+        .with_context(|| format!("loading the root CA from {}", dir.display()))?;
+    Ok((ca, bundle))
 }
 
 fn main() {
@@ -80,9 +143,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             .map(auth::read_token)
             .transpose()?,
     };
+    // The CA is loaded (or generated) under the store's lock, so two servers
+    // started on one directory can't both generate a root.
+    let mut bundle = PathBuf::new();
     let plane = Arc::new(
-        ControlPlane::open(&args.store_dir, args.compact_after)
-            .with_context(|| format!("opening the store in {}", args.store_dir.display()))?,
+        ControlPlane::open_with_authority(&args.store_dir, args.compact_after, || {
+            let (ca, path) = load_ca(&args).map_err(|e| format!("{e:#}"))?;
+            bundle = path;
+            Ok(Some(certs::Authority::new(ca, args.cert_ttl)))
+        })
+        .with_context(|| format!("opening the store in {}", args.store_dir.display()))?,
     );
     let grpc = TcpListener::bind(args.listen)
         .await
@@ -92,11 +162,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.metrics_addr))?;
     let operator_socket = bind_socket(&args.operator_socket)?;
     let ready = format!(
-        "mesh-control ready: grpc={} metrics={} operator-socket={} revision={}",
+        "mesh-control ready: grpc={} metrics={} operator-socket={} revision={} trust-domain={} ca={} cert-ttl={}s",
         grpc.local_addr()?,
         metrics.local_addr()?,
         args.operator_socket.display(),
-        plane.revision()
+        plane.revision(),
+        args.trust_domain,
+        bundle.display(),
+        args.cert_ttl.as_secs(),
     );
     info!("{ready}");
     let mut stdout = std::io::stdout();

@@ -1,8 +1,15 @@
-//! Credentials: per-node bootstrap tokens for agents, and the admin token
+//! Credentials: agents' node certificates (on the TLS connection), per-node
+//! bootstrap tokens for an agent's first certificate, and the admin token
 //! that guards the operator API on the network listener.
-use std::{collections::HashMap, fs, path::Path};
+use std::{collections::HashMap, fmt, fs, path::Path};
 
 use tonic::{Request, Status, metadata::MetadataMap};
+
+use super::{
+    resources::{CONTROL_SERVICE_ACCOUNT, NODE_SERVICE_ACCOUNT_PREFIX, SYSTEM_NAMESPACE},
+    tls::PeerInfo,
+};
+use crate::identity::{SpiffeId, SpiffeIdError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,6 +63,115 @@ impl Tokens {
 
     pub fn verify(&self, node: &str, token: &str) -> bool {
         self.0.get(node).is_some_and(|t| same_secret(t, token))
+    }
+
+    /// The node `token` belongs to. Every token is compared, so the time
+    /// taken does not tell which one matched.
+    pub fn node_of(&self, token: &str) -> Option<&str> {
+        self.0.iter().fold(None, |found, (node, t)| {
+            if same_secret(t, token) {
+                Some(node.as_str())
+            } else {
+                found
+            }
+        })
+    }
+}
+
+/// `spiffe://<trust domain>/ns/mesh-system/sa/node-<node>`: the identity of
+/// a node's agent, which it proves to the control server.
+pub fn node_identity(trust_domain: &str, node: &str) -> Result<SpiffeId, SpiffeIdError> {
+    SpiffeId::new(
+        trust_domain,
+        SYSTEM_NAMESPACE,
+        &format!("{NODE_SERVICE_ACCOUNT_PREFIX}{node}"),
+    )
+}
+
+/// `spiffe://<trust domain>/ns/mesh-system/sa/mesh-control`: the identity the
+/// control server proves to agents.
+pub fn control_identity(trust_domain: &str) -> Result<SpiffeId, SpiffeIdError> {
+    SpiffeId::new(trust_domain, SYSTEM_NAMESPACE, CONTROL_SERVICE_ACCOUNT)
+}
+
+/// The node whose agent `id` names, if it names one.
+pub fn node_of_identity<'a>(id: &'a SpiffeId, trust_domain: &str) -> Option<&'a str> {
+    if id.trust_domain() != trust_domain || id.namespace() != SYSTEM_NAMESPACE {
+        return None;
+    }
+    id.service_account()
+        .strip_prefix(NODE_SERVICE_ACCOUNT_PREFIX)
+        .filter(|node| !node.is_empty())
+}
+
+/// Identities only the control server hands out, and never through `Sign`.
+pub fn is_reserved(id: &SpiffeId) -> bool {
+    id.namespace() == SYSTEM_NAMESPACE
+        && (id
+            .service_account()
+            .starts_with(NODE_SERVICE_ACCOUNT_PREFIX)
+            || id.service_account() == CONTROL_SERVICE_ACCOUNT)
+}
+
+/// How a caller proved which node it serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// Its node certificate, verified in the TLS handshake.
+    Certificate,
+    /// Its bootstrap token.
+    Token,
+}
+
+impl fmt::Display for Via {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Via::Certificate => "node certificate",
+            Via::Token => "bootstrap token",
+        })
+    }
+}
+
+/// An authenticated agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub node: String,
+    pub via: Via,
+}
+
+/// The node a request comes from. A client certificate, when the connection
+/// presented one, decides: it must name a node of `trust_domain` (a token
+/// beside it is ignored). Without one, the bearer token must be a node's.
+///
+/// The error is the message for an `Unauthenticated` status.
+pub fn caller<T>(
+    request: &Request<T>,
+    tokens: &Tokens,
+    trust_domain: Option<&str>,
+) -> Result<Caller, String> {
+    let peer = request.extensions().get::<PeerInfo>();
+    if let Some(id) = peer.and_then(|p| p.identity.as_ref()) {
+        return match trust_domain.and_then(|td| node_of_identity(id, td)) {
+            Some(node) => Ok(Caller {
+                node: node.to_owned(),
+                via: Via::Certificate,
+            }),
+            None => Err(format!(
+                "the client certificate names {id}, which is not a node agent of this mesh"
+            )),
+        };
+    }
+    match bearer(request.metadata()) {
+        Some(token) => tokens
+            .node_of(token)
+            .map(|node| Caller {
+                node: node.to_owned(),
+                via: Via::Token,
+            })
+            .ok_or_else(|| "the bearer token is not a node's".to_owned()),
+        None => Err(
+            "no credentials: present the node certificate, or \"authorization: Bearer <node token>\""
+                .to_owned(),
+        ),
     }
 }
 
@@ -120,7 +236,29 @@ mod tests {
         assert!(!tokens.verify("n3", "s1"));
         assert!(tokens.is_known("s2"));
         assert!(!tokens.is_known("s"));
+        assert_eq!(tokens.node_of("s2"), Some("n2"));
+        assert_eq!(tokens.node_of("s"), None);
         assert!(Tokens::new([("n1".into(), " ".into())].into()).is_err());
+    }
+
+    #[test]
+    fn node_identities_round_trip_and_are_reserved() {
+        let id = node_identity("cluster.local", "node-1.a").expect("valid");
+        assert_eq!(
+            id.to_string(),
+            "spiffe://cluster.local/ns/mesh-system/sa/node-node-1.a"
+        );
+        assert_eq!(node_of_identity(&id, "cluster.local"), Some("node-1.a"));
+        assert_eq!(node_of_identity(&id, "other.td"), None);
+        assert!(is_reserved(&id));
+        let control = control_identity("cluster.local").expect("valid");
+        assert_eq!(node_of_identity(&control, "cluster.local"), None);
+        assert!(is_reserved(&control));
+        let workload: SpiffeId = "spiffe://cluster.local/ns/default/sa/node-x"
+            .parse()
+            .expect("valid");
+        assert_eq!(node_of_identity(&workload, "cluster.local"), None);
+        assert!(!is_reserved(&workload));
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! send it. Pure: no I/O, no locks; the server holds the [`View`] under a
 //! lock and drives one [`Subscription`] per stream.
 //!
-//! An agent gets the Workloads of its node and every Service with its
-//! endpoints resolved from the selector. Each distributed resource is built
+//! Every agent gets every Workload (the tunnel needs the identity and node of
+//! any destination), every Service with its endpoints resolved from the
+//! selector, every Node (where its tunnel listens) and the CA's trust bundle.
+//! Each distributed resource is built
 //! and encoded once per change, and every agent's response shares those
 //! bytes. Its version is a hash of its content, so it is the same after a
 //! restart of mesh-control (an agent resubscribing with what it holds gets
@@ -11,8 +13,8 @@
 //! including a Service's endpoint set.
 //!
 //! To keep one change cheap with a thousand agents, the view keeps a log of
-//! which keys changed at which revision (and for which nodes): an agent that
-//! is up to date at revision R only looks at the keys changed after R.
+//! which keys changed at which revision: an agent that is up to date at
+//! revision R only looks at the keys changed after R.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     hash::{Hash, Hasher},
@@ -23,7 +25,7 @@ use std::{
 use bytes::Bytes;
 use prost::Message;
 
-use super::resources::{Change, Kind, Resource, ResourceId, Service, Workload};
+use super::resources::{Change, Kind, Node, Resource, ResourceId, Service, Workload};
 use crate::api;
 
 /// Responses are cut at about this size: a full sync of a large mesh stays
@@ -76,27 +78,11 @@ struct ServiceEntry {
     distributed: Distributed,
 }
 
-/// Which agents a changed key concerns.
-#[derive(Debug)]
-enum Scope {
-    AllNodes,
-    Nodes(Vec<String>),
-}
+/// Key of the distributed trust bundle.
+pub const TRUST_BUNDLE_KEY: &str = "TrustBundle//mesh";
 
-#[derive(Debug)]
-struct Changed {
-    key: Key,
-    scope: Scope,
-}
-
-impl Changed {
-    fn concerns(&self, node: &str) -> bool {
-        match &self.scope {
-            Scope::AllNodes => true,
-            Scope::Nodes(nodes) => nodes.iter().any(|n| n == node),
-        }
-    }
-}
+/// A key whose distributed content changed (or that is gone).
+type Changed = Key;
 
 /// The agent's last response is older than the change log: it has to
 /// resubscribe with the versions it holds.
@@ -127,8 +113,8 @@ impl ChangeLog {
         }
     }
 
-    /// Keys changed after `since` that concern `node`, each once.
-    fn since(&self, since: u64, node: &str) -> Result<Vec<Key>, Lagged> {
+    /// Keys changed after `since`, each once.
+    fn since(&self, since: u64) -> Result<Vec<Key>, Lagged> {
         if since < self.pruned_through {
             return Err(Lagged);
         }
@@ -138,8 +124,8 @@ impl ChangeLog {
             .entries
             .range(start..)
             .flat_map(|(_, changed)| changed)
-            .filter(|c| c.concerns(node) && seen.insert(c.key.clone()))
-            .map(|c| c.key.clone())
+            .filter(|key| seen.insert((*key).clone()))
+            .cloned()
             .collect())
     }
 }
@@ -150,7 +136,10 @@ pub struct View {
     revision: u64,
     /// Ordered, so a long initial sync can resume after the last key sent.
     services: BTreeMap<Key, ServiceEntry>,
-    workloads: HashMap<Key, WorkloadEntry>,
+    workloads: BTreeMap<Key, WorkloadEntry>,
+    /// Nodes and the trust bundle.
+    others: BTreeMap<Key, Distributed>,
+    /// Which node runs which workloads: what a node may get certificates for.
     node_workloads: HashMap<String, BTreeSet<Key>>,
     /// `(namespace, label, value)` -> workloads carrying it.
     workloads_by_label: HashMap<String, HashSet<Key>>,
@@ -170,7 +159,8 @@ impl View {
         let mut view = View {
             revision: 0,
             services: BTreeMap::new(),
-            workloads: HashMap::new(),
+            workloads: BTreeMap::new(),
+            others: BTreeMap::new(),
             node_workloads: HashMap::new(),
             workloads_by_label: HashMap::new(),
             services_by_label: HashMap::new(),
@@ -190,8 +180,33 @@ impl View {
         view
     }
 
+    /// The view with the CA's trust bundle distributed as [`TRUST_BUNDLE_KEY`].
+    /// The bundle is fixed for the life of the view (of the process).
+    pub fn with_trust_bundle(mut self, pem: &str) -> View {
+        let resource = api::Resource {
+            key: TRUST_BUNDLE_KEY.to_owned(),
+            version: version_of(&pem),
+            body: Some(api::resource::Body::TrustBundle(api::TrustBundle {
+                pem: pem.to_owned(),
+            })),
+        };
+        self.others
+            .insert(TRUST_BUNDLE_KEY.into(), Distributed::new(resource));
+        self
+    }
+
     pub fn revision(&self) -> u64 {
         self.revision
+    }
+
+    /// Whether a Workload on `node` runs as `service_account` in `namespace`:
+    /// only then may that node's agent hold this identity.
+    pub fn runs_on(&self, node: &str, namespace: &str, service_account: &str) -> bool {
+        self.node_workloads.get(node).is_some_and(|keys| {
+            keys.iter()
+                .filter_map(|k| self.workloads.get(k))
+                .any(|e| e.spec.namespace == namespace && e.spec.service_account == service_account)
+        })
     }
 
     /// Applies a committed transaction.
@@ -217,6 +232,14 @@ impl View {
                     self.index_service(&key, s);
                     touched.insert(key, Some(s.clone()));
                 }
+                Change::Put(Resource::Node(n)) => {
+                    let key = key_of(&Resource::Node(n.clone()).id());
+                    let distributed = Distributed::new(node_resource(&key, n));
+                    let old = self.others.insert(key.clone(), distributed);
+                    if old.is_none_or(|o| o.version() != self.others[&key].version()) {
+                        changed.push(key);
+                    }
+                }
                 Change::Delete(id) => {
                     let key = key_of(id);
                     match id.kind {
@@ -225,10 +248,12 @@ impl View {
                             touched.remove(&key);
                             if let Some(old) = self.services.remove(&key) {
                                 self.unindex_service(&key, &old.spec);
-                                changed.push(Changed {
-                                    key,
-                                    scope: Scope::AllNodes,
-                                });
+                                changed.push(key);
+                            }
+                        }
+                        Kind::Node => {
+                            if self.others.remove(&key).is_some() {
+                                changed.push(key);
                             }
                         }
                     }
@@ -269,16 +294,7 @@ impl View {
             .as_ref()
             .is_none_or(|o| o.distributed.version() != distributed.version())
         {
-            let mut nodes = vec![w.node.clone()];
-            if let Some(o) = &old
-                && o.spec.node != w.node
-            {
-                nodes.push(o.spec.node.clone());
-            }
-            changed.push(Changed {
-                key: key.clone(),
-                scope: Scope::Nodes(nodes),
-            });
+            changed.push(key.clone());
         }
         self.node_workloads
             .entry(w.node.clone())
@@ -307,10 +323,7 @@ impl View {
     ) {
         if let Some(old) = self.remove_workload(key) {
             self.touch_selecting(&old.spec, touched);
-            changed.push(Changed {
-                key: key.clone(),
-                scope: Scope::Nodes(vec![old.spec.node]),
-            });
+            changed.push(key.clone());
         }
     }
 
@@ -389,10 +402,7 @@ impl View {
             .as_ref()
             .is_none_or(|o| o.distributed.version() != distributed.version())
         {
-            changed.push(Changed {
-                key: key.clone(),
-                scope: Scope::AllNodes,
-            });
+            changed.push(key.clone());
         }
         self.services
             .insert(key, ServiceEntry { spec, distributed });
@@ -416,15 +426,14 @@ impl View {
         selected
     }
 
-    /// What an agent of `node` should hold under `key`.
-    fn desired(&self, node: &str, key: &str) -> Option<&Distributed> {
+    /// What every agent should hold under `key`.
+    fn desired(&self, key: &str) -> Option<&Distributed> {
         if key.starts_with("Service/") {
             self.services.get(key).map(|e| &e.distributed)
+        } else if key.starts_with("Workload/") {
+            self.workloads.get(key).map(|e| &e.distributed)
         } else {
-            self.workloads
-                .get(key)
-                .filter(|e| e.spec.node == node)
-                .map(|e| &e.distributed)
+            self.others.get(key)
         }
     }
 }
@@ -486,6 +495,19 @@ fn workload_resource(key: &str, w: &Workload) -> api::Resource {
                 })
                 .collect(),
             ready: w.ready,
+        })),
+    }
+}
+
+fn node_resource(key: &str, n: &Node) -> api::Resource {
+    // Labels are not distributed, so they are not in the version.
+    let content = (&n.name, n.address, n.tunnel_port);
+    api::Resource {
+        key: key.to_owned(),
+        version: version_of(&content),
+        body: Some(api::resource::Body::Node(api::Node {
+            name: n.name.clone(),
+            tunnel_address: format!("{}:{}", n.address, n.tunnel_port),
         })),
     }
 }
@@ -589,41 +611,50 @@ impl Delta {
 struct InitialSync {
     have: HashMap<String, String>,
     removed: Vec<String>,
-    workloads: Vec<Key>,
-    /// Services up to this key are done.
-    services_after: Option<Key>,
+    /// Which ordered map is being sent: 0 the trust bundle and Nodes, 1
+    /// Workloads, 2 Services; keys up to `after` in it are done.
+    part: usize,
+    after: Option<Key>,
 }
 
 impl InitialSync {
     /// Fills `delta`; returns whether the sync is complete.
-    fn fill(&mut self, view: &View, node: &str, delta: &mut Delta) -> bool {
+    fn fill(&mut self, view: &View, delta: &mut Delta) -> bool {
         while let Some(key) = self.removed.last() {
             if !delta.try_remove(key) {
                 return false;
             }
             self.removed.pop();
         }
-        while let Some(key) = self.workloads.last() {
-            if let Some(d) = view.desired(node, key)
-                && self.have.get(&**key).map(String::as_str) != Some(d.version())
-                && !delta.try_add(key, d)
-            {
-                return false;
+        while self.part < 3 {
+            let start = self
+                .after
+                .as_deref()
+                .map_or(Bound::Unbounded, Bound::Excluded);
+            let range = (start, Bound::<&str>::Unbounded);
+            let entries: Box<dyn Iterator<Item = (&Key, &Distributed)>> = match self.part {
+                0 => Box::new(view.others.range::<str, _>(range)),
+                1 => Box::new(
+                    view.workloads
+                        .range::<str, _>(range)
+                        .map(|(k, e)| (k, &e.distributed)),
+                ),
+                _ => Box::new(
+                    view.services
+                        .range::<str, _>(range)
+                        .map(|(k, e)| (k, &e.distributed)),
+                ),
+            };
+            for (key, d) in entries {
+                if self.have.get(&**key).map(String::as_str) != Some(d.version())
+                    && !delta.try_add(key, d)
+                {
+                    return false;
+                }
+                self.after = Some(key.clone());
             }
-            self.workloads.pop();
-        }
-        let start = self
-            .services_after
-            .as_deref()
-            .map_or(Bound::Unbounded, Bound::Excluded);
-        for (key, entry) in view.services.range::<str, _>((start, Bound::Unbounded)) {
-            let d = &entry.distributed;
-            if self.have.get(&**key).map(String::as_str) != Some(d.version())
-                && !delta.try_add(key, d)
-            {
-                return false;
-            }
-            self.services_after = Some(key.clone());
+            self.part += 1;
+            self.after = None;
         }
         true
     }
@@ -661,15 +692,10 @@ impl Subscription {
     pub fn new(node: &str, have: HashMap<String, String>, view: &View) -> Subscription {
         let mut removed: Vec<String> = have
             .keys()
-            .filter(|k| view.desired(node, k).is_none())
+            .filter(|k| view.desired(k).is_none())
             .cloned()
             .collect();
         removed.sort_unstable_by(|a, b| b.cmp(a));
-        let workloads = view
-            .node_workloads
-            .get(node)
-            .map(|keys| keys.iter().rev().cloned().collect())
-            .unwrap_or_default();
         Subscription {
             node: node.to_owned(),
             queued_through: view.revision,
@@ -678,8 +704,8 @@ impl Subscription {
             work: Work::Initial(Box::new(InitialSync {
                 have,
                 removed,
-                workloads,
-                services_after: None,
+                part: 0,
+                after: None,
             })),
         }
     }
@@ -699,12 +725,12 @@ impl Subscription {
     pub fn next(&mut self, view: &View) -> Result<Option<Delta>, Lagged> {
         let mut delta = Delta::default();
         let done = match &mut self.work {
-            Work::Initial(sync) => sync.fill(view, &self.node, &mut delta),
+            Work::Initial(sync) => sync.fill(view, &mut delta),
             Work::Idle => {
                 if view.revision <= self.queued_through {
                     return Ok(None);
                 }
-                let mut keys = view.log.since(self.queued_through, &self.node)?;
+                let mut keys = view.log.since(self.queued_through)?;
                 let mut seen: HashSet<Key> = keys.iter().cloned().collect();
                 keys.extend(self.retry.drain(..).filter(|k| seen.insert(k.clone())));
                 self.queued_through = view.revision;
@@ -716,7 +742,7 @@ impl Subscription {
             }
             Work::Changes(keys) => {
                 while let Some(key) = keys.front() {
-                    let added = match view.desired(&self.node, key) {
+                    let added = match view.desired(key) {
                         Some(d) => delta.try_add(key, d),
                         None => delta.try_remove(key),
                     };
@@ -813,9 +839,19 @@ mod tests {
             .collect()
     }
 
+    fn node(name: &str, address: &str) -> Resource {
+        parse_documents(&format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{address: {address}}}\n"
+        ))
+        .expect("valid")
+        .remove(0)
+    }
+
     #[test]
-    fn an_agent_gets_its_workloads_and_every_service_with_endpoints() {
-        let view = View::new(5, &base(), 100);
+    fn an_agent_gets_every_workload_service_node_and_the_trust_bundle() {
+        let mut resources = base();
+        resources.push(node("n1", "198.18.0.11"));
+        let view = View::new(5, &resources, 100).with_trust_bundle("PEM");
         let mut sub = Subscription::new("n1", HashMap::new(), &view);
         let first = sub.next(&view).expect("in log").expect("first response");
         let mut got = keys(&first);
@@ -823,14 +859,69 @@ mod tests {
         assert_eq!(
             got,
             [
+                "Node//n1",
                 "Service/default/a",
                 "Service/default/b",
-                "Workload/default/a1"
+                TRUST_BUNDLE_KEY,
+                "Workload/default/a1",
+                "Workload/default/a2",
+                "Workload/default/b1",
             ]
         );
         assert_eq!(endpoints(&first, "Service/default/a"), ["a1", "a2"]);
+        let decoded = decode(&first);
+        let body = |key: &str| {
+            decoded
+                .resources
+                .iter()
+                .find(|r| r.key == key)
+                .and_then(|r| r.body.clone())
+        };
+        assert_eq!(
+            body("Node//n1"),
+            Some(api::resource::Body::Node(api::Node {
+                name: "n1".into(),
+                tunnel_address: "198.18.0.11:15008".into(),
+            }))
+        );
+        assert_eq!(
+            body(TRUST_BUNDLE_KEY),
+            Some(api::resource::Body::TrustBundle(api::TrustBundle {
+                pem: "PEM".into()
+            }))
+        );
         assert_eq!(first.system_version_info, "5");
         assert_eq!(sub.next(&view).expect("in log"), None);
+    }
+
+    #[test]
+    fn a_node_runs_the_identities_of_its_workloads_only() {
+        let view = View::new(5, &base(), 100);
+        assert!(view.runs_on("n1", "default", "default"));
+        assert!(!view.runs_on("n1", "other", "default"));
+        assert!(!view.runs_on("n3", "default", "default"));
+        let mut view = view;
+        let a1 = workload("a1", "n1", "198.18.1.1", "a").id();
+        view.apply(6, &[Change::Delete(a1)]);
+        assert!(!view.runs_on("n1", "default", "default"));
+        assert!(view.runs_on("n2", "default", "default"));
+    }
+
+    #[test]
+    fn node_changes_reach_every_agent() {
+        let mut view = View::new(5, &base(), 100);
+        let mut n1 = Subscription::new("n1", HashMap::new(), &view);
+        n1.next(&view).unwrap();
+        view.apply(6, &[Change::Put(node("n2", "198.18.0.12"))]);
+        assert_eq!(keys(&n1.next(&view).unwrap().unwrap()), ["Node//n2"]);
+        // The same content again changes nothing.
+        view.apply(7, &[Change::Put(node("n2", "198.18.0.12"))]);
+        assert_eq!(n1.next(&view).unwrap(), None);
+        view.apply(8, &[Change::Delete(node("n2", "198.18.0.12").id())]);
+        assert_eq!(
+            n1.next(&view).unwrap().unwrap().removed_resources,
+            ["Node//n2"]
+        );
     }
 
     #[test]
@@ -867,7 +958,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_endpoint_sends_the_service_to_all_and_the_workload_to_its_node() {
+    fn a_new_endpoint_sends_the_service_and_the_workload_to_all() {
         let mut view = View::new(5, &base(), 100);
         let mut n1 = Subscription::new("n1", HashMap::new(), &view);
         let mut n2 = Subscription::new("n2", HashMap::new(), &view);
@@ -875,27 +966,27 @@ mod tests {
         n2.next(&view).unwrap();
 
         view.apply(6, &[Change::Put(workload("a3", "n2", "198.18.2.3", "a"))]);
-        let d1 = n1.next(&view).unwrap().expect("service changed");
-        assert_eq!(keys(&d1), ["Service/default/a"]);
-        assert_eq!(endpoints(&d1, "Service/default/a"), ["a1", "a2", "a3"]);
-        assert_ne!(
-            versions(&d1)["Service/default/a"],
-            before["Service/default/a"]
-        );
-        assert_eq!(d1.system_version_info, "6");
-        let d2 = n2.next(&view).unwrap().expect("service and workload");
-        let mut got = keys(&d2);
-        got.sort_unstable();
-        assert_eq!(got, ["Service/default/a", "Workload/default/a3"]);
-        assert_eq!(n1.next(&view).unwrap(), None);
+        for sub in [&mut n1, &mut n2] {
+            let d = sub.next(&view).unwrap().expect("service and workload");
+            let mut got = keys(&d);
+            got.sort_unstable();
+            assert_eq!(got, ["Service/default/a", "Workload/default/a3"]);
+            assert_eq!(endpoints(&d, "Service/default/a"), ["a1", "a2", "a3"]);
+            assert_ne!(
+                versions(&d)["Service/default/a"],
+                before["Service/default/a"]
+            );
+            assert_eq!(d.system_version_info, "6");
+            assert_eq!(sub.next(&view).unwrap(), None);
+        }
     }
 
     #[test]
-    fn changes_no_agent_of_a_node_cares_about_send_nothing_there() {
+    fn changes_that_alter_nothing_distributed_send_nothing() {
         let mut view = View::new(5, &base(), 100);
         let mut n1 = Subscription::new("n1", HashMap::new(), &view);
         n1.next(&view).unwrap();
-        // Ports are not part of an endpoint; the service is unchanged.
+        // Ports are not part of an endpoint: only the workload changes.
         let mut b1 = workload("b1", "n2", "198.18.2.2", "b");
         if let Resource::Workload(w) = &mut b1 {
             w.ports.push(crate::control::resources::WorkloadPort {
@@ -905,7 +996,16 @@ mod tests {
             });
         }
         view.apply(6, &[Change::Put(b1)]);
-        view.apply(7, &[Change::Put(workload("c1", "n2", "198.18.2.9", "c"))]);
+        assert_eq!(
+            keys(&n1.next(&view).unwrap().unwrap()),
+            ["Workload/default/b1"]
+        );
+        // A Service's metadata labels are not distributed.
+        let mut b = service("b", "198.19.0.2", "b");
+        if let Resource::Service(s) = &mut b {
+            s.labels.insert("team".into(), "x".into());
+        }
+        view.apply(7, &[Change::Put(b)]);
         assert_eq!(n1.next(&view).unwrap(), None);
     }
 
@@ -928,11 +1028,13 @@ mod tests {
         let mut n2 = Subscription::new("n2", HashMap::new(), &view);
         n1.next(&view).unwrap();
         n2.next(&view).unwrap();
-        // a1 moves from n1 to n2.
+        // a1 moves from n1 to n2: everyone gets its new version.
         view.apply(6, &[Change::Put(workload("a1", "n2", "198.18.2.7", "a"))]);
         let d1 = n1.next(&view).unwrap().unwrap();
-        assert_eq!(d1.removed_resources, ["Workload/default/a1"]);
-        assert_eq!(keys(&d1), ["Service/default/a"]);
+        assert!(d1.removed_resources.is_empty());
+        let mut got = keys(&d1);
+        got.sort_unstable();
+        assert_eq!(got, ["Service/default/a", "Workload/default/a1"]);
         let d2 = n2.next(&view).unwrap().unwrap();
         assert!(keys(&d2).contains(&"Workload/default/a1".to_owned()));
 
@@ -944,6 +1046,10 @@ mod tests {
         );
         let a2 = workload("a2", "n2", "198.18.2.1", "a").id();
         view.apply(8, &[Change::Delete(a2)]);
+        assert_eq!(
+            n1.next(&view).unwrap().unwrap().removed_resources,
+            ["Workload/default/a2"]
+        );
         // n2 has not asked since revision 6: both removals come together.
         let d2 = n2.next(&view).unwrap().unwrap();
         assert_eq!(

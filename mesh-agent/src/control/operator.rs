@@ -53,14 +53,18 @@ fn status(e: Error) -> Status {
             Status::with_metadata(Code::InvalidArgument, message, metadata)
         }
         Error::NotFound(_) => Status::not_found(message),
-        Error::Store(_) | Error::Serve { .. } | Error::Stopped(_) => Status::internal(message),
+        Error::Store(_)
+        | Error::Serve { .. }
+        | Error::Stopped(_)
+        | Error::Tls(_)
+        | Error::Authority(_) => Status::internal(message),
     }
 }
 
 fn kind(text: &str) -> Result<Kind, Status> {
     Kind::from_loose(text).ok_or_else(|| {
         Status::invalid_argument(format!(
-            "unknown kind {text:?} (expected Workload or Service)"
+            "unknown kind {text:?} (expected Workload, Service or Node)"
         ))
     })
 }
@@ -96,7 +100,8 @@ impl Operator for OperatorService {
             .blocking(move |plane| {
                 plane.get(
                     kind,
-                    Some(namespace.as_str()).filter(|n| !n.is_empty()),
+                    // Cluster-scoped kinds ignore a namespace, as kubectl does.
+                    Some(namespace.as_str()).filter(|n| !n.is_empty() && !kind.is_cluster_scoped()),
                     Some(name.as_str()).filter(|n| !n.is_empty()),
                 )
             })
@@ -121,7 +126,9 @@ impl Operator for OperatorService {
         }
         let id = ResourceId {
             kind,
-            namespace: if namespace.is_empty() {
+            namespace: if kind.is_cluster_scoped() {
+                String::new()
+            } else if namespace.is_empty() {
                 DEFAULT_NAMESPACE.to_owned()
             } else {
                 namespace

@@ -1,5 +1,5 @@
 //! Configuration resources: Kubernetes-style YAML documents (`Workload`,
-//! `Service`) turned into validated internal types before anything is locked
+//! `Service`, `Node`) turned into validated internal types before anything is locked
 //! or stored, and rendered back into the same shape for `meshctl get`.
 //!
 //! A bad document rejects the whole batch with an error that names the
@@ -18,11 +18,21 @@ use serde_yaml::{Mapping, Value};
 pub const API_VERSION: &str = "mesh.dev/v1alpha1";
 pub const DEFAULT_NAMESPACE: &str = "default";
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+/// Where node agents' own identities live: `node-<node>` service accounts
+/// here are theirs alone, so no Workload may take one.
+pub const SYSTEM_NAMESPACE: &str = "mesh-system";
+/// Prefix of a node agent's service account in [`SYSTEM_NAMESPACE`].
+pub const NODE_SERVICE_ACCOUNT_PREFIX: &str = "node-";
+/// The control server's own service account in [`SYSTEM_NAMESPACE`].
+pub const CONTROL_SERVICE_ACCOUNT: &str = "mesh-control";
+/// The agent's mTLS tunnel port unless a Node says otherwise.
+pub const DEFAULT_TUNNEL_PORT: u16 = 15008;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Kind {
     Workload,
     Service,
+    Node,
 }
 
 impl Kind {
@@ -30,6 +40,7 @@ impl Kind {
         match self {
             Kind::Workload => "Workload",
             Kind::Service => "Service",
+            Kind::Node => "Node",
         }
     }
 
@@ -38,8 +49,14 @@ impl Kind {
         match s.to_ascii_lowercase().as_str() {
             "workload" | "workloads" | "wl" => Some(Kind::Workload),
             "service" | "services" | "svc" => Some(Kind::Service),
+            "node" | "nodes" | "no" => Some(Kind::Node),
             _ => None,
         }
+    }
+
+    /// Cluster-scoped kinds have no namespace (an empty one in their key).
+    pub fn is_cluster_scoped(self) -> bool {
+        matches!(self, Kind::Node)
     }
 }
 
@@ -153,11 +170,22 @@ impl Service {
     }
 }
 
+/// A node of the mesh: where its agent's mTLS tunnel listens. Cluster-scoped.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub address: Ipv4Addr,
+    pub tunnel_port: u16,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind")]
 pub enum Resource {
     Workload(Workload),
     Service(Service),
+    Node(Node),
 }
 
 /// One step of a transaction on the configuration.
@@ -178,12 +206,13 @@ struct Claim {
 impl Resource {
     pub fn id(&self) -> ResourceId {
         let (kind, namespace, name) = match self {
-            Resource::Workload(w) => (Kind::Workload, &w.namespace, &w.name),
-            Resource::Service(s) => (Kind::Service, &s.namespace, &s.name),
+            Resource::Workload(w) => (Kind::Workload, w.namespace.as_str(), &w.name),
+            Resource::Service(s) => (Kind::Service, s.namespace.as_str(), &s.name),
+            Resource::Node(n) => (Kind::Node, "", &n.name),
         };
         ResourceId {
             kind,
-            namespace: namespace.clone(),
+            namespace: namespace.to_owned(),
             name: name.clone(),
         }
     }
@@ -208,6 +237,10 @@ impl Resource {
                     field: format!("spec.vips[{i}]"),
                 })
                 .collect(),
+            Resource::Node(n) => vec![Claim {
+                address: n.address,
+                field: "spec.address".into(),
+            }],
         }
     }
 
@@ -231,6 +264,16 @@ impl Resource {
                     "ready": w.ready,
                 }),
             ),
+            Resource::Node(n) => (
+                Kind::Node,
+                &n.name,
+                &String::new(),
+                &n.labels,
+                json!({
+                    "address": n.address.to_string(),
+                    "tunnelPort": n.tunnel_port,
+                }),
+            ),
             Resource::Service(s) => (
                 Kind::Service,
                 &s.name,
@@ -249,9 +292,11 @@ impl Resource {
         };
         let mut metadata = json!({
             "name": name,
-            "namespace": namespace,
             "resourceVersion": version.to_string(),
         });
+        if !kind.is_cluster_scoped() {
+            metadata["namespace"] = json!(namespace);
+        }
         if !labels.is_empty() {
             metadata["labels"] = json!(labels);
         }
@@ -303,8 +348,14 @@ pub enum Problem {
     },
     #[error("unknown apiVersion {0:?} (expected {API_VERSION:?})")]
     UnknownApiVersion(String),
-    #[error("unknown kind {0:?} (expected \"Workload\" or \"Service\")")]
+    #[error("unknown kind {0:?} (expected \"Workload\", \"Service\" or \"Node\")")]
     UnknownKind(String),
+    #[error("{kind} is cluster-scoped: it has no namespace (found {found:?})")]
+    ClusterScoped { kind: Kind, found: String },
+    #[error(
+        "service account {0:?} in namespace {SYSTEM_NAMESPACE} is reserved for node agents and the control server"
+    )]
+    ReservedServiceAccount(String),
     #[error(
         "{0:?} is not a valid name (lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters)"
     )]
@@ -674,6 +725,7 @@ fn parse_document(index: usize, value: &Value) -> Result<Resource, Error> {
     let kind = match kind_text {
         "Workload" => Kind::Workload,
         "Service" => Kind::Service,
+        "Node" => Kind::Node,
         other => return kind_field.reject(Problem::UnknownKind(other.to_owned())),
     };
     let api_text = api_version.str()?;
@@ -683,10 +735,20 @@ fn parse_document(index: usize, value: &Value) -> Result<Resource, Error> {
     let metadata =
         top.required("metadata")?
             .object(&["name", "namespace", "labels", "resourceVersion"])?;
-    let name = metadata.required("name")?.name()?;
-    let namespace = match metadata.get("namespace") {
-        Some(f) => f.name()?,
-        None => DEFAULT_NAMESPACE.to_owned(),
+    let name_field = metadata.required("name")?;
+    let name = if kind == Kind::Node {
+        node_name(&name_field)?
+    } else {
+        name_field.name()?
+    };
+    let namespace = match (metadata.get("namespace"), kind.is_cluster_scoped()) {
+        (None, true) => String::new(),
+        (Some(f), true) => {
+            let found = f.str()?.to_owned();
+            return f.reject(Problem::ClusterScoped { kind, found });
+        }
+        (Some(f), false) => f.name()?,
+        (None, false) => DEFAULT_NAMESPACE.to_owned(),
     };
 
     let named = DocumentRef {
@@ -705,6 +767,37 @@ fn parse_document(index: usize, value: &Value) -> Result<Resource, Error> {
     Ok(match kind {
         Kind::Workload => Resource::Workload(parse_workload(&spec, name, namespace, labels)?),
         Kind::Service => Resource::Service(parse_service(&spec, name, namespace, labels)?),
+        Kind::Node => Resource::Node(parse_node(&spec, name, labels)?),
+    })
+}
+
+/// Node names follow Kubernetes: a DNS subdomain.
+fn node_name(field: &Field<'_>) -> Result<String, Error> {
+    let node = field.str()?;
+    if is_dns_subdomain(node) {
+        Ok(node.to_owned())
+    } else {
+        field.reject(Problem::InvalidNodeName(node.to_owned()))
+    }
+}
+
+fn parse_node(
+    spec: &Field<'_>,
+    name: String,
+    labels: BTreeMap<String, String>,
+) -> Result<Node, Error> {
+    let spec = spec.object(&["address", "tunnelPort"])?;
+    let address = spec.required("address")?.ipv4()?;
+    let tunnel_port = spec
+        .get("tunnelPort")
+        .map(|f| f.port())
+        .transpose()?
+        .unwrap_or(DEFAULT_TUNNEL_PORT);
+    Ok(Node {
+        name,
+        labels,
+        address,
+        tunnel_port,
     })
 }
 
@@ -716,14 +809,18 @@ fn parse_workload(
 ) -> Result<Workload, Error> {
     let spec = spec.object(&["serviceAccount", "node", "ip", "ports", "ready"])?;
     let service_account = match spec.get("serviceAccount") {
-        Some(f) => f.name()?,
+        Some(f) => {
+            let sa = f.name()?;
+            if namespace == SYSTEM_NAMESPACE
+                && (sa.starts_with(NODE_SERVICE_ACCOUNT_PREFIX) || sa == CONTROL_SERVICE_ACCOUNT)
+            {
+                return f.reject(Problem::ReservedServiceAccount(sa));
+            }
+            sa
+        }
         None => DEFAULT_SERVICE_ACCOUNT.to_owned(),
     };
-    let node_field = spec.required("node")?;
-    let node = node_field.str()?;
-    if !is_dns_subdomain(node) {
-        return node_field.reject(Problem::InvalidNodeName(node.to_owned()));
-    }
+    let node = node_name(&spec.required("node")?)?;
     let ip = spec.required("ip")?.ipv4()?;
     let mut ports: Vec<WorkloadPort> = Vec::new();
     let mut seen: HashMap<(u16, Protocol), String> = HashMap::new();
@@ -765,7 +862,7 @@ fn parse_workload(
         namespace,
         labels,
         service_account,
-        node: node.to_owned(),
+        node,
         ip,
         ports,
         ready,
@@ -1008,7 +1105,7 @@ spec:
         let e = rejected(&with(SERVICE, "kind: Service", "kind: Gateway"));
         assert_eq!(
             e,
-            "document 1: kind: unknown kind \"Gateway\" (expected \"Workload\" or \"Service\")"
+            "document 1: kind: unknown kind \"Gateway\" (expected \"Workload\", \"Service\" or \"Node\")"
         );
         let e = rejected(&with(SERVICE, "mesh.dev/v1alpha1", "v1"));
         assert!(
@@ -1211,6 +1308,101 @@ spec:
             e.to_string(),
             "Workload/default/echo-2: spec.ip: 198.18.1.10 is already owned by Workload/default/echo-1"
         );
+    }
+
+    const NODE: &str = "
+apiVersion: mesh.dev/v1alpha1
+kind: Node
+metadata: {name: node-1.zone-a}
+spec:
+  address: 198.18.0.11
+";
+
+    #[test]
+    fn parses_a_cluster_scoped_node_with_the_default_tunnel_port() {
+        let r = parse_documents(NODE).expect("valid");
+        let Resource::Node(n) = &r[0] else {
+            panic!("not a node: {r:?}")
+        };
+        assert_eq!(n.address, Ipv4Addr::new(198, 18, 0, 11));
+        assert_eq!(n.tunnel_port, DEFAULT_TUNNEL_PORT);
+        assert_eq!(r[0].id().to_string(), "Node//node-1.zone-a");
+        let doc = r[0].to_document(3);
+        assert!(doc["metadata"].get("namespace").is_none(), "{doc}");
+        let again = serde_yaml::to_string(&doc).expect("yaml");
+        assert_eq!(parse_documents(&again).expect("round trip")[0], r[0]);
+        let custom = with(
+            NODE,
+            "  address: 198.18.0.11\n",
+            "  address: 198.18.0.11\n  tunnelPort: 16008\n",
+        );
+        let Resource::Node(n) = parse_documents(&custom).expect("valid").remove(0) else {
+            unreachable!()
+        };
+        assert_eq!(n.tunnel_port, 16008);
+    }
+
+    #[test]
+    fn rejects_bad_nodes_naming_the_field_and_value() {
+        let e = rejected(&with(NODE, "198.18.0.11", "198.18.0.300"));
+        assert_eq!(
+            e,
+            "document 1 (Node//node-1.zone-a): spec.address: \"198.18.0.300\" is not an IPv4 address"
+        );
+        let e = rejected(&with(
+            NODE,
+            "  address: 198.18.0.11\n",
+            "  address: 198.18.0.11\n  tunnelPort: 0\n",
+        ));
+        assert!(
+            e.ends_with("spec.tunnelPort: port 0 is out of range (1-65535)"),
+            "{e}"
+        );
+        let e = rejected(&with(
+            NODE,
+            "  address: 198.18.0.11\n",
+            "  tunnelPort: 15008\n",
+        ));
+        assert!(
+            e.ends_with("spec.address: required field is missing"),
+            "{e}"
+        );
+        let e = rejected(&with(
+            NODE,
+            "{name: node-1.zone-a}",
+            "{name: n1, namespace: default}",
+        ));
+        assert_eq!(
+            e,
+            "document 1: metadata.namespace: Node is cluster-scoped: it has no namespace (found \"default\")"
+        );
+        let e = rejected(&with(NODE, "node-1.zone-a", "Node_1"));
+        assert!(
+            e.contains("metadata.name: \"Node_1\" is not a valid node name"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn workloads_may_not_take_a_node_agents_identity() {
+        let reserved = with(
+            WORKLOAD,
+            "  node: n1\n",
+            "  node: n1\n  serviceAccount: node-n2\n",
+        )
+        .replace("labels: {app: echo}", "namespace: mesh-system");
+        let e = rejected(&reserved);
+        assert!(
+            e.ends_with("spec.serviceAccount: service account \"node-n2\" in namespace mesh-system is reserved for node agents and the control server"),
+            "{e}"
+        );
+        // The same account elsewhere is an ordinary one.
+        parse_documents(&with(
+            WORKLOAD,
+            "  node: n1\n",
+            "  node: n1\n  serviceAccount: node-n2\n",
+        ))
+        .expect("valid outside mesh-system");
     }
 
     #[test]

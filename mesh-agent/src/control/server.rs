@@ -1,8 +1,9 @@
 //! The `Distribution` service: one delta stream per node agent, and the
 //! registry of agents' sync state that `meshctl agents` shows.
 //!
-//! A stream is authenticated by the bearer token of the node its first
-//! request names. After each response the stream waits for the agent's
+//! A stream is authenticated by the node certificate the agent presented on
+//! its TLS connection, or by the bearer token of a node; the node its first
+//! request names must be that one. After each response the stream waits for the agent's
 //! ACK or NACK (by nonce) before it sends the next; changes made meanwhile
 //! are coalesced into that next response.
 use std::{
@@ -31,7 +32,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{
     ControlPlane, MAX_REQUEST_BYTES,
-    auth::{self, Tokens},
+    auth::{self, Tokens, Via},
     distribution::{Delta, Subscription},
     lock,
 };
@@ -246,10 +247,15 @@ impl DistributionService {
         &self,
         request: Request<Streaming<DeltaRequest>>,
     ) -> Result<Response<ReceiverStream<Result<EncodedResponse, Status>>>, Status> {
-        let peer = request.remote_addr();
-        let token = auth::bearer(request.metadata()).map(str::to_owned);
-        let Some(token) = token.filter(|t| self.tokens.is_known(t)) else {
-            return Err(self.refuse(peer, "", "missing or unknown bearer token".into()));
+        let peer = request
+            .extensions()
+            .get::<super::tls::PeerInfo>()
+            .and_then(|p| p.remote)
+            .or_else(|| request.remote_addr());
+        let trust_domain = self.plane.authority().map(|a| a.trust_domain());
+        let caller = match auth::caller(&request, &self.tokens, trust_domain) {
+            Ok(caller) => caller,
+            Err(why) => return Err(self.refuse(peer, "", why)),
         };
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.message()).await {
@@ -266,9 +272,21 @@ impl DistributionService {
                 "the first DeltaRequest must name the node",
             ));
         }
-        if !self.tokens.verify(&first.node, &token) {
-            let why = format!("token is not valid for node {:?}", first.node);
-            return Err(self.refuse(peer, &first.node, why));
+        if first.node != caller.node {
+            return Err(match caller.via {
+                Via::Token => {
+                    let why = format!("token is not valid for node {:?}", first.node);
+                    self.refuse(peer, &first.node, why)
+                }
+                Via::Certificate => {
+                    let why = format!(
+                        "the node certificate is node {:?}'s; it may not subscribe as node {:?}",
+                        caller.node, first.node
+                    );
+                    self.refuse(peer, &first.node, why.clone());
+                    Status::permission_denied(why)
+                }
+            });
         }
         let held = first.initial_resource_versions.len();
         let subscription = Subscription::new(
@@ -277,7 +295,7 @@ impl DistributionService {
             &self.plane.view(),
         );
         let (outbound, responses) = mpsc::channel(1);
-        let span = info_span!("agent", node = %first.node, peer = ?peer);
+        let span = info_span!("agent", node = %first.node, peer = ?peer, via = %caller.via);
         let stream = AgentStream {
             plane: self.plane.clone(),
             subscription,

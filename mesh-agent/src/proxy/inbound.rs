@@ -22,6 +22,9 @@ use crate::{
     telemetry::Metrics,
 };
 
+/// Concurrent CONNECT streams one tunnel connection may carry.
+pub const MAX_STREAMS: u32 = 16384;
+
 /// Decides whether a CONNECT target is a workload of this node.
 pub type LocalCheck = Arc<dyn Fn(SocketAddrV4) -> bool + Send + Sync>;
 
@@ -95,6 +98,9 @@ impl Inbound {
             .timer(TokioTimer::new())
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(8 << 20)
+            // Every pooled connection carries all of its pair's connections;
+            // a low limit would queue (or deadlock) idle-but-open ones.
+            .max_concurrent_streams(MAX_STREAMS)
             .serve_connection(TokioIo::new(tls), svc)
             .await
         {
@@ -123,20 +129,19 @@ impl Inbound {
             warn!(%source, %target, "CONNECT to an address that is not a workload of this node");
             return status(StatusCode::FORBIDDEN);
         }
-        let upstream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target))
-            .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                self.metrics.inbound_stream("connect_failed");
-                debug!(%target, error = %e, "workload connect failed");
-                return status(StatusCode::BAD_GATEWAY);
-            }
-            Err(_) => {
-                self.metrics.inbound_stream("connect_failed");
-                return status(StatusCode::GATEWAY_TIMEOUT);
-            }
-        };
+        let upstream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    self.metrics.inbound_stream("connect_failed");
+                    debug!(%target, error = %e, "workload connect failed");
+                    return status(StatusCode::BAD_GATEWAY);
+                }
+                Err(_) => {
+                    self.metrics.inbound_stream("connect_failed");
+                    return status(StatusCode::GATEWAY_TIMEOUT);
+                }
+            };
         let _ = upstream.set_nodelay(true);
         let metrics = self.metrics.clone();
         tokio::spawn(async move {

@@ -12,7 +12,12 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::{
     discovery::Config,
+    identity::SpiffeId,
     lb::Lookup,
+    proxy::{
+        Locked,
+        tunnel::{self, PoolKey, TunnelClient},
+    },
     redirect::{Recorded, Redirect},
     telemetry::{ConnectionTable, Metrics, result},
     workload::Workloads,
@@ -33,6 +38,16 @@ pub enum Error {
     NoReadyEndpoint { service: String },
     #[error("{0} is a Service VIP, but no Service owns that port")]
     UnknownServicePort(SocketAddrV4),
+    #[error("source pod {0:?} has no Workload on this node, so no identity to tunnel with")]
+    NoSourceIdentity(Option<String>),
+    #[error("destination {dst} is on node {node}, whose tunnel address is unknown")]
+    UnknownNode { dst: SocketAddrV4, node: String },
+    #[error("destination {0} needs mutual TLS, but this agent has no certificates")]
+    NoTunnel(SocketAddrV4),
+    #[error("identity: {0}")]
+    Identity(#[from] crate::identity::SpiffeIdError),
+    #[error(transparent)]
+    Tunnel(#[from] tunnel::Error),
 }
 
 pub struct Outbound {
@@ -43,6 +58,10 @@ pub struct Outbound {
     pub connect_timeout: Duration,
     /// Distributed configuration; each connection reads the newest.
     pub config: tokio::sync::watch::Receiver<Arc<Config>>,
+    /// This node's name: destinations on other nodes go through the tunnel.
+    pub node: String,
+    /// The tunnel to other nodes' agents; `None` without certificates.
+    pub tunnel: Option<Arc<TunnelClient>>,
 }
 
 impl Outbound {
@@ -93,7 +112,17 @@ impl Outbound {
             }
         };
         tracked.set_upstream(target.service, SocketAddr::V4(target.addr));
-        let upstream = match self.connect(target.addr).await {
+        let route = match self.route(src_pod.as_deref(), target.addr) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.connection(result::NO_ROUTE);
+                debug!(error = %e, "no route");
+                tracked.error = Some(e.to_string());
+                refuse(socket);
+                return;
+            }
+        };
+        let upstream = match self.open(route, target.addr).await {
             Ok(s) => s,
             Err(e) => {
                 self.metrics.connection(result::CONNECT_FAILED);
@@ -104,14 +133,17 @@ impl Outbound {
             }
         };
         self.metrics.outbound_active.inc();
-        let (mut client, mut upstream) = (socket, upstream);
-        let outcome = crate::proxy::copy_bidirectional(
-            &mut client,
-            &mut upstream,
-            &tracked.live.sent,
-            &tracked.live.received,
-        )
-        .await;
+        let (sent, received) = (&tracked.live.sent, &tracked.live.received);
+        let mut client = socket;
+        let outcome = match upstream {
+            Upstream::Direct(mut s) => {
+                crate::proxy::copy_bidirectional(&mut client, &mut s, sent, received).await
+            }
+            Upstream::Tunnel(s) => {
+                let mut s = Locked(s);
+                crate::proxy::copy_bidirectional(&mut client, &mut s, sent, received).await
+            }
+        };
         self.metrics.outbound_active.dec();
         let (sent, received) = (
             tracked.live.sent.load(std::sync::atomic::Ordering::Relaxed),
@@ -136,6 +168,45 @@ impl Outbound {
                 self.metrics.connection(result::ERROR);
                 debug!(error = %e, sent, received, "connection ended with error");
                 tracked.error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// How to reach `dst`: straight, when it is on this node or outside the
+    /// mesh; through the tunnel to its node's agent otherwise, as the source
+    /// pod's identity and expecting the destination workload's.
+    fn route(&self, src_pod: Option<&str>, dst: SocketAddrV4) -> Result<Route, Error> {
+        let config = self.config.borrow().clone();
+        let Some(dst_wl) = config.workload_by_ip(*dst.ip()) else {
+            return Ok(Route::Direct);
+        };
+        if dst_wl.node == self.node {
+            return Ok(Route::Direct);
+        }
+        let tunnel = self.tunnel.as_ref().ok_or(Error::NoTunnel(dst))?;
+        let src_wl = src_pod
+            .and_then(|pod| config.workloads_on(&self.node).find(|w| w.name == pod))
+            .ok_or_else(|| Error::NoSourceIdentity(src_pod.map(str::to_owned)))?;
+        let peer = config
+            .node_tunnel(&dst_wl.node)
+            .ok_or_else(|| Error::UnknownNode {
+                dst,
+                node: dst_wl.node.clone(),
+            })?;
+        let td = &tunnel.trust_domain();
+        Ok(Route::Tunnel(PoolKey {
+            src: SpiffeId::new(td, &src_wl.namespace, &src_wl.service_account)?,
+            peer,
+            dst: SpiffeId::new(td, &dst_wl.namespace, &dst_wl.service_account)?,
+        }))
+    }
+
+    async fn open(&self, route: Route, dst: SocketAddrV4) -> Result<Upstream, Error> {
+        match route {
+            Route::Direct => self.connect(dst).await.map(Upstream::Direct),
+            Route::Tunnel(key) => {
+                let tunnel = self.tunnel.as_ref().ok_or(Error::NoTunnel(dst))?;
+                Ok(Upstream::Tunnel(tunnel.connect(&key, dst).await?))
             }
         }
     }
@@ -193,6 +264,16 @@ impl Outbound {
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
+}
+
+enum Route {
+    Direct,
+    Tunnel(PoolKey),
+}
+
+enum Upstream {
+    Direct(TcpStream),
+    Tunnel(tunnel::Stream),
 }
 
 struct Target {

@@ -13,22 +13,14 @@ use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::{net::TcpStream, sync::watch};
+use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+pub use crate::identity::manager::TlsMaterial as Credentials;
 use crate::{
-    identity::{self, CertStore, SpiffeId},
+    identity::{self, SpiffeId},
     telemetry::Metrics,
 };
-
-/// What the tunnel needs from the identity machinery.
-#[derive(Clone)]
-pub struct Credentials {
-    pub store: CertStore,
-    /// The mesh's trust bundle (PEM), once distributed.
-    pub bundle: watch::Receiver<Option<Arc<str>>>,
-    pub trust_domain: String,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -91,6 +83,10 @@ impl TunnelClient {
         }
     }
 
+    pub fn trust_domain(&self) -> &str {
+        &self.creds.trust_domain
+    }
+
     /// Opens a stream to `target` through the peer agent named in `key`,
     /// reusing the pooled connection when there is one.
     pub async fn connect(&self, key: &PoolKey, target: SocketAddrV4) -> Result<Stream, Error> {
@@ -151,7 +147,12 @@ impl TunnelClient {
     }
 
     async fn handshake(&self, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, Error> {
-        let bundle = self.creds.bundle.borrow().clone().ok_or(Error::NoTrustBundle)?;
+        let bundle = self
+            .creds
+            .bundle
+            .borrow()
+            .clone()
+            .ok_or(Error::NoTrustBundle)?;
         let config =
             identity::client_config(&self.creds.store, &key.src, &bundle, key.dst.clone())?;
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(key.peer))

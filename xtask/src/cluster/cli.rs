@@ -94,6 +94,9 @@ pub struct UpArgs {
     /// original destinations.
     #[arg(long)]
     pub no_control: bool,
+    /// Lifetime of the certificates the control server issues (e.g. 2m, 24h).
+    #[arg(long, conflicts_with = "no_control")]
+    pub cert_ttl: Option<String>,
     /// Build the agent, control server and meshctl first (`cargo build --release -p mesh-agent`).
     #[arg(long)]
     pub release: bool,
@@ -149,6 +152,7 @@ fn up(args: UpArgs) -> Result<ExitCode> {
             Some(args.control_bin.unwrap_or_else(super::default_control_bin))
         },
         meshctl_bin: args.meshctl_bin.unwrap_or_else(super::default_meshctl_bin),
+        cert_ttl: args.cert_ttl,
     };
     match sweep(false) {
         Ok(removed) => report_sweep(removed),

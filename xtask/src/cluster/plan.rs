@@ -102,9 +102,16 @@ pub struct ControlInfo {
 }
 
 impl ControlInfo {
-    /// `http://198.18.0.2:15012`, what agents get as `--control-addr`.
+    /// `https://198.18.0.2:15012`, what agents get as `--control-addr`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.listen)
+        format!("https://{}", self.listen)
+    }
+
+    /// `<state>/control-store/ca/ca.crt`: the root mesh-control generates at
+    /// first start, which agents get as `--ca-bundle` (as an operator would
+    /// hand it out with the bootstrap token).
+    pub fn ca_bundle(&self) -> PathBuf {
+        self.store_dir.join("ca").join("ca.crt")
     }
 
     /// `unix://<state>/control.sock`, what `meshctl --control` takes.
@@ -323,6 +330,19 @@ pub fn workload_yaml(pod: &PodInfo, extra_labels: &[(&str, &str)]) -> String {
     )
 }
 
+/// The node's `Node` document: its fabric address, where its agent's tunnel
+/// listens (port 15008, the default).
+pub fn node_yaml(node: &NodeInfo) -> String {
+    format!(
+        "apiVersion: mesh.dev/v1alpha1\n\
+         kind: Node\n\
+         metadata:\n  name: {name}\n\
+         spec:\n  address: {ip}\n",
+        name = quote(&node.name),
+        ip = quote(&node.ip.to_string()),
+    )
+}
+
 /// Documents joined into one multi-document YAML stream.
 pub fn yaml_stream<S: AsRef<str>>(docs: &[S]) -> String {
     docs.iter()
@@ -475,7 +495,11 @@ mod tests {
         );
 
         let c = control("mc3fa2b1", &roots);
-        assert_eq!(c.url(), "http://198.18.0.2:15012");
+        assert_eq!(c.url(), "https://198.18.0.2:15012");
+        assert_eq!(
+            c.ca_bundle(),
+            Path::new("/run/mesh-cluster/mc3fa2b1/control-store/ca/ca.crt")
+        );
         assert_eq!(c.metrics.to_string(), "198.18.0.2:15014");
         assert_eq!(
             c.cgroup,

@@ -44,6 +44,9 @@ pub struct ControlState {
     /// `meshctl`
     pub meshctl_bin: PathBuf,
     pub pid: Option<u32>,
+    /// `mesh-control --cert-ttl`; `None`: its default (24h).
+    #[serde(default)]
+    pub cert_ttl: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +152,7 @@ mod tests {
                 bin: "/bin/mesh-control".into(),
                 meshctl_bin: "/bin/meshctl".into(),
                 pid: Some(43),
+                cert_ttl: Some("2m".into()),
             }),
         };
         state.write(&dir).unwrap();
