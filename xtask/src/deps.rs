@@ -12,7 +12,9 @@ pub const BUILD_PACKAGES: &[&str] = &[
     "zlib1g-dev",
 ];
 /// Debian packages the cluster, tests and benchmarks use.
-pub const RUN_PACKAGES: &[&str] = &["iproute2", "bpftool", "curl", "nginx", "haproxy", "wrk"];
+pub const RUN_PACKAGES: &[&str] = &[
+    "iproute2", "bpftool", "curl", "tcpdump", "nginx", "haproxy", "wrk",
+];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
