@@ -194,6 +194,20 @@ impl Aim {
     }
 }
 
+/// Cross-node through the agents: the plaintext agent path (no control
+/// plane, so no tunnel) against the mutual-TLS tunnel between agents.
+#[derive(Debug, Serialize)]
+struct Tunnel {
+    plaintext: Latency,
+    mtls: Latency,
+    added_p50_us: f64,
+    added_p99_us: f64,
+    /// mTLS p50 over plaintext p50.
+    mtls_over_plaintext: f64,
+    plaintext_gbit_per_s: f64,
+    mtls_gbit_per_s: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     quick: bool,
@@ -201,6 +215,7 @@ struct Report {
     latency: Vec<Comparison<Latency>>,
     throughput: Vec<Comparison<Throughput>>,
     http: Vec<HttpRow>,
+    tunnel: Tunnel,
     aims: Vec<Aim>,
 }
 
@@ -213,26 +228,74 @@ pub(super) fn run(args: &L4Args) -> Result<()> {
     }
     build()?;
     let sizes = if args.quick { QUICK } else { FULL };
-    let cluster = Cluster::up(&ClusterSpec {
-        nodes: 2,
-        pods_per_node: 3,
-        enroll_all: false,
-        ..ClusterSpec::default()
-    })?;
-    cluster.enroll(AGENT_CLIENT)?;
-    eprintln!("xtask: cluster {} is up; measuring", cluster.prefix());
+    let testapp = cluster::target_dir().join("release/mesh-testapp");
+    // Plaintext agents (no control plane, so no tunnel): the L4 figures.
+    let cluster = bench_cluster(false)?;
     let bench = Bench {
         cluster: &cluster,
-        testapp: cluster::target_dir().join("release/mesh-testapp"),
+        testapp: testapp.clone(),
         sizes,
     };
-    let report = bench.run(args.quick)?;
+    let (latency, throughput, http) = bench.run()?;
+    cluster.down()?;
+    // The same cross-node path with the control plane: agents tunnel over mTLS.
+    let cluster = bench_cluster(true)?;
+    let bench = Bench {
+        cluster: &cluster,
+        testapp,
+        sizes,
+    };
+    let plaintext = latency
+        .iter()
+        .find(|row| matches!(row.path, Placement::CrossNode))
+        .context("cross-node latency row")?;
+    let plaintext_bulk = throughput
+        .iter()
+        .find(|row| matches!(row.path, Placement::CrossNode))
+        .context("cross-node throughput row")?;
+    let tunnel = bench.tunnel(&plaintext.agent, &plaintext_bulk.agent)?;
+    cluster.down()?;
+    let aims = aims(&latency, &throughput, &http, &tunnel);
+    let report = Report {
+        quick: args.quick,
+        sizes,
+        latency,
+        throughput,
+        http,
+        tunnel,
+        aims,
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);
     }
-    cluster.down()
+    Ok(())
+}
+
+/// Two nodes of three pods; only the agent client is enrolled.
+fn bench_cluster(control_plane: bool) -> Result<Cluster> {
+    let mut spec = ClusterSpec {
+        nodes: 2,
+        pods_per_node: 3,
+        enroll_all: false,
+        ..ClusterSpec::default()
+    };
+    if !control_plane {
+        spec.control_bin = None;
+    }
+    let cluster = Cluster::up(&spec)?;
+    cluster.enroll(AGENT_CLIENT)?;
+    eprintln!(
+        "xtask: cluster {} is up ({}); measuring",
+        cluster.prefix(),
+        if spec.control_bin.is_some() {
+            "control plane, mTLS tunnel"
+        } else {
+            "plaintext agents"
+        }
+    );
+    Ok(cluster)
 }
 
 /// What `cargo xtask demo` builds: the eBPF object, the agent and the testapp.
@@ -261,7 +324,14 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    fn run(&self, quick: bool) -> Result<Report> {
+    #[allow(clippy::type_complexity)]
+    fn run(
+        &self,
+    ) -> Result<(
+        Vec<Comparison<Latency>>,
+        Vec<Comparison<Throughput>>,
+        Vec<HttpRow>,
+    )> {
         let _servers = [SAME_NODE_SERVER, CROSS_NODE_SERVER]
             .map(|pod| self.serve_testapp(pod))
             .into_iter()
@@ -275,14 +345,54 @@ impl Bench<'_> {
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
         let http = self.http()?;
-        let aims = aims(&latency, &throughput, &http);
-        Ok(Report {
-            quick,
-            sizes: self.sizes,
-            latency,
-            throughput,
-            http,
-            aims,
+        Ok((latency, throughput, http))
+    }
+
+    /// Cross-node latency and throughput through the mTLS tunnel, against
+    /// the plaintext agent path measured on the other cluster.
+    fn tunnel(&self, plaintext: &Latency, plaintext_bulk: &Throughput) -> Result<Tunnel> {
+        let _server = self.serve_testapp(CROSS_NODE_SERVER)?;
+        let server = self.cluster.pod(CROSS_NODE_SERVER).ip;
+        let (echo, sink) = (
+            format!("{server}:{ECHO_PORT}"),
+            format!("{server}:{SINK_PORT}"),
+        );
+        let count = self.sizes.pingpong_count.to_string();
+        let warmup = self.sizes.pingpong_warmup.to_string();
+        let bytes = self.sizes.bulk_bytes.to_string();
+        // The first connection waits for certificates and the handshake.
+        self.testapp_client::<serde_json::Value>(
+            Route::Agent,
+            &["tcp", "--addr", &echo, "--bytes", "16"],
+        )?;
+        let mtls: Latency = self.testapp_client(
+            Route::Agent,
+            &[
+                "pingpong", "--addr", &echo, "--count", &count, "--warmup", &warmup,
+            ],
+        )?;
+        let bulk = (0..BULK_RUNS)
+            .map(|_| {
+                self.testapp_client::<Throughput>(
+                    Route::Agent,
+                    &["bulk", "--addr", &sink, "--bytes", &bytes],
+                )
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .map(|t| t.gbit_per_s)
+            .fold(0.0, f64::max);
+        Ok(Tunnel {
+            added_p50_us: mtls.p50_us - plaintext.p50_us,
+            added_p99_us: mtls.p99_us - plaintext.p99_us,
+            mtls_over_plaintext: mtls.p50_us / plaintext.p50_us,
+            plaintext: Latency {
+                p50_us: plaintext.p50_us,
+                p99_us: plaintext.p99_us,
+            },
+            mtls,
+            plaintext_gbit_per_s: plaintext_bulk.gbit_per_s,
+            mtls_gbit_per_s: bulk,
         })
     }
 
@@ -632,6 +742,7 @@ fn aims(
     latency: &[Comparison<Latency>],
     throughput: &[Comparison<Throughput>],
     http: &[HttpRow],
+    tunnel: &Tunnel,
 ) -> Vec<Aim> {
     let mut aims = Vec::new();
     for row in latency {
@@ -657,6 +768,11 @@ fn aims(
         "HTTP req/s via agent >= 1.0x via haproxy".to_string(),
         rate(Route::Agent) / rate(Route::Haproxy),
         1.0,
+    ));
+    aims.push(Aim::at_most(
+        "cross-node p50 latency, mTLS tunnel <= 1.25x plaintext agent path".to_string(),
+        tunnel.mtls_over_plaintext,
+        1.25,
     ));
     aims
 }
@@ -729,6 +845,25 @@ fn print_report(report: &Report) {
             row.errors
         );
     }
+    let t = &report.tunnel;
+    println!("\nCross-node through the agents: plaintext vs mutual-TLS tunnel");
+    println!(
+        "  {:<11} {:>10} {:>10} {:>12}",
+        "path", "p50 us", "p99 us", "Gbit/s"
+    );
+    for (name, lat, gbps) in [
+        ("plaintext", &t.plaintext, t.plaintext_gbit_per_s),
+        ("mTLS", &t.mtls, t.mtls_gbit_per_s),
+    ] {
+        println!(
+            "  {name:<11} {:>10.1} {:>10.1} {gbps:>12.2}",
+            lat.p50_us, lat.p99_us
+        );
+    }
+    println!(
+        "  mTLS adds {:.1} us at p50, {:.1} us at p99 ({:.2}x p50)",
+        t.added_p50_us, t.added_p99_us, t.mtls_over_plaintext
+    );
     println!("\nAims");
     for aim in &report.aims {
         let verdict = if aim.met { "met" } else { "MISSED" };
