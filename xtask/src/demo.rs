@@ -69,10 +69,32 @@ pub fn run() -> anyhow::Result<()> {
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
 
+    // Two Services through the control plane: pods call them by VIP.
+    let services = ["node2-pod1", "node1-pod2"]
+        .iter()
+        .enumerate()
+        .map(|(i, pod)| {
+            format!(
+                "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: echo-{}, namespace: default}}\nspec:\n  vips: [198.18.100.{}]\n  ports: [{{name: tcp, port: 80, targetPort: 7000}}]\n  selector: {{app: {pod}}}\n",
+                i + 1,
+                i + 1
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n");
+    println!(
+        "\n== meshctl apply: Services echo-1 (198.18.100.1:80 -> node2-pod1) and echo-2 (198.18.100.2:80 -> node1-pod2)"
+    );
+    print!("{}", cluster.apply(&services)?);
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let cross = format!("{}:7000", cluster.pod("node2-pod1").ip);
     let same = format!("{}:7000", cluster.pod("node1-pod2").ip);
     let http = format!("http://{}:8080/", cluster.pod("node2-pod1").ip);
-    let calls: [(&str, Vec<&str>); 3] = [
+    let calls: [(&str, Vec<&str>); 4] = [
+        (
+            "Service echo-1 by VIP (cross-node, mTLS tunnel)",
+            vec!["tcp", "--addr", "198.18.100.1:80", "--bytes", "100000"],
+        ),
         (
             "cross-node TCP, 10 MB each way",
             vec!["tcp", "--addr", &cross, "--bytes", "10000000"],
@@ -108,6 +130,9 @@ pub fn run() -> anyhow::Result<()> {
             .output()?;
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
+    println!("\n== meshctl agents (the control server's view of every agent)");
+    let out = cluster.meshctl(&["agents"])?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
     println!(
         "\n== look around
    cargo xtask cluster status
