@@ -495,6 +495,7 @@ fn workload_resource(key: &str, w: &Workload) -> api::Resource {
                 })
                 .collect(),
             ready: w.ready,
+            mtls_mode: String::new(),
         })),
     }
 }
