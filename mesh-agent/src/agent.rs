@@ -135,9 +135,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 args.ca_bundle.clone(),
             )?);
             let kernel = redirect.clone();
+            let node = args.node.clone();
             let install: discovery::Install = Box::new(move |cfg| {
                 kernel
                     .sync_services(&cfg.services.addresses())
+                    .and_then(|()| kernel.sync_strict(&cfg.strict_ips(&node)))
                     .map_err(|e| e.to_string())
             });
             let (d, rx, sync) = Discovery::new(

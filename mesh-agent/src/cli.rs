@@ -106,7 +106,7 @@ pub enum Command {
     },
     /// Show resources, as a table or as documents.
     Get {
-        /// workload (wl), service (svc) or node (no).
+        /// workload (wl), service (svc), node (no) or mtlspolicy.
         kind: String,
         /// One resource; all of the kind when omitted.
         name: Option<String>,
@@ -121,7 +121,7 @@ pub enum Command {
     },
     /// Delete a resource.
     Delete {
-        /// workload (wl), service (svc) or node (no).
+        /// workload (wl), service (svc), node (no) or mtlspolicy.
         kind: String,
         name: String,
         #[arg(short = 'n', long, default_value = DEFAULT_NAMESPACE)]
@@ -321,7 +321,9 @@ async fn control(args: &Args) -> anyhow::Result<String> {
                 bail!("a resource can't be retrieved by name across all namespaces");
             }
             let kind = Kind::from_loose(kind).with_context(|| {
-                format!("unknown kind {kind:?} (expected workload, wl, service, svc, node or no)")
+                format!(
+                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no or mtlspolicy)"
+                )
             })?;
             let response = client
                 .get(GetRequest {
@@ -361,7 +363,9 @@ async fn control(args: &Args) -> anyhow::Result<String> {
             namespace,
         } => {
             let kind = Kind::from_loose(kind).with_context(|| {
-                format!("unknown kind {kind:?} (expected workload, wl, service, svc, node or no)")
+                format!(
+                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no or mtlspolicy)"
+                )
             })?;
             client
                 .delete(DeleteRequest {
@@ -598,6 +602,13 @@ fn render_documents(
                                 text(&d["spec"]["tunnelPort"]),
                             ]
                         })
+                        .collect(),
+                ),
+                Kind::MtlsPolicy => (
+                    &["NAME", "MODE"],
+                    documents
+                        .iter()
+                        .map(|d| vec![text(&d["metadata"]["name"]), text(&d["spec"]["mode"])])
                         .collect(),
                 ),
             };

@@ -3,7 +3,7 @@
 //! rejects it, keeps the last good configuration on disk, and publishes it to
 //! the data path through a `watch` channel.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -107,6 +107,15 @@ impl Config {
         })
     }
 
+    /// IPs of `node`'s Workloads whose effective mode is STRICT: the kernel
+    /// lets only the agent open connections into them.
+    pub fn strict_ips(&self, node: &str) -> BTreeSet<Ipv4Addr> {
+        self.workloads_on(node)
+            .filter(|w| MtlsMode::of(w) == MtlsMode::Strict)
+            .filter_map(|w| w.ip.parse().ok())
+            .collect()
+    }
+
     /// The Workloads `node` runs.
     pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a api::Workload> {
         self.workloads().filter(move |w| w.node == node)
@@ -134,6 +143,28 @@ impl Config {
         {
             Some(Body::TrustBundle(b)) => Some(&b.pem),
             _ => None,
+        }
+    }
+}
+
+/// A workload's mutual-TLS mode, as the control server resolved it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MtlsMode {
+    /// Only mTLS into the workload (its agent carries everything else in).
+    Strict,
+    /// mTLS or plaintext.
+    Permissive,
+    /// Plaintext: callers connect straight to it, no tunnel.
+    Disable,
+}
+
+impl MtlsMode {
+    /// Unset (an older control server) means the mesh's default, STRICT.
+    pub fn of(w: &api::Workload) -> Self {
+        match w.mtls_mode.as_str() {
+            "PERMISSIVE" => Self::Permissive,
+            "DISABLE" => Self::Disable,
+            _ => Self::Strict,
         }
     }
 }

@@ -898,3 +898,112 @@ async fn nodes_are_cluster_scoped_and_reach_every_agent() {
     let removal = n2.recv_and_ack().await;
     assert_eq!(removal.removed_resources, ["Node//n1"]);
 }
+
+#[tokio::test]
+async fn mtls_modes_reach_agents_as_each_workloads_effective_mode() {
+    let dir = TempDir::new("mtls-modes");
+    let server = Server::start(&dir.0);
+    let in_shop = |w: String| w.replace("metadata: {", "metadata: {namespace: shop, ");
+    let policy = |name: &str, mode: &str| {
+        format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: MtlsPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{mode: {mode}}}\n"
+        )
+    };
+    server
+        .apply(
+            &[
+                workload("echo-1", "n1", "198.18.1.10", "echo"),
+                in_shop(workload("cart", "n1", "198.18.1.20", "cart")),
+                in_shop(workload("legacy", "n2", "198.18.2.20", "legacy"))
+                    .replace("node: n2,", "node: n2, mtlsMode: disable,"),
+            ]
+            .join("---\n"),
+        )
+        .await
+        .expect("apply");
+    let mut n1 = server
+        .subscribe("n1", "token-1", HashMap::new())
+        .await
+        .expect("subscribe");
+    let modes = |r: &DeltaResponse| -> Vec<(String, String)> {
+        let mut modes: Vec<(String, String)> = r
+            .resources
+            .iter()
+            .filter_map(|r| match &r.body {
+                Some(Body::Workload(w)) => Some((r.key.clone(), w.mtls_mode.clone())),
+                _ => None,
+            })
+            .collect();
+        modes.sort_unstable();
+        modes
+    };
+    let pair = |k: &str, m: &str| (k.to_owned(), m.to_owned());
+    let first = n1.recv_and_ack().await;
+    assert_eq!(
+        modes(&first),
+        [
+            pair("Workload/default/echo-1", "STRICT"),
+            pair("Workload/shop/cart", "STRICT"),
+            pair("Workload/shop/legacy", "DISABLE"),
+        ]
+    );
+
+    // A namespace policy re-sends just the workloads it changes.
+    server
+        .apply(&policy("default", "Permissive"))
+        .await
+        .expect("apply policy");
+    let change = n1.recv_and_ack().await;
+    assert_eq!(modes(&change), [pair("Workload/shop/cart", "PERMISSIVE")]);
+    assert!(change.removed_resources.is_empty());
+    n1.expect_silence().await;
+
+    // One policy per namespace; the refusal names both.
+    let e = server
+        .apply(&policy("second", "STRICT"))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        e.message(),
+        "MtlsPolicy/shop/second: the namespace already has MtlsPolicy/shop/default; at most one MtlsPolicy per namespace"
+    );
+    let e = server
+        .apply(&policy("default", "optional"))
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        e.message(),
+        "document 1 (MtlsPolicy/shop/default): spec.mode: \"optional\" is not an mTLS mode (\"STRICT\", \"PERMISSIVE\" or \"DISABLE\")"
+    );
+
+    let meshctl = |args: &[&str]| {
+        let out = Command::new(MESHCTL)
+            .args(["--control", &format!("unix://{}", server.socket.display())])
+            .args(args)
+            .output()
+            .expect("meshctl");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = meshctl(&["get", "mtlspolicies", "-n", "shop"]);
+    assert!(table.contains("default   PERMISSIVE"), "{table}");
+    let yaml = meshctl(&["get", "mtlspolicy", "default", "-n", "shop", "-o", "yaml"]);
+    assert!(yaml.contains("mode: PERMISSIVE"), "{yaml}");
+    let yaml = meshctl(&["get", "wl", "legacy", "-n", "shop", "-o", "yaml"]);
+    assert!(yaml.contains("mtlsMode: DISABLE"), "{yaml}");
+
+    // Deleting it reverts to the mesh's default.
+    meshctl(&["delete", "mtlspolicy", "default", "-n", "shop"]);
+    let change = n1.recv_and_ack().await;
+    assert_eq!(modes(&change), [pair("Workload/shop/cart", "STRICT")]);
+    assert_eq!(
+        versions(&change)["Workload/shop/cart"],
+        versions(&first)["Workload/shop/cart"],
+        "the same content has the same version"
+    );
+}

@@ -149,7 +149,26 @@ fn enrolment_changes_apply_to_the_next_connection() {
     // Through the agents (and the tunnel), the server sees node2's agent.
     let agent_ip = cluster.gateway_ip("node2");
 
-    let mut expect = Vec::new();
+    // Unenrolled, node1-pod1 reaches node2-pod1 in plaintext, which a
+    // STRICT workload (the default) would refuse.
+    set_mtls_mode(&cluster, "node2-pod1", "PERMISSIVE");
+    wait_for(
+        "node2-pod1 to accept plaintext",
+        Duration::from_secs(10),
+        |last| {
+            cluster.unenroll("node1-pod1").ok();
+            let run = client(
+                &cluster,
+                "node1-pod1",
+                &["tcp", "--addr", &dst, "--timeout-secs", "1"],
+            );
+            *last = run.stderr.clone();
+            run.ok.then_some(())
+        },
+    );
+    server.wait_for_entries(1);
+    cluster.enroll("node1-pod1").expect("enroll again");
+    let mut expect = server.peers();
     for enrolled in [false, true, false] {
         if enrolled {
             cluster.enroll("node1-pod1").expect("enroll");

@@ -395,3 +395,60 @@ fn certificates_rotate_under_continuous_traffic_without_a_failure() {
     );
     assert!(calls > 20, "{calls} calls");
 }
+
+#[test]
+fn strict_permissive_and_disable_decide_who_may_connect_in_plaintext() {
+    let Some(cluster) = cluster() else { return };
+    let server = serve(&cluster, "node2-pod1");
+    let dst = addr(cluster.pod("node2-pod1").ip, ECHO_PORT);
+    // node1-pod1 outside the mesh (plaintext, straight to the pod);
+    // node1-pod2 inside it.
+    cluster.unenroll("node1-pod1").expect("unenroll");
+    let plaintext = |timeout: &str| {
+        client(
+            &cluster,
+            "node1-pod1",
+            &["tcp", "--addr", &dst, "--timeout-secs", timeout],
+        )
+    };
+
+    // STRICT (the default): only node2's agent may open connections into it.
+    let dropped_before = decision(&cluster, "node2", "strict_plaintext_dropped");
+    assert!(
+        !plaintext("2").ok,
+        "a STRICT workload must refuse plaintext"
+    );
+    assert!(decision(&cluster, "node2", "strict_plaintext_dropped") > dropped_before);
+    let report = client_ok(&cluster, "node1-pod2", &["tcp", "--addr", &dst]);
+    assert_eq!(
+        report["server"], "node2-pod1",
+        "mTLS through the agents still works"
+    );
+
+    // PERMISSIVE: plaintext too.
+    set_mtls_mode(&cluster, "node2-pod1", "PERMISSIVE");
+    wait_for("plaintext to be let in", Duration::from_secs(10), |last| {
+        let run = plaintext("1");
+        *last = run.stderr.clone();
+        run.ok.then_some(())
+    });
+    assert!(
+        server.peers().contains(&cluster.pod("node1-pod1").ip),
+        "the plaintext client reached the pod itself"
+    );
+
+    // DISABLE: mesh clients connect straight to it (node1's agent dials the
+    // pod from node1's fabric address; no tunnel, so node2's agent is not the peer).
+    set_mtls_mode(&cluster, "node2-pod1", "DISABLE");
+    let node1 = cluster.node_ip("node1");
+    wait_for(
+        "node1's agent to stop tunnelling",
+        Duration::from_secs(10),
+        |last| {
+            client_ok(&cluster, "node1-pod2", &["tcp", "--addr", &dst]);
+            let peers = server.peers();
+            *last = format!("{peers:?}");
+            (peers.last() == Some(&node1)).then_some(())
+        },
+    );
+}

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 
 use crate::{
     cluster::{self, Cluster, ClusterSpec},
-    deps, ebpf,
+    deps,
 };
 
 pub fn run() -> anyhow::Result<()> {
@@ -17,22 +17,7 @@ pub fn run() -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo attaches eBPF programs and creates network namespaces: run it as root");
     }
-    deps::ensure_debian(deps::RUN_PACKAGES)?;
-    ebpf::build()?;
-    let root = ebpf::workspace_root();
-    crate::deps::run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "mesh-agent",
-                "-p",
-                "mesh-tests",
-                "--bins",
-            ]),
-    )?;
+    deps::prepare_cluster()?;
     cluster::sweep(false)?;
     let mut cluster = Cluster::up(&ClusterSpec::default())?;
     cluster.keep();

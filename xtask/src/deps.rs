@@ -108,3 +108,28 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The release binaries every cluster command runs: the agent, the control
+/// server, meshctl and the test workloads.
+pub fn build_release_binaries() -> anyhow::Result<()> {
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(crate::cluster::workspace_root())
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "mesh-agent",
+                "-p",
+                "mesh-tests",
+                "--bins",
+            ]),
+    )
+}
+
+/// Everything a local cluster needs: packages, the eBPF object, the binaries.
+pub fn prepare_cluster() -> anyhow::Result<()> {
+    ensure_debian(RUN_PACKAGES)?;
+    crate::ebpf::build()?;
+    build_release_binaries()
+}

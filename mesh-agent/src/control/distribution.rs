@@ -5,6 +5,9 @@
 //! Every agent gets every Workload (the tunnel needs the identity and node of
 //! any destination), every Service with its endpoints resolved from the
 //! selector, every Node (where its tunnel listens) and the CA's trust bundle.
+//! MtlsPolicies are not distributed themselves: each Workload carries its
+//! effective mTLS mode (its own, else its namespace's policy, else STRICT),
+//! so a policy change re-sends the workloads whose mode it changes.
 //! Each distributed resource is built
 //! and encoded once per change, and every agent's response shares those
 //! bytes. Its version is a hash of its content, so it is the same after a
@@ -25,7 +28,7 @@ use std::{
 use bytes::Bytes;
 use prost::Message;
 
-use super::resources::{Change, Kind, Node, Resource, ResourceId, Service, Workload};
+use super::resources::{Change, Kind, MtlsMode, Node, Resource, ResourceId, Service, Workload};
 use crate::api;
 
 /// Responses are cut at about this size: a full sync of a large mesh stays
@@ -69,6 +72,8 @@ impl Distributed {
 #[derive(Debug)]
 struct WorkloadEntry {
     spec: Workload,
+    /// Effective mTLS mode, as distributed.
+    mode: MtlsMode,
     distributed: Distributed,
 }
 
@@ -146,6 +151,9 @@ pub struct View {
     /// `(namespace, label, value)` of a service's first selector term ->
     /// services; a candidate set for "which services select this workload".
     services_by_label: HashMap<String, HashSet<Key>>,
+    /// namespace -> MtlsPolicy name -> mode. The store allows one policy per
+    /// namespace; should there be more, the first by name counts.
+    mtls_policies: HashMap<String, BTreeMap<String, MtlsMode>>,
     log: ChangeLog,
 }
 
@@ -164,6 +172,7 @@ impl View {
             node_workloads: HashMap::new(),
             workloads_by_label: HashMap::new(),
             services_by_label: HashMap::new(),
+            mtls_policies: HashMap::new(),
             log: ChangeLog {
                 entries: VecDeque::new(),
                 keys: 0,
@@ -214,6 +223,8 @@ impl View {
         let mut changed = Vec::new();
         // Services to resolve again, with their new spec if the batch sets one.
         let mut touched: HashMap<Key, Option<Service>> = HashMap::new();
+        // Namespaces whose MtlsPolicy changed: their workloads' modes may too.
+        let mut policy_namespaces: BTreeSet<String> = BTreeSet::new();
         for change in changes {
             match change {
                 Change::Put(Resource::Workload(w)) => {
@@ -240,6 +251,13 @@ impl View {
                         changed.push(key);
                     }
                 }
+                Change::Put(Resource::MtlsPolicy(p)) => {
+                    self.mtls_policies
+                        .entry(p.namespace.clone())
+                        .or_default()
+                        .insert(p.name.clone(), p.mode);
+                    policy_namespaces.insert(p.namespace.clone());
+                }
                 Change::Delete(id) => {
                     let key = key_of(id);
                     match id.kind {
@@ -256,9 +274,21 @@ impl View {
                                 changed.push(key);
                             }
                         }
+                        Kind::MtlsPolicy => {
+                            if let Some(policies) = self.mtls_policies.get_mut(&id.namespace) {
+                                policies.remove(&id.name);
+                                if policies.is_empty() {
+                                    self.mtls_policies.remove(&id.namespace);
+                                }
+                            }
+                            policy_namespaces.insert(id.namespace.clone());
+                        }
                     }
                 }
             }
+        }
+        for namespace in policy_namespaces {
+            self.refresh_mtls_modes(&namespace, &mut changed);
         }
         for (key, spec) in touched {
             self.resolve(key, spec, &mut changed);
@@ -289,7 +319,8 @@ impl View {
             }
             self.touch_selecting(w, touched);
         }
-        let distributed = Distributed::new(workload_resource(&key, w));
+        let mode = MtlsMode::effective(w.mtls_mode, self.namespace_mtls_mode(&w.namespace));
+        let distributed = Distributed::new(workload_resource(&key, w, mode));
         if old
             .as_ref()
             .is_none_or(|o| o.distributed.version() != distributed.version())
@@ -310,9 +341,38 @@ impl View {
             key,
             WorkloadEntry {
                 spec: w.clone(),
+                mode,
                 distributed,
             },
         );
+    }
+
+    /// The mode of `namespace`'s MtlsPolicy, if it has one.
+    fn namespace_mtls_mode(&self, namespace: &str) -> Option<MtlsMode> {
+        self.mtls_policies
+            .get(namespace)
+            .and_then(|p| p.values().next().copied())
+    }
+
+    /// Re-encodes the workloads of `namespace` whose effective mode differs
+    /// from what was distributed, after its MtlsPolicy changed.
+    fn refresh_mtls_modes(&mut self, namespace: &str, changed: &mut Vec<Changed>) {
+        let policy = self.namespace_mtls_mode(namespace);
+        // Keys are `Workload/<namespace>/<name>` and names have no '/'.
+        let prefix = format!("{}/{namespace}/", Kind::Workload);
+        let from = (Bound::Included(prefix.as_str()), Bound::Unbounded);
+        for (key, entry) in self
+            .workloads
+            .range_mut::<str, _>(from)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+        {
+            let mode = MtlsMode::effective(entry.spec.mtls_mode, policy);
+            if mode != entry.mode {
+                entry.mode = mode;
+                entry.distributed = Distributed::new(workload_resource(key, &entry.spec, mode));
+                changed.push(key.clone());
+            }
+        }
     }
 
     fn delete_workload(
@@ -474,10 +534,11 @@ fn version_of(content: &impl Hash) -> String {
     format!("{:016x}", h.finish())
 }
 
-fn workload_resource(key: &str, w: &Workload) -> api::Resource {
+fn workload_resource(key: &str, w: &Workload, mode: MtlsMode) -> api::Resource {
     api::Resource {
         key: key.to_owned(),
-        version: version_of(w),
+        // The effective mode is sent, so it is part of the version.
+        version: version_of(&(w, mode)),
         body: Some(api::resource::Body::Workload(api::Workload {
             name: w.name.clone(),
             namespace: w.namespace.clone(),
@@ -495,7 +556,7 @@ fn workload_resource(key: &str, w: &Workload) -> api::Resource {
                 })
                 .collect(),
             ready: w.ready,
-            mtls_mode: String::new(),
+            mtls_mode: mode.as_str().to_owned(),
         })),
     }
 }
@@ -1103,6 +1164,186 @@ mod tests {
                 .all(String::is_empty)
         );
         assert_eq!(responses.last().map(String::as_str), Some("9"));
+    }
+
+    fn in_namespace(resource: Resource, namespace: &str) -> Resource {
+        match resource {
+            Resource::Workload(mut w) => {
+                w.namespace = namespace.to_owned();
+                Resource::Workload(w)
+            }
+            other => panic!("not a workload: {other:?}"),
+        }
+    }
+
+    fn with_mode(resource: Resource, mode: MtlsMode) -> Resource {
+        match resource {
+            Resource::Workload(mut w) => {
+                w.mtls_mode = Some(mode);
+                Resource::Workload(w)
+            }
+            other => panic!("not a workload: {other:?}"),
+        }
+    }
+
+    fn policy(name: &str, namespace: &str, mode: &str) -> Resource {
+        parse_documents(&format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: MtlsPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{mode: {mode}}}\n"
+        ))
+        .expect("valid")
+        .remove(0)
+    }
+
+    /// Effective mode of every workload in a response.
+    fn modes(delta: &Delta) -> BTreeMap<String, String> {
+        decode(delta)
+            .resources
+            .into_iter()
+            .filter_map(|r| match r.body {
+                Some(api::resource::Body::Workload(w)) => Some((r.key, w.mtls_mode)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Workloads in "default" and "shop"; "shop/s2" sets its own mode.
+    fn namespaced() -> Vec<Resource> {
+        let mut resources = base();
+        resources.push(in_namespace(
+            workload("s1", "n1", "198.18.1.21", "s"),
+            "shop",
+        ));
+        resources.push(with_mode(
+            in_namespace(workload("s2", "n2", "198.18.2.21", "s"), "shop"),
+            MtlsMode::Disable,
+        ));
+        resources
+    }
+
+    #[test]
+    fn workloads_are_strict_by_default_and_carry_their_own_mode() {
+        let view = View::new(5, &namespaced(), 100);
+        let mut sub = Subscription::new("n1", HashMap::new(), &view);
+        let got = modes(&sub.next(&view).unwrap().unwrap());
+        let want: BTreeMap<String, String> = [
+            ("Workload/default/a1", "STRICT"),
+            ("Workload/default/a2", "STRICT"),
+            ("Workload/default/b1", "STRICT"),
+            ("Workload/shop/s1", "STRICT"),
+            ("Workload/shop/s2", "DISABLE"),
+        ]
+        .into_iter()
+        .map(|(k, m)| (k.to_owned(), m.to_owned()))
+        .collect();
+        assert_eq!(got, want);
+        // A policy in the stored configuration applies from the start.
+        let mut resources = namespaced();
+        resources.push(policy("default", "shop", "PERMISSIVE"));
+        let view = View::new(5, &resources, 100);
+        let got = modes(
+            &Subscription::new("n1", HashMap::new(), &view)
+                .next(&view)
+                .unwrap()
+                .unwrap(),
+        );
+        assert_eq!(got["Workload/shop/s1"], "PERMISSIVE");
+        assert_eq!(got["Workload/shop/s2"], "DISABLE");
+        assert_eq!(got["Workload/default/a1"], "STRICT");
+    }
+
+    #[test]
+    fn a_namespace_policy_resends_exactly_the_workloads_whose_mode_changes() {
+        let mut view = View::new(5, &namespaced(), 100);
+        let mut n1 = Subscription::new("n1", HashMap::new(), &view);
+        let mut n2 = Subscription::new("n2", HashMap::new(), &view);
+        let before = versions(&n1.next(&view).unwrap().unwrap());
+        n2.next(&view).unwrap();
+
+        view.apply(6, &[Change::Put(policy("default", "shop", "permissive"))]);
+        for sub in [&mut n1, &mut n2] {
+            let d = sub.next(&view).unwrap().expect("the shop workload");
+            // s2 keeps its own mode; other namespaces are untouched.
+            assert_eq!(keys(&d), ["Workload/shop/s1"]);
+            assert_eq!(modes(&d)["Workload/shop/s1"], "PERMISSIVE");
+            assert_ne!(versions(&d)["Workload/shop/s1"], before["Workload/shop/s1"]);
+            assert_eq!(d.system_version_info, "6");
+            assert_eq!(sub.next(&view).unwrap(), None);
+        }
+
+        // The same policy again changes nothing sent.
+        view.apply(7, &[Change::Put(policy("default", "shop", "PERMISSIVE"))]);
+        assert_eq!(n1.next(&view).unwrap(), None);
+
+        // A workload put later inherits it; one's own mode wins over it.
+        view.apply(
+            8,
+            &[
+                Change::Put(in_namespace(
+                    workload("s3", "n1", "198.18.1.23", "s"),
+                    "shop",
+                )),
+                Change::Put(with_mode(
+                    in_namespace(workload("s1", "n1", "198.18.1.21", "s"), "shop"),
+                    MtlsMode::Strict,
+                )),
+            ],
+        );
+        let d = n1.next(&view).unwrap().unwrap();
+        let got = modes(&d);
+        assert_eq!(got["Workload/shop/s3"], "PERMISSIVE");
+        assert_eq!(got["Workload/shop/s1"], "STRICT");
+
+        // Deleting the policy reverts the inheriting workloads to STRICT.
+        view.apply(
+            9,
+            &[Change::Delete(policy("default", "shop", "STRICT").id())],
+        );
+        let d = n2.next(&view).unwrap().unwrap();
+        let mut got = keys(&d);
+        got.sort_unstable();
+        // n2 last synced at 6: s1 (own STRICT) and s3 changed since then.
+        assert_eq!(got, ["Workload/shop/s1", "Workload/shop/s3"]);
+        assert!(modes(&d).values().all(|m| m == "STRICT"), "{:?}", modes(&d));
+        let d = n1.next(&view).unwrap().unwrap();
+        assert_eq!(keys(&d), ["Workload/shop/s3"]);
+        assert_eq!(modes(&d)["Workload/shop/s3"], "STRICT");
+        assert_eq!(n1.next(&view).unwrap(), None);
+    }
+
+    #[test]
+    fn a_policy_and_its_workloads_in_one_batch_agree() {
+        let mut view = View::new(5, &base(), 100);
+        let mut n1 = Subscription::new("n1", HashMap::new(), &view);
+        n1.next(&view).unwrap();
+        // The workload comes first in the batch, the policy after it.
+        view.apply(
+            6,
+            &[
+                Change::Put(in_namespace(
+                    workload("s1", "n1", "198.18.1.21", "s"),
+                    "shop",
+                )),
+                Change::Put(policy("p", "shop", "DISABLE")),
+            ],
+        );
+        let d = n1.next(&view).unwrap().unwrap();
+        assert_eq!(keys(&d), ["Workload/shop/s1"]);
+        assert_eq!(modes(&d)["Workload/shop/s1"], "DISABLE");
+        // A rebuilt view (after a restart) sends the same version.
+        let mut resources = base();
+        resources.push(in_namespace(
+            workload("s1", "n1", "198.18.1.21", "s"),
+            "shop",
+        ));
+        resources.push(policy("p", "shop", "DISABLE"));
+        let rebuilt = View::new(6, &resources, 100);
+        let mut again = Subscription::new("n1", versions(&d), &rebuilt);
+        let first = again.next(&rebuilt).unwrap().unwrap();
+        assert!(
+            !keys(&first).contains(&"Workload/shop/s1".to_owned()),
+            "{:?}",
+            keys(&first)
+        );
     }
 
     #[test]

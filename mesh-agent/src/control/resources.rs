@@ -1,5 +1,5 @@
 //! Configuration resources: Kubernetes-style YAML documents (`Workload`,
-//! `Service`, `Node`) turned into validated internal types before anything is locked
+//! `Service`, `Node`, `MtlsPolicy`) turned into validated internal types before anything is locked
 //! or stored, and rendered back into the same shape for `meshctl get`.
 //!
 //! A bad document rejects the whole batch with an error that names the
@@ -33,6 +33,7 @@ pub enum Kind {
     Workload,
     Service,
     Node,
+    MtlsPolicy,
 }
 
 impl Kind {
@@ -41,6 +42,7 @@ impl Kind {
             Kind::Workload => "Workload",
             Kind::Service => "Service",
             Kind::Node => "Node",
+            Kind::MtlsPolicy => "MtlsPolicy",
         }
     }
 
@@ -50,6 +52,7 @@ impl Kind {
             "workload" | "workloads" | "wl" => Some(Kind::Workload),
             "service" | "services" | "svc" => Some(Kind::Service),
             "node" | "nodes" | "no" => Some(Kind::Node),
+            "mtlspolicy" | "mtlspolicies" => Some(Kind::MtlsPolicy),
             _ => None,
         }
     }
@@ -117,6 +120,44 @@ impl AppProtocol {
     }
 }
 
+/// Who may connect into a workload: STRICT (only mTLS through the tunnel),
+/// PERMISSIVE (mTLS or plaintext), DISABLE (plaintext; no tunnel).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// The mesh's default.
+    #[default]
+    Strict,
+    Permissive,
+    Disable,
+}
+
+impl MtlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Strict => "STRICT",
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Disable => "DISABLE",
+        }
+    }
+
+    /// A mode as operators write it: any case.
+    pub fn from_loose(s: &str) -> Option<MtlsMode> {
+        match s.to_ascii_uppercase().as_str() {
+            "STRICT" => Some(MtlsMode::Strict),
+            "PERMISSIVE" => Some(MtlsMode::Permissive),
+            "DISABLE" => Some(MtlsMode::Disable),
+            _ => None,
+        }
+    }
+
+    /// What a workload gets: its own mode, else its namespace's policy, else
+    /// STRICT.
+    pub fn effective(own: Option<MtlsMode>, namespace: Option<MtlsMode>) -> MtlsMode {
+        own.or(namespace).unwrap_or_default()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct WorkloadPort {
     pub name: String,
@@ -136,6 +177,9 @@ pub struct Workload {
     pub ip: Ipv4Addr,
     pub ports: Vec<WorkloadPort>,
     pub ready: bool,
+    /// `spec.mtlsMode`; unset inherits the namespace's [`MtlsPolicy`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls_mode: Option<MtlsMode>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -180,12 +224,24 @@ pub struct Node {
     pub tunnel_port: u16,
 }
 
+/// The mTLS mode of a namespace's workloads that set none themselves. At
+/// most one per namespace; not distributed itself, but folded into each
+/// Workload's effective mode.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MtlsPolicy {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub mode: MtlsMode,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind")]
 pub enum Resource {
     Workload(Workload),
     Service(Service),
     Node(Node),
+    MtlsPolicy(MtlsPolicy),
 }
 
 /// One step of a transaction on the configuration.
@@ -209,6 +265,7 @@ impl Resource {
             Resource::Workload(w) => (Kind::Workload, w.namespace.as_str(), &w.name),
             Resource::Service(s) => (Kind::Service, s.namespace.as_str(), &s.name),
             Resource::Node(n) => (Kind::Node, "", &n.name),
+            Resource::MtlsPolicy(p) => (Kind::MtlsPolicy, p.namespace.as_str(), &p.name),
         };
         ResourceId {
             kind,
@@ -241,6 +298,7 @@ impl Resource {
                 address: n.address,
                 field: "spec.address".into(),
             }],
+            Resource::MtlsPolicy(_) => Vec::new(),
         }
     }
 
@@ -253,16 +311,14 @@ impl Resource {
                 &w.name,
                 &w.namespace,
                 &w.labels,
-                json!({
-                    "serviceAccount": w.service_account,
-                    "node": w.node,
-                    "ip": w.ip.to_string(),
-                    "ports": w.ports.iter().map(|p| named(&p.name, json!({
-                        "port": p.port,
-                        "protocol": p.protocol.as_str(),
-                    }))).collect::<Vec<_>>(),
-                    "ready": w.ready,
-                }),
+                workload_spec(w),
+            ),
+            Resource::MtlsPolicy(p) => (
+                Kind::MtlsPolicy,
+                &p.name,
+                &p.namespace,
+                &p.labels,
+                json!({ "mode": p.mode.as_str() }),
             ),
             Resource::Node(n) => (
                 Kind::Node,
@@ -309,6 +365,24 @@ impl Resource {
     }
 }
 
+/// A Workload's spec, with `mtlsMode` only when it sets one.
+fn workload_spec(w: &Workload) -> serde_json::Value {
+    let mut spec = json!({
+        "serviceAccount": w.service_account,
+        "node": w.node,
+        "ip": w.ip.to_string(),
+        "ports": w.ports.iter().map(|p| named(&p.name, json!({
+            "port": p.port,
+            "protocol": p.protocol.as_str(),
+        }))).collect::<Vec<_>>(),
+        "ready": w.ready,
+    });
+    if let Some(mode) = w.mtls_mode {
+        spec["mtlsMode"] = json!(mode.as_str());
+    }
+    spec
+}
+
 /// A port entry, with a name only when it has one.
 fn named(name: &str, mut port: serde_json::Value) -> serde_json::Value {
     if !name.is_empty() {
@@ -348,7 +422,7 @@ pub enum Problem {
     },
     #[error("unknown apiVersion {0:?} (expected {API_VERSION:?})")]
     UnknownApiVersion(String),
-    #[error("unknown kind {0:?} (expected \"Workload\", \"Service\" or \"Node\")")]
+    #[error("unknown kind {0:?} (expected \"Workload\", \"Service\", \"Node\" or \"MtlsPolicy\")")]
     UnknownKind(String),
     #[error("{kind} is cluster-scoped: it has no namespace (found {found:?})")]
     ClusterScoped { kind: Kind, found: String },
@@ -386,6 +460,8 @@ pub enum Problem {
     InvalidProtocol(String),
     #[error("{0:?} is not an application protocol (\"tcp\", \"http\", \"http2\" or \"grpc\")")]
     InvalidAppProtocol(String),
+    #[error("{0:?} is not an mTLS mode (\"STRICT\", \"PERMISSIVE\" or \"DISABLE\")")]
+    InvalidMtlsMode(String),
     #[error("at least one entry is required")]
     Empty,
 }
@@ -409,6 +485,14 @@ pub struct AddressConflict {
     pub owner: ResourceId,
 }
 
+/// A second MtlsPolicy in a namespace that has one.
+#[derive(Debug, thiserror::Error)]
+#[error("{claimant}: the namespace already has {owner}; at most one MtlsPolicy per namespace")]
+pub struct MtlsPolicyConflict {
+    pub claimant: ResourceId,
+    pub owner: ResourceId,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("document {index}: malformed YAML: {reason}")]
@@ -421,6 +505,8 @@ pub enum Error {
     DuplicateDocument { document: DocumentRef, first: usize },
     #[error(transparent)]
     AddressConflict(Box<AddressConflict>),
+    #[error(transparent)]
+    MtlsPolicyConflict(Box<MtlsPolicyConflict>),
 }
 
 impl Error {
@@ -430,7 +516,7 @@ impl Error {
             Error::MalformedYaml { index, .. } => Some(*index),
             Error::InvalidDocument(invalid) => Some(invalid.document.index),
             Error::DuplicateDocument { document, .. } => Some(document.index),
-            Error::NoDocuments | Error::AddressConflict(_) => None,
+            Error::NoDocuments | Error::AddressConflict(_) | Error::MtlsPolicyConflict(_) => None,
         }
     }
 }
@@ -500,6 +586,36 @@ pub fn check_addresses<'a>(
                 return Err(conflict(owner));
             }
         }
+    }
+    Ok(())
+}
+
+/// Checks that no namespace would have two MtlsPolicies, within `batch` or
+/// with one that stays (`policy_of` names the current configuration's policy
+/// of a namespace; the batch may re-apply that same one).
+pub fn check_mtls_policies(
+    batch: &[Resource],
+    policy_of: impl Fn(&str) -> Option<ResourceId>,
+) -> Result<(), Error> {
+    let mut claimed: HashMap<&str, ResourceId> = HashMap::new();
+    for resource in batch {
+        let Resource::MtlsPolicy(p) = resource else {
+            continue;
+        };
+        let id = resource.id();
+        let owner = claimed
+            .get(p.namespace.as_str())
+            .cloned()
+            .or_else(|| policy_of(&p.namespace));
+        if let Some(owner) = owner
+            && owner != id
+        {
+            return Err(Error::MtlsPolicyConflict(Box::new(MtlsPolicyConflict {
+                claimant: id,
+                owner,
+            })));
+        }
+        claimed.insert(&p.namespace, id);
     }
     Ok(())
 }
@@ -647,6 +763,15 @@ impl<'a> Field<'a> {
         }
     }
 
+    /// `STRICT`, `PERMISSIVE` or `DISABLE`, in any case.
+    fn mtls_mode(&self) -> Result<MtlsMode, Error> {
+        let text = self.str()?;
+        MtlsMode::from_loose(text).map_or_else(
+            || self.reject(Problem::InvalidMtlsMode(text.to_owned())),
+            Ok,
+        )
+    }
+
     fn name(&self) -> Result<String, Error> {
         let s = self.str()?;
         if is_dns_label(s) {
@@ -726,6 +851,7 @@ fn parse_document(index: usize, value: &Value) -> Result<Resource, Error> {
         "Workload" => Kind::Workload,
         "Service" => Kind::Service,
         "Node" => Kind::Node,
+        "MtlsPolicy" => Kind::MtlsPolicy,
         other => return kind_field.reject(Problem::UnknownKind(other.to_owned())),
     };
     let api_text = api_version.str()?;
@@ -768,6 +894,15 @@ fn parse_document(index: usize, value: &Value) -> Result<Resource, Error> {
         Kind::Workload => Resource::Workload(parse_workload(&spec, name, namespace, labels)?),
         Kind::Service => Resource::Service(parse_service(&spec, name, namespace, labels)?),
         Kind::Node => Resource::Node(parse_node(&spec, name, labels)?),
+        Kind::MtlsPolicy => {
+            let spec = spec.object(&["mode"])?;
+            Resource::MtlsPolicy(MtlsPolicy {
+                name,
+                namespace,
+                labels,
+                mode: spec.required("mode")?.mtls_mode()?,
+            })
+        }
     })
 }
 
@@ -807,7 +942,7 @@ fn parse_workload(
     namespace: String,
     labels: BTreeMap<String, String>,
 ) -> Result<Workload, Error> {
-    let spec = spec.object(&["serviceAccount", "node", "ip", "ports", "ready"])?;
+    let spec = spec.object(&["serviceAccount", "node", "ip", "ports", "ready", "mtlsMode"])?;
     let service_account = match spec.get("serviceAccount") {
         Some(f) => {
             let sa = f.name()?;
@@ -857,6 +992,7 @@ fn parse_workload(
         .map(|f| f.bool())
         .transpose()?
         .unwrap_or(true);
+    let mtls_mode = spec.get("mtlsMode").map(|f| f.mtls_mode()).transpose()?;
     Ok(Workload {
         name,
         namespace,
@@ -866,6 +1002,7 @@ fn parse_workload(
         ip,
         ports,
         ready,
+        mtls_mode,
     })
 }
 
@@ -1105,7 +1242,7 @@ spec:
         let e = rejected(&with(SERVICE, "kind: Service", "kind: Gateway"));
         assert_eq!(
             e,
-            "document 1: kind: unknown kind \"Gateway\" (expected \"Workload\", \"Service\" or \"Node\")"
+            "document 1: kind: unknown kind \"Gateway\" (expected \"Workload\", \"Service\", \"Node\" or \"MtlsPolicy\")"
         );
         let e = rejected(&with(SERVICE, "mesh.dev/v1alpha1", "v1"));
         assert!(
@@ -1403,6 +1540,118 @@ spec:
             "  node: n1\n  serviceAccount: node-n2\n",
         ))
         .expect("valid outside mesh-system");
+    }
+
+    const POLICY: &str = "
+apiVersion: mesh.dev/v1alpha1
+kind: MtlsPolicy
+metadata: {name: default, namespace: shop}
+spec: {mode: permissive}
+";
+
+    #[test]
+    fn workload_mtls_modes_are_optional_any_case_and_stored_upper_case() {
+        let Resource::Workload(w) = &parse_documents(WORKLOAD).expect("valid")[0] else {
+            unreachable!()
+        };
+        assert_eq!(w.mtls_mode, None, "unset inherits");
+        for (text, mode) in [
+            ("STRICT", MtlsMode::Strict),
+            ("Permissive", MtlsMode::Permissive),
+            ("disable", MtlsMode::Disable),
+        ] {
+            let yaml = with(
+                WORKLOAD,
+                "  node: n1\n",
+                &format!("  node: n1\n  mtlsMode: {text}\n"),
+            );
+            let r = parse_documents(&yaml).expect("valid").remove(0);
+            let Resource::Workload(w) = &r else {
+                unreachable!()
+            };
+            assert_eq!(w.mtls_mode, Some(mode));
+            let doc = r.to_document(1);
+            assert_eq!(doc["spec"]["mtlsMode"], mode.as_str());
+            let again = serde_yaml::to_string(&doc).expect("yaml");
+            assert_eq!(parse_documents(&again).expect("round trip")[0], r);
+        }
+        // Unset is not rendered, so `get -o yaml` applies back as unset.
+        let doc = parse_documents(WORKLOAD).expect("valid")[0].to_document(1);
+        assert!(doc["spec"].get("mtlsMode").is_none(), "{doc}");
+    }
+
+    #[test]
+    fn rejects_an_unknown_mtls_mode_naming_document_field_and_value() {
+        let e = rejected(&with(
+            WORKLOAD,
+            "  node: n1\n",
+            "  node: n1\n  mtlsMode: OPTIONAL\n",
+        ));
+        assert_eq!(
+            e,
+            "document 1 (Workload/default/echo-1): spec.mtlsMode: \"OPTIONAL\" is not an mTLS mode (\"STRICT\", \"PERMISSIVE\" or \"DISABLE\")"
+        );
+        let e = rejected(&with(POLICY, "mode: permissive", "mode: mutual"));
+        assert_eq!(
+            e,
+            "document 1 (MtlsPolicy/shop/default): spec.mode: \"mutual\" is not an mTLS mode (\"STRICT\", \"PERMISSIVE\" or \"DISABLE\")"
+        );
+        let e = rejected(&with(POLICY, "mode: permissive", "mode: true"));
+        assert!(
+            e.ends_with("spec.mode: expected a string, found boolean true"),
+            "{e}"
+        );
+        let e = rejected(&with(POLICY, "{mode: permissive}", "{}"));
+        assert!(e.ends_with("spec.mode: required field is missing"), "{e}");
+        let e = rejected(&with(POLICY, "{mode: permissive}", "{mode: STRICT, x: 1}"));
+        assert!(e.ends_with("spec.x: unknown field"), "{e}");
+    }
+
+    #[test]
+    fn parses_a_namespaced_mtls_policy() {
+        let r = parse_documents(POLICY).expect("valid").remove(0);
+        assert_eq!(r.id().to_string(), "MtlsPolicy/shop/default");
+        let Resource::MtlsPolicy(p) = &r else {
+            panic!("not a policy: {r:?}")
+        };
+        assert_eq!(p.mode, MtlsMode::Permissive);
+        assert!(r.addresses().is_empty());
+        let doc = r.to_document(4);
+        assert_eq!(doc["spec"]["mode"], "PERMISSIVE");
+        assert_eq!(doc["metadata"]["namespace"], "shop");
+        let again = serde_yaml::to_string(&doc).expect("yaml");
+        assert_eq!(parse_documents(&again).expect("round trip")[0], r);
+        let r = parse_documents(&with(POLICY, "namespace: shop", "labels: {a: b}"))
+            .expect("valid")
+            .remove(0);
+        assert_eq!(r.id().to_string(), "MtlsPolicy/default/default");
+        assert_eq!(Kind::from_loose("MtlsPolicies"), Some(Kind::MtlsPolicy));
+        assert_eq!(Kind::from_loose("mtlspolicy"), Some(Kind::MtlsPolicy));
+    }
+
+    #[test]
+    fn a_namespace_has_at_most_one_mtls_policy() {
+        let a = parse_documents(POLICY).expect("valid");
+        let b = parse_documents(&with(POLICY, "name: default", "name: other")).expect("valid");
+        let elsewhere =
+            parse_documents(&with(POLICY, "namespace: shop", "namespace: web")).expect("valid");
+        // In one batch.
+        let both = [a[0].clone(), b[0].clone()];
+        let e = check_mtls_policies(&both, |_| None).expect_err("two in shop");
+        assert_eq!(
+            e.to_string(),
+            "MtlsPolicy/shop/other: the namespace already has MtlsPolicy/shop/default; at most one MtlsPolicy per namespace"
+        );
+        // Against the stored configuration.
+        let owner = a[0].id();
+        let stored = |ns: &str| (ns == "shop").then(|| owner.clone());
+        let e = check_mtls_policies(&b, stored).expect_err("shop has one");
+        assert!(matches!(e, Error::MtlsPolicyConflict(_)), "{e}");
+        assert!(e.to_string().contains("MtlsPolicy/shop/default"), "{e}");
+        // Re-applying the same one, or one in another namespace, is fine.
+        check_mtls_policies(&a, stored).expect("same policy");
+        check_mtls_policies(&[a[0].clone(), elsewhere[0].clone()], stored)
+            .expect("one per namespace");
     }
 
     #[test]

@@ -135,6 +135,7 @@ impl State {
     /// What applying `batch` would do, or why the result would be invalid.
     pub fn plan_apply(&self, batch: Vec<Resource>) -> Result<Plan, resources::Error> {
         resources::check_addresses(&batch, |ip| self.addresses.get(&ip))?;
+        resources::check_mtls_policies(&batch, |namespace| self.mtls_policy(namespace))?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut changes = Vec::new();
         for resource in batch {
@@ -150,6 +151,21 @@ impl State {
             outcomes.push((id, outcome));
         }
         Ok(Plan { outcomes, changes })
+    }
+
+    /// The MtlsPolicy of `namespace`, if it has one.
+    fn mtls_policy(&self, namespace: &str) -> Option<ResourceId> {
+        let first = ResourceId {
+            kind: Kind::MtlsPolicy,
+            namespace: namespace.to_owned(),
+            name: String::new(),
+        };
+        self.resources
+            .range(first..)
+            .next()
+            .map(|(id, _)| id)
+            .filter(|id| id.kind == Kind::MtlsPolicy && id.namespace == namespace)
+            .cloned()
     }
 
     fn apply(&mut self, revision: u64, changes: &[Change]) {
@@ -513,6 +529,41 @@ mod tests {
 
     fn contents(state: &State) -> Vec<Stored> {
         state.iter().cloned().collect()
+    }
+
+    fn mtls_policy(name: &str, namespace: &str) -> Resource {
+        parse_documents(&format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: MtlsPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{mode: PERMISSIVE}}\n"
+        ))
+        .expect("valid")
+        .remove(0)
+    }
+
+    #[test]
+    fn a_second_mtls_policy_in_a_namespace_is_refused() {
+        let dir = TempDir::new("mtls-policy");
+        let mut store = Store::open(&dir.0, 100).expect("open");
+        put(
+            &mut store,
+            vec![mtls_policy("a", "shop"), mtls_policy("z", "web")],
+        );
+        let e = store
+            .state()
+            .plan_apply(vec![workload("w", "198.18.0.1"), mtls_policy("b", "shop")])
+            .expect_err("shop has one");
+        assert_eq!(
+            e.to_string(),
+            "MtlsPolicy/shop/b: the namespace already has MtlsPolicy/shop/a; at most one MtlsPolicy per namespace"
+        );
+        // Changing the one it has is fine, and so is a new namespace.
+        put(
+            &mut store,
+            vec![mtls_policy("a", "shop"), mtls_policy("a", "other")],
+        );
+        // Once deleted, another may take its place.
+        let id = mtls_policy("a", "shop").id();
+        store.commit(&[Change::Delete(id)]).expect("delete");
+        put(&mut store, vec![mtls_policy("b", "shop")]);
     }
 
     #[test]

@@ -123,24 +123,7 @@ pub fn server_config(
     local: &SpiffeId,
     trust_bundle_pem: &str,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = provider();
-    let webpki = WebPkiClientVerifier::builder_with_provider(
-        trust_anchors(trust_bundle_pem)?,
-        provider.clone(),
-    )
-    .build()
-    .map_err(TlsError::Verifier)?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(TlsError::Config)?
-        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier { webpki }))
-        .with_cert_resolver(store.resolver(local.clone()));
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    // A resumed session skips certificate verification, so it would outlive a
-    // certificate's expiry or rotation; pooled tunnels make full handshakes rare.
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    Ok(Arc::new(config))
+    server_config_with(store.resolver(local.clone()), trust_bundle_pem)
 }
 
 /// The server side of a node agent's tunnel: like [`server_config`], but it
@@ -149,6 +132,17 @@ pub fn server_config(
 pub fn server_config_by_sni(
     store: &CertStore,
     trust_domain: &str,
+    trust_bundle_pem: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let resolver = Arc::new(super::store::SniResolver {
+        store: store.clone(),
+        trust_domain: trust_domain.to_owned(),
+    });
+    server_config_with(resolver, trust_bundle_pem)
+}
+
+fn server_config_with(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
     trust_bundle_pem: &str,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
@@ -162,11 +156,10 @@ pub fn server_config_by_sni(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?
         .with_client_cert_verifier(Arc::new(SpiffeClientVerifier { webpki }))
-        .with_cert_resolver(Arc::new(super::store::SniResolver {
-            store: store.clone(),
-            trust_domain: trust_domain.to_owned(),
-        }));
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // A resumed session skips certificate verification, so it would outlive a
+    // certificate's expiry or rotation; pooled tunnels make full handshakes rare.
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))

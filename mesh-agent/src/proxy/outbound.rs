@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::{
-    discovery::Config,
+    discovery::{Config, MtlsMode},
     identity::SpiffeId,
     lb::Lookup,
     proxy::{
@@ -180,13 +180,21 @@ impl Outbound {
         let Some(dst_wl) = config.workload_by_ip(*dst.ip()) else {
             return Ok(Route::Direct);
         };
-        if dst_wl.node == self.node {
+        let mode = MtlsMode::of(dst_wl);
+        if dst_wl.node == self.node || mode == MtlsMode::Disable {
             return Ok(Route::Direct);
         }
-        let tunnel = self.tunnel.as_ref().ok_or(Error::NoTunnel(dst))?;
-        let src_wl = src_pod
-            .and_then(|pod| config.workloads_on(&self.node).find(|w| w.name == pod))
-            .ok_or_else(|| Error::NoSourceIdentity(src_pod.map(str::to_owned)))?;
+        let src_wl =
+            src_pod.and_then(|pod| config.workloads_on(&self.node).find(|w| w.name == pod));
+        let (Some(tunnel), Some(src_wl)) = (self.tunnel.as_ref(), src_wl) else {
+            // Without an identity to present, only a PERMISSIVE destination
+            // may be reached, in plaintext.
+            return match (mode, self.tunnel.is_some()) {
+                (MtlsMode::Permissive, _) => Ok(Route::Direct),
+                (_, false) => Err(Error::NoTunnel(dst)),
+                _ => Err(Error::NoSourceIdentity(src_pod.map(str::to_owned))),
+            };
+        };
         let peer = config
             .node_tunnel(&dst_wl.node)
             .ok_or_else(|| Error::UnknownNode {

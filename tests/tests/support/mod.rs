@@ -381,3 +381,11 @@ fn metric(mut curl: Command, sample: &str) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// Re-registers `pod`'s Workload with `spec.mtlsMode: mode`.
+pub fn set_mtls_mode(cluster: &Cluster, pod: &str, mode: &str) {
+    let doc = format!("{}  mtlsMode: {mode}\n", cluster.workload_yaml(pod, &[]));
+    cluster
+        .apply(&doc)
+        .unwrap_or_else(|e| panic!("setting {pod} to {mode}: {e:#}"));
+}

@@ -30,7 +30,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use super::{Server, cpu_ticks, process_kb, ticks_per_s, write_file};
-use crate::{cluster, deps, ebpf};
+use crate::{cluster, deps};
 
 /// How often mesh-control's VmRSS is sampled.
 const RSS_SAMPLE: Duration = Duration::from_millis(50);
@@ -231,7 +231,7 @@ struct Aim {
 
 pub(super) fn run(args: &ControlArgs) -> Result<()> {
     let sizes = Sizes::new(args)?;
-    build()?;
+    deps::build_release_binaries()?;
     raise_open_files_limit(sizes.agents)?;
     let dir = TempDir::new()?;
     let tokens = dir.0.join("tokens.yaml");
@@ -246,23 +246,6 @@ pub(super) fn run(args: &ControlArgs) -> Result<()> {
         print!("{}", render(&report));
     }
     Ok(())
-}
-
-/// Release `mesh-control` (and the rest of mesh-agent's bins) and `mesh-control-bench`.
-fn build() -> Result<()> {
-    deps::run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(ebpf::workspace_root())
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "mesh-agent",
-                "-p",
-                "mesh-tests",
-                "--bins",
-            ]),
-    )
 }
 
 /// Each agent holds a connection, and mesh-control as many: lift the soft

@@ -10,7 +10,7 @@
 use std::{
     fmt, fs,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     thread,
     time::Instant,
 };
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use super::{POLL, READY_TIMEOUT, Server, cpu_ticks, status_kb, write_file};
 use crate::{
     cluster::{self, Cluster, ClusterSpec},
-    deps, ebpf,
+    deps,
 };
 
 const AGENT_CLIENT: &str = "node1-pod1";
@@ -226,7 +226,7 @@ pub(super) fn run(args: &L4Args) -> Result<()> {
             "the benchmark attaches eBPF programs and creates network namespaces: run it as root"
         );
     }
-    build()?;
+    deps::prepare_cluster()?;
     let sizes = if args.quick { QUICK } else { FULL };
     let testapp = cluster::target_dir().join("release/mesh-testapp");
     // Plaintext agents (no control plane, so no tunnel): the L4 figures.
@@ -296,25 +296,6 @@ fn bench_cluster(control_plane: bool) -> Result<Cluster> {
         }
     );
     Ok(cluster)
-}
-
-/// What `cargo xtask demo` builds: the eBPF object, the agent and the testapp.
-fn build() -> Result<()> {
-    deps::ensure_debian(deps::RUN_PACKAGES)?;
-    ebpf::build()?;
-    deps::run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(ebpf::workspace_root())
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "mesh-agent",
-                "-p",
-                "mesh-tests",
-                "--bins",
-            ]),
-    )
 }
 
 struct Bench<'a> {
