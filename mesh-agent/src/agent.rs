@@ -88,6 +88,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let mut stop = StopSignals::register().context("registering signal handlers")?;
     raise_nofile_limit();
     let object = bpf_object(args.bpf_object.as_deref())?;
     let outbound_addr = SocketAddrV4::new(args.agent_ip, args.outbound_port);
@@ -243,7 +244,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     info!(node = %args.node, outbound = %outbound_addr, admin = %args.admin_socket.display(), "agent ready");
 
-    shutdown_signal().await;
+    stop.recv().await;
     info!("shutting down");
     for t in tasks {
         t.abort();
@@ -261,18 +262,27 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(4096)
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// Registered before anything can report the agent ready, so a stop signal
+/// that follows readiness always gets a clean shutdown (links unpinned).
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn register() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
 

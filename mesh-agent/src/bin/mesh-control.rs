@@ -171,6 +171,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         bundle.display(),
         args.cert_ttl.as_secs(),
     );
+    // Handlers before the ready line: whoever reads it may signal at once.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     info!("{ready}");
     let mut stdout = std::io::stdout();
     writeln!(stdout, "{ready}")?;
@@ -192,8 +195,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     tokio::pin!(serving);
     let result = tokio::select! {
         result = &mut serving => result.map_err(Into::into),
-        signal = shutdown_signal() => {
-            info!(signal = signal?, "stopping");
+        signal = async {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            }
+        } => {
+            info!(signal, "stopping");
             let _ = stop.send(());
             match tokio::time::timeout(GRACE, &mut serving).await {
                 Ok(result) => result.map_err(Into::into),
@@ -224,13 +232,4 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
     Ok(listener)
-}
-
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
 }

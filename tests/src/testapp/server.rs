@@ -151,6 +151,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(accept_loop(listener, proto, server.clone()));
     }
 
+    // Handlers first: whoever reads the ready line may signal at once.
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let mut stdout = io::stdout().lock();
     serde_json::to_writer(
         &mut stdout,
@@ -164,10 +167,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     stdout.flush()?;
     drop(stdout);
 
-    let mut terminate = signal(SignalKind::terminate())?;
     tokio::select! {
         _ = terminate.recv() => Ok(()),
-        interrupted = tokio::signal::ctrl_c() => Ok(interrupted?),
+        _ = interrupt.recv() => Ok(()),
     }
 }
 
