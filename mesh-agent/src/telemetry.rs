@@ -279,3 +279,16 @@ impl Drop for Tracked {
         inner.closed.push_back(view);
     }
 }
+
+/// Logs to stderr for the binaries (`RUST_LOG`, default info); colours only
+/// on a terminal, so log files stay plain.
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}

@@ -8,14 +8,7 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    mesh_agent::telemetry::init_logging();
     let args = mesh_agent::agent::Args::parse();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
