@@ -1,6 +1,6 @@
 //! `cargo xtask build-ebpf`: compiles the kernel programs with the nightly
 //! toolchain and places the object where the agent looks for it.
-use std::{path::PathBuf, process::Command};
+use std::path::PathBuf;
 
 use anyhow::Context;
 
@@ -9,13 +9,19 @@ use crate::deps;
 pub use crate::cluster::workspace_root;
 
 pub fn build() -> anyhow::Result<PathBuf> {
-    deps::ensure_ebpf_toolchain()?;
+    let linker_dir = deps::ensure_ebpf_toolchain()?;
     let root = workspace_root();
+    // rustc finds `bpf-linker` on PATH: ours first.
+    let path = std::env::join_paths(
+        std::iter::once(linker_dir).chain(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        )),
+    )?;
     deps::run(
-        Command::new("cargo")
+        deps::nightly_command("cargo")
             .current_dir(&root)
+            .env("PATH", path)
             .args([
-                "+nightly",
                 "build",
                 "--package",
                 "mesh-ebpf",
@@ -24,11 +30,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
                 "bpfel-unknown-none",
                 "-Z",
                 "build-std=core",
-            ])
-            // The outer `cargo xtask` sets these for the stable toolchain.
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("RUSTC")
-            .env_remove("CARGO"),
+            ]),
     )?;
     let built = crate::cluster::target_dir().join("bpfel-unknown-none/release/mesh-ebpf");
     let dest = crate::cluster::default_bpf_object();

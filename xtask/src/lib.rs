@@ -8,3 +8,6 @@ pub mod demo;
 pub mod deps;
 pub mod ebpf;
 pub mod test;
+
+/// The packages whose release binaries the cluster, tests and benchmarks run.
+pub const RELEASE_PACKAGES: &[&str] = &["mesh-agent", "mesh-tests"];

@@ -31,18 +31,8 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
         ]),
     )?;
     ebpf::build()?;
-    step(
-        "build binaries",
-        cargo(&root).args([
-            "build",
-            "--release",
-            "-p",
-            "mesh-agent",
-            "-p",
-            "mesh-tests",
-            "--bins",
-        ]),
-    )?;
+    eprintln!("xtask: == build binaries");
+    deps::build_release_binaries()?;
     let mut test = cargo(&root);
     test.args(["test", "--release", "--workspace", "--exclude", "mesh-ebpf"])
         .env("MESH_E2E_REQUIRED", "1");
