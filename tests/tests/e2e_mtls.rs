@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_agent::identity::{Ca, SpiffeId, generate_key_and_csr};
+use mesh_api::identity::{Ca, SpiffeId, generate_key_and_csr};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use support::*;
 use xtask::cluster::Cluster;

@@ -166,12 +166,12 @@ impl Cluster {
                 existing_file(
                     bin,
                     "control server binary",
-                    "build it with `cargo build --release -p mesh-agent`",
+                    "build it with `cargo build --release -p mesh-control`",
                 )?,
                 existing_file(
                     &spec.meshctl_bin,
                     "meshctl binary",
-                    "build it with `cargo build --release -p mesh-agent`",
+                    "build it with `cargo build --release -p meshctl`",
                 )?,
             )),
             None => None,
@@ -512,12 +512,14 @@ impl Cluster {
     }
 
     pub fn admin_get(&self, node: &str, path: &str) -> Result<Value> {
-        admin::get(&self.try_node(node)?.admin_socket, path)
+        admin::AdminClient::new(&self.try_node(node)?.admin_socket)
+            .get(path)
             .with_context(|| format!("admin API of {node}"))
     }
 
     pub fn admin_post(&self, node: &str, path: &str, body: &Value) -> Result<Value> {
-        admin::post(&self.try_node(node)?.admin_socket, path, body)
+        admin::AdminClient::new(&self.try_node(node)?.admin_socket)
+            .post(path, body)
             .with_context(|| format!("admin API of {node}"))
     }
 
@@ -977,7 +979,10 @@ impl Cluster {
                     );
                 }
                 let socket = &self.try_node(&name)?.admin_socket;
-                match admin::send(socket, "GET", "/status", None, Duration::from_secs(2)) {
+                match admin::AdminClient::new(socket)
+                    .with_timeout(Duration::from_secs(2))
+                    .send("GET", "/status", None)
+                {
                     Ok(r) if r.status == 200 => {}
                     Ok(r) => {
                         still.insert(name, format!("GET /status answered {}", r.status));

@@ -10,4 +10,4 @@ pub mod ebpf;
 pub mod test;
 
 /// The packages whose release binaries the cluster, tests and benchmarks run.
-pub const RELEASE_PACKAGES: &[&str] = &["mesh-agent", "mesh-tests"];
+pub const RELEASE_PACKAGES: &[&str] = &["mesh-agent", "mesh-control", "meshctl", "mesh-tests"];

@@ -33,9 +33,9 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
-use mesh_agent::{
-    api::{ApplyRequest, DeltaRequest, DeltaResponse, distribution_client::DistributionClient},
-    control::client::{self, Bearer, Target, Tls},
+use mesh_api::{
+    client::{self, Bearer, Target, Tls},
+    pb::{ApplyRequest, DeltaRequest, DeltaResponse, distribution_client::DistributionClient},
 };
 use prost::Message;
 use serde::Serialize;
@@ -375,7 +375,7 @@ fn offset(base: Ipv4Addr, n: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(base) + n)
 }
 
-type OperatorClient = mesh_agent::api::operator_client::OperatorClient<
+type OperatorClient = mesh_api::pb::operator_client::OperatorClient<
     tonic::service::interceptor::InterceptedService<Channel, Bearer>,
 >;
 

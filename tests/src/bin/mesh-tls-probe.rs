@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mesh_agent::identity::{self, CertStore, SpiffeId};
+use mesh_api::identity::{self, CertStore, SpiffeId};
 use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
 use tokio::net::{TcpListener, TcpStream};
 

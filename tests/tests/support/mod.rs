@@ -3,6 +3,8 @@
 //! tears it down when its guard drops, even when the test panics.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod control;
+
 use std::{
     io::{BufRead, BufReader},
     net::Ipv4Addr,

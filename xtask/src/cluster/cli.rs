@@ -3,9 +3,9 @@
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
 use super::{Cluster, ClusterSpec, sweep};
@@ -97,7 +97,7 @@ pub struct UpArgs {
     /// Lifetime of the certificates the control server issues (e.g. 2m, 24h).
     #[arg(long, conflicts_with = "no_control")]
     pub cert_ttl: Option<String>,
-    /// Build the agent, control server and meshctl first (`cargo build --release -p mesh-agent`).
+    /// Build the agent, control server and meshctl first (release).
     #[arg(long)]
     pub release: bool,
     /// Extra arguments for every agent, after `--`.
@@ -188,16 +188,7 @@ fn up(args: UpArgs) -> Result<ExitCode> {
 }
 
 fn build_agent() -> Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "mesh-agent"])
-        .current_dir(super::workspace_root())
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("`cargo build --release -p mesh-agent` failed ({status})");
-    }
-    Ok(())
+    crate::deps::build_release_binaries()
 }
 
 fn exec(cluster: &Cluster, name: &str, command: &[OsString]) -> Result<ExitCode> {

@@ -1,0 +1,303 @@
+//! Wiring of the node agent: settings, start-up order and shutdown.
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::Parser;
+use prometheus_client::registry::Registry;
+use tokio::net::{TcpSocket, UnixListener};
+use tracing::info;
+
+use mesh_api::{
+    client::AgentConnector,
+    identity::read_token,
+    names::{DEFAULT_TRUST_DOMAIN, ports},
+    serve::raise_nofile_limit,
+};
+
+use crate::{
+    admin,
+    certs::{self, Manager, TlsMaterial},
+    proxy::{inbound::Inbound, outbound::Outbound, tunnel::TunnelClient},
+    redirect::{self, Redirect, enrolment::Workloads},
+    state::{
+        Context as StateContext, State,
+        discovery::{self, Discovery},
+    },
+    telemetry::{ConnectionTable, Metrics},
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "mesh-agent", about = "Node agent of the mesh", version)]
+pub struct Args {
+    /// Name of this node.
+    #[arg(long, env = "MESH_NODE")]
+    pub node: String,
+    /// cgroup v2 directory holding this node's pods; the kernel programs attach here.
+    #[arg(long)]
+    pub cgroup_root: PathBuf,
+    /// Address pods reach the agent on (their gateway); redirected connects go here.
+    #[arg(long)]
+    pub agent_ip: Ipv4Addr,
+    #[arg(long, default_value_t = ports::OUTBOUND)]
+    pub outbound_port: u16,
+    /// Unix socket of the admin API used by meshctl.
+    #[arg(long, default_value = "/run/mesh/admin.sock")]
+    pub admin_socket: PathBuf,
+    /// bpffs directory where this agent pins its links.
+    #[arg(long, default_value = "/sys/fs/bpf/mesh")]
+    pub bpf_pin_dir: PathBuf,
+    /// Compiled kernel programs (`cargo xtask build-ebpf`). Default: next to
+    /// the binary, then target/bpf/ of the workspace it was built in.
+    #[arg(long, env = "MESH_BPF_OBJECT")]
+    pub bpf_object: Option<PathBuf>,
+    /// Destination ports never redirected (repeatable).
+    #[arg(long = "exclude-port")]
+    pub exclude_ports: Vec<u16>,
+    /// `/metrics` and `/healthz/ready`.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, default_value_t = 5000)]
+    pub connect_timeout_ms: u64,
+    /// Control server (`https://host:15012`, with --ca-bundle). Without it
+    /// the agent only carries connections to their original destinations.
+    #[arg(long, env = "MESH_CONTROL_ADDR")]
+    pub control_addr: Option<String>,
+    /// This node's bootstrap token for the control server: it gets the node
+    /// its first certificate, which authenticates the agent from then on.
+    #[arg(long, requires = "control_addr")]
+    pub token_file: Option<PathBuf>,
+    /// The mesh CA's root (mesh-control's `<ca-dir>/ca.crt`): the control
+    /// server must prove its identity against it.
+    #[arg(long, requires = "control_addr")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Trust domain of the mesh's SPIFFE IDs.
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Where the last good configuration is kept, so a restart during a
+    /// control-server outage still serves it.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Port on the agent address that nothing listens on: connects to a VIP
+    /// port no Service owns are sent here and refused.
+    #[arg(long, default_value_t = ports::REFUSAL)]
+    pub refusal_port: u16,
+    /// Inbound tunnel listener: mutual TLS from other nodes' agents.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    pub tunnel_addr: SocketAddr,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let mut stop = StopSignals::register().context("registering signal handlers")?;
+    raise_nofile_limit();
+    let object = bpf_object(args.bpf_object.as_deref())?;
+    let outbound_addr = SocketAddrV4::new(args.agent_ip, args.outbound_port);
+    // Listen before attaching, so no redirected connect finds the port closed.
+    let outbound = listen(SocketAddr::V4(outbound_addr))
+        .with_context(|| format!("binding outbound listener {outbound_addr}"))?;
+    let telemetry = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding metrics listener {}", args.metrics_addr))?;
+    if let Some(dir) = args.admin_socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&args.admin_socket);
+    let admin_listener = UnixListener::bind(&args.admin_socket)
+        .with_context(|| format!("binding admin socket {}", args.admin_socket.display()))?;
+
+    let settings = redirect::Settings {
+        object,
+        cgroup_root: args.cgroup_root.clone(),
+        pin_dir: args.bpf_pin_dir.clone(),
+        outbound: outbound_addr,
+        agent_cgroup_id: redirect::own_cgroup_id().context("finding the agent's own cgroup")?,
+        excluded_ports: args.exclude_ports.clone(),
+        refusal_port: args.refusal_port,
+    };
+    let redirect = Arc::new(Redirect::attach(&settings).context("attaching kernel programs")?);
+    let workloads = Workloads::new(args.cgroup_root.clone(), redirect.clone());
+    let metrics = Arc::new(Metrics::default());
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let connections = Arc::new(ConnectionTable::new(1024));
+
+    let (config, sync, discovery, identity) = match &args.control_addr {
+        Some(addr) => {
+            let token = args.token_file.as_deref().map(read_token).transpose()?;
+            let connector = Arc::new(AgentConnector::new(
+                addr,
+                &args.node,
+                &args.trust_domain,
+                token,
+                args.ca_bundle.clone(),
+            )?);
+            let kernel = redirect.clone();
+            let install: discovery::Install = Box::new(move |state: &State| {
+                kernel
+                    .sync_services(&state.services.addresses())
+                    .and_then(|()| kernel.sync_strict(&state.strict_ips()))
+                    .map_err(|e| e.to_string())
+            });
+            let (d, rx, sync) = Discovery::new(
+                discovery::Settings {
+                    ctx: StateContext {
+                        node: args.node.clone(),
+                        agent_ip: args.agent_ip,
+                        trust_domain: args.trust_domain.clone(),
+                    },
+                    connector: connector.clone(),
+                    cache_dir: args.cache_dir.clone(),
+                },
+                install,
+            )?;
+            // Certificates come from a control server with a CA (over TLS).
+            let identity = connector.target().is_tls().then(|| {
+                let settings = certs::Settings {
+                    node: args.node.clone(),
+                    cache_dir: args.cache_dir.clone(),
+                };
+                Manager::new(settings, connector, rx.clone())
+            });
+            (rx, Some(sync), Some(d), identity)
+        }
+        None => {
+            // No control server: an empty table, so everything passes through.
+            // (A receiver keeps its last value after the sender is gone.)
+            let (_, rx) = tokio::sync::watch::channel(Arc::new(State::default()));
+            (rx, None, None, None)
+        }
+    };
+    let (identity, tls_material, identity_status): (Option<Manager>, Option<TlsMaterial>, _) =
+        match identity {
+            Some((m, material, status)) => {
+                m.metrics().register(&mut registry);
+                (Some(m), Some(material), Some(status))
+            }
+            None => (None, None, None),
+        };
+    let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
+    let tunnel = tls_material
+        .clone()
+        .map(|m| Arc::new(TunnelClient::new(m, metrics.clone(), connect_timeout)));
+    let inbound = match tls_material {
+        Some(creds) => {
+            let listener = tokio::net::TcpListener::bind(args.tunnel_addr)
+                .await
+                .with_context(|| format!("binding tunnel listener {}", args.tunnel_addr))?;
+            Some((
+                Arc::new(Inbound {
+                    creds,
+                    metrics: metrics.clone(),
+                    state: config.clone(),
+                    connect_timeout,
+                }),
+                listener,
+            ))
+        }
+        None => None,
+    };
+
+    let proxy = Arc::new(Outbound {
+        redirect: redirect.clone(),
+        workloads: workloads.clone(),
+        metrics: metrics.clone(),
+        connections: connections.clone(),
+        connect_timeout,
+        state: config.clone(),
+        tunnel,
+    });
+    let state = Arc::new(admin::State {
+        node: args.node.clone(),
+        started: Instant::now(),
+        redirect: redirect.clone(),
+        workloads,
+        metrics,
+        registry,
+        connections,
+        sync,
+        config,
+        identity: identity_status,
+    });
+    let mut tasks = vec![
+        tokio::spawn(proxy.run(outbound)),
+        tokio::spawn(admin::serve_admin(admin_listener, state.clone())),
+        tokio::spawn(admin::serve_telemetry(telemetry, state.clone())),
+    ];
+    if let Some(d) = discovery {
+        tasks.push(tokio::spawn(d.run()));
+    }
+    if let Some(m) = identity {
+        tasks.push(tokio::spawn(m.run()));
+    }
+    if let Some((server, listener)) = inbound {
+        tasks.push(tokio::spawn(server.run(listener)));
+    }
+    info!(node = %args.node, outbound = %outbound_addr, admin = %args.admin_socket.display(), "agent ready");
+
+    stop.recv().await;
+    info!("shutting down");
+    for t in tasks {
+        t.abort();
+    }
+    drop(state);
+    redirect.detach();
+    let _ = std::fs::remove_file(&args.admin_socket);
+    Ok(())
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Registered before anything can report the agent ready, so a stop signal
+/// that follows readiness always gets a clean shutdown (links unpinned).
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn register() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+fn bpf_object(explicit: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_owned());
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("binary has no directory")?;
+    let candidates = [
+        dir.join("mesh-ebpf.o"),
+        dir.join("../bpf/mesh-ebpf.o"),
+        PathBuf::from("/usr/lib/mesh/mesh-ebpf.o"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "no eBPF object found (looked at {candidates:?}); run `cargo xtask build-ebpf` or pass --bpf-object"
+            )
+        })
+}

@@ -1,0 +1,19 @@
+//! The node agent. Its modules follow a connection:
+//!
+//! - [`redirect`]: the kernel programs that send an enrolled pod's connects
+//!   to the agent, their maps, and the enrolment of pods;
+//! - [`state`]: the typed configuration snapshot the data path reads, and
+//!   the discovery client that keeps it current;
+//! - [`proxy`]: the outbound listener, route planning, the mTLS tunnel to
+//!   other agents, the inbound tunnel listener and the byte copy;
+//! - [`certs`]: the workload and node certificates the tunnel presents;
+//! - [`telemetry`]: metrics and the connection table;
+//! - [`admin`]: the admin API for `meshctl`, `/metrics` and readiness;
+//! - [`app`]: the wiring of `mesh-agent`.
+pub mod admin;
+pub mod app;
+pub mod certs;
+pub mod proxy;
+pub mod redirect;
+pub mod state;
+pub mod telemetry;

@@ -1,0 +1,167 @@
+//! Inbound tunnel listener (:15008): mutual TLS from peer agents, HTTP/2
+//! CONNECT streams to this node's workloads. The client certificate's
+//! identity is the source of every stream on the connection.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_api::{
+    identity::{self, SpiffeId},
+    serve::accept_loop,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::{
+    proxy::{Locked, tunnel::Credentials},
+    state::StateRx,
+    telemetry::{InboundResult, Metrics, TunnelSide},
+};
+
+/// Concurrent CONNECT streams one tunnel connection may carry.
+pub const MAX_STREAMS: u32 = 16384;
+
+pub struct Inbound {
+    pub creds: Credentials,
+    pub metrics: Arc<Metrics>,
+    /// CONNECT targets must be workloads of this node in the newest state.
+    pub state: StateRx,
+    pub connect_timeout: Duration,
+}
+
+impl Inbound {
+    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        accept_loop("inbound tunnel", listener, move |socket, peer| {
+            let this = self.clone();
+            async move { this.serve(socket).await }.instrument(info_span!("inbound", %peer))
+        })
+        .await
+    }
+
+    async fn serve(self: Arc<Self>, socket: TcpStream) {
+        let _ = socket.set_nodelay(true);
+        let Some(bundle) = self.creds.bundle.borrow().clone() else {
+            self.metrics
+                .tunnel_handshake(TunnelSide::Inbound, "no_trust_bundle");
+            return;
+        };
+        let config = match identity::server_config_by_sni(
+            &self.creds.store,
+            &self.creds.trust_domain,
+            &bundle,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "tunnel TLS configuration");
+                return;
+            }
+        };
+        let tls = match tokio_rustls::TlsAcceptor::from(config).accept(socket).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                let reason = identity::tls_error(&e).map_or("other", identity::refusal_reason);
+                self.metrics.tunnel_handshake(TunnelSide::Inbound, reason);
+                warn!(reason, error = %e, "tunnel handshake refused");
+                return;
+            }
+        };
+        let source = match identity::peer_identity(tls.get_ref().1) {
+            Ok(id) => id,
+            Err(refusal) => {
+                self.metrics
+                    .tunnel_handshake(TunnelSide::Inbound, refusal.reason());
+                return;
+            }
+        };
+        self.metrics.tunnel_handshake(TunnelSide::Inbound, "ok");
+        debug!(%source, "tunnel connection accepted");
+        let this = self.clone();
+        let svc = service_fn(move |req| {
+            let this = this.clone();
+            let source = source.clone();
+            async move { Ok::<_, Infallible>(this.connect(req, source).await) }
+        });
+        if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(8 << 20)
+            // Every pooled connection carries all of its pair's connections;
+            // a low limit would queue (or deadlock) idle-but-open ones.
+            .max_concurrent_streams(MAX_STREAMS)
+            .serve_connection(TokioIo::new(tls), svc)
+            .await
+        {
+            debug!(error = %e, "tunnel connection ended");
+        }
+    }
+
+    /// One CONNECT stream: dial the local workload, then pump bytes.
+    async fn connect(&self, req: Request<Incoming>, source: SpiffeId) -> Response<Empty<Bytes>> {
+        if req.method() != Method::CONNECT {
+            return status(StatusCode::METHOD_NOT_ALLOWED);
+        }
+        let Some(target) = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+            .and_then(|a| match a {
+                SocketAddr::V4(v4) => Some(v4),
+                SocketAddr::V6(_) => None,
+            })
+        else {
+            return status(StatusCode::BAD_REQUEST);
+        };
+        if !self.state.borrow().is_local(*target.ip()) {
+            self.metrics.inbound_stream(InboundResult::NotLocalWorkload);
+            warn!(%source, %target, "CONNECT to an address that is not a workload of this node");
+            return status(StatusCode::FORBIDDEN);
+        }
+        let upstream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    self.metrics.inbound_stream(InboundResult::ConnectFailed);
+                    debug!(%target, error = %e, "workload connect failed");
+                    return status(StatusCode::BAD_GATEWAY);
+                }
+                Err(_) => {
+                    self.metrics.inbound_stream(InboundResult::ConnectFailed);
+                    return status(StatusCode::GATEWAY_TIMEOUT);
+                }
+            };
+        let _ = upstream.set_nodelay(true);
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(u) => u,
+                Err(e) => {
+                    debug!(error = %e, "CONNECT upgrade failed");
+                    return;
+                }
+            };
+            metrics.inbound_stream(InboundResult::Forwarded);
+            let (a, b) = (
+                std::sync::atomic::AtomicU64::new(0),
+                std::sync::atomic::AtomicU64::new(0),
+            );
+            let mut upstream = upstream;
+            let mut tunnel = Locked(TokioIo::new(upgraded));
+            if let Err(e) =
+                crate::proxy::copy_bidirectional(&mut tunnel, &mut upstream, &a, &b).await
+            {
+                debug!(%source, %target, error = %e, "tunnel stream ended with error");
+            }
+        });
+        status(StatusCode::OK)
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    Response::builder()
+        .status(code)
+        .body(Empty::new())
+        .expect("static response")
+}

@@ -1,0 +1,192 @@
+//! Outbound listener (:15001): accepts only connections the kernel
+//! redirected, recovers their original destination and source pod from the
+//! kernel's record, has [`route::plan`] decide over one state snapshot, and
+//! carries them there. Only I/O lives here.
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use mesh_api::serve::accept_loop;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{Instrument, debug, info_span};
+
+use crate::{
+    proxy::{
+        Locked, copy_bidirectional,
+        route::{self, Route, Via},
+        tunnel::{self, TunnelClient},
+    },
+    redirect::{Recorded, Redirect, enrolment::Workloads},
+    state::StateRx,
+    telemetry::{ConnectionResult, ConnectionTable, Direction, DirectionLabels, Metrics},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connection from {peer} to {local} was not redirected by the kernel")]
+    NotRedirected { peer: SocketAddr, local: SocketAddr },
+    #[error("connecting to {dst}: {source}")]
+    Connect {
+        dst: SocketAddrV4,
+        source: std::io::Error,
+    },
+    #[error("connecting to {0}: timed out")]
+    ConnectTimeout(SocketAddrV4),
+    #[error("destination {0} needs mutual TLS, but this agent has no certificates")]
+    NoTunnel(SocketAddrV4),
+    #[error(transparent)]
+    Tunnel(#[from] tunnel::Error),
+}
+
+pub struct Outbound {
+    pub redirect: Arc<Redirect>,
+    pub workloads: Workloads,
+    pub metrics: Arc<Metrics>,
+    pub connections: Arc<ConnectionTable>,
+    pub connect_timeout: Duration,
+    /// Distributed configuration; each connection reads the newest.
+    pub state: StateRx,
+    /// The tunnel to other nodes' agents; `None` without certificates.
+    pub tunnel: Option<Arc<TunnelClient>>,
+}
+
+impl Outbound {
+    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        accept_loop("outbound", listener, move |socket, peer| {
+            let this = self.clone();
+            async move { this.serve(socket, peer).await }.instrument(info_span!("outbound", %peer))
+        })
+        .await
+    }
+
+    async fn serve(&self, socket: TcpStream, peer: SocketAddr) {
+        let _ = socket.set_nodelay(true);
+        let recorded = match self.recorded(&socket, peer) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.connection(ConnectionResult::NotRedirected);
+                debug!(error = %e, "refused");
+                refuse(socket);
+                return;
+            }
+        };
+        let src_pod = self.workloads.by_cgroup(recorded.cgroup_id);
+        let mut tracked = self.connections.open(
+            src_pod.clone(),
+            recorded.cgroup_id,
+            peer,
+            SocketAddr::V4(recorded.orig_dst),
+        );
+        debug!(src_pod = ?src_pod, dst = %recorded.orig_dst, "accepted");
+        let planned = {
+            let state = self.state.borrow().clone();
+            route::plan(
+                &state,
+                src_pod.as_deref(),
+                recorded.orig_dst,
+                self.tunnel.is_some(),
+            )
+        };
+        let route = match planned {
+            Ok(r) => r,
+            Err(refusal) => {
+                self.metrics.connection(refusal.result());
+                debug!(error = %refusal, "refused by the route plan");
+                tracked.error = Some(refusal.to_string());
+                refuse(socket);
+                return;
+            }
+        };
+        tracked.set_upstream(route.service.clone(), SocketAddr::V4(route.dst));
+        let upstream = match self.open(route).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.connection(ConnectionResult::ConnectFailed);
+                debug!(error = %e, "upstream connect failed");
+                tracked.error = Some(e.to_string());
+                refuse(socket);
+                return;
+            }
+        };
+        self.metrics.outbound_active.inc();
+        let (sent, received) = (&tracked.live.sent, &tracked.live.received);
+        let mut client = socket;
+        let outcome = match upstream {
+            Upstream::Direct(mut s) => {
+                copy_bidirectional(&mut client, &mut s, sent, received).await
+            }
+            Upstream::Tunnel(s) => {
+                let mut s = Locked(s);
+                copy_bidirectional(&mut client, &mut s, sent, received).await
+            }
+        };
+        self.metrics.outbound_active.dec();
+        let (sent, received) = (
+            tracked.live.sent.load(Ordering::Relaxed),
+            tracked.live.received.load(Ordering::Relaxed),
+        );
+        for (direction, n) in [(Direction::Sent, sent), (Direction::Received, received)] {
+            self.metrics
+                .outbound_bytes
+                .get_or_create(&DirectionLabels { direction })
+                .inc_by(n);
+        }
+        match outcome {
+            Ok(()) => self.metrics.connection(ConnectionResult::Forwarded),
+            Err(e) => {
+                self.metrics.connection(ConnectionResult::Error);
+                debug!(error = %e, sent, received, "connection ended with error");
+                tracked.error = Some(e.to_string());
+            }
+        }
+    }
+
+    async fn open(&self, route: Route) -> Result<Upstream, Error> {
+        match route.via {
+            Via::Direct => self.connect(route.dst).await.map(Upstream::Direct),
+            Via::Tunnel(key) => {
+                let tunnel = self.tunnel.as_ref().ok_or(Error::NoTunnel(route.dst))?;
+                Ok(Upstream::Tunnel(tunnel.connect(&key, route.dst).await?))
+            }
+        }
+    }
+
+    fn recorded(&self, socket: &TcpStream, peer: SocketAddr) -> Result<Recorded, Error> {
+        let local = socket.local_addr().ok();
+        match (peer, local) {
+            (SocketAddr::V4(p), Some(SocketAddr::V4(l))) => self
+                .redirect
+                .take_recorded(p, l)
+                .ok_or(Error::NotRedirected {
+                    peer,
+                    local: SocketAddr::V4(l),
+                }),
+            (_, l) => Err(Error::NotRedirected {
+                peer,
+                local: l.unwrap_or(peer),
+            }),
+        }
+    }
+
+    async fn connect(&self, dst: SocketAddrV4) -> Result<TcpStream, Error> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst))
+            .await
+            .map_err(|_| Error::ConnectTimeout(dst))?
+            .map_err(|source| Error::Connect { dst, source })?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+enum Upstream {
+    Direct(TcpStream),
+    Tunnel(tunnel::Stream),
+}
+
+/// Closes with a reset, so the client sees a refusal rather than an empty reply.
+fn refuse(socket: TcpStream) {
+    let _ = socket.set_zero_linger();
+    drop(socket);
+}

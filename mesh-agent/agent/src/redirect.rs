@@ -1,0 +1,461 @@
+//! Kernel side of interception: loads the eBPF object, attaches it to the
+//! node's pod cgroup root, and owns the maps the data path reads.
+//!
+//! Links are pinned under the agent's pin directory so that a crashed agent
+//! keeps pods fail-closed (their connects still go to :15001, where nothing
+//! answers) instead of silently bypassing the mesh; the next agent replaces
+//! those stale links rather than stacking a second set.
+pub mod enrolment;
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
+        links::{FdLink, PinnedLink},
+    },
+};
+use mesh_common::{AgentConfig, Decision, OrigDst, TupleKey, VipPort, names};
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read eBPF object {path}: {source}")]
+    ReadObject {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot load eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {name}: link: {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pin directory {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pinning link at {path}: {source}")]
+    PinLink {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+}
+
+/// What the kernel programs need to know about this agent.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub object: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub pin_dir: PathBuf,
+    /// Address pods reach the agent on, and the outbound listener port.
+    pub outbound: SocketAddrV4,
+    pub agent_cgroup_id: u64,
+    pub excluded_ports: Vec<u16>,
+    /// A port on the agent address where nothing listens (see `AgentConfig`).
+    pub refusal_port: u16,
+}
+
+struct Maps {
+    enrolled: HashMap<MapData, u64, u32>,
+    tuples: HashMap<MapData, TupleKey, OrigDst>,
+    vips: HashMap<MapData, u32, u32>,
+    vip_ports: HashMap<MapData, VipPort, u32>,
+    /// What the kernel holds now, so updates only write the difference.
+    programmed: BTreeSet<SocketAddrV4>,
+    strict: HashMap<MapData, u32, u32>,
+    strict_programmed: BTreeSet<Ipv4Addr>,
+}
+
+pub struct Redirect {
+    // Programs live as long as this; dropped last.
+    _ebpf: Ebpf,
+    maps: Mutex<Maps>,
+    decisions: PerCpuArray<MapData, u64>,
+    pins: Vec<PathBuf>,
+}
+
+/// Original destination of a redirected connection, as the kernel recorded it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    pub orig_dst: SocketAddrV4,
+    pub cgroup_id: u64,
+}
+
+const PIN_CONNECT4: &str = "connect4_link";
+const PIN_SOCK_OPS: &str = "sock_ops_link";
+const PIN_STRICT: &str = "strict_ingress_link";
+
+impl Redirect {
+    pub fn attach(settings: &Settings) -> Result<Self, Error> {
+        let bytes = fs::read(&settings.object).map_err(|source| Error::ReadObject {
+            path: settings.object.clone(),
+            source,
+        })?;
+        let mut ebpf = Ebpf::load(&bytes)?;
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_log_reader(logger),
+            Err(e) => warn!(error = %e, "kernel log channel unavailable"),
+        }
+
+        let mut config: Array<MapData, AgentConfig> = take_map(&mut ebpf, names::CONFIG)?;
+        let cfg = AgentConfig {
+            agent_ip4: u32::from_ne_bytes(settings.outbound.ip().octets()),
+            outbound_port: u32::from(settings.outbound.port().to_be()),
+            agent_cgroup_id: settings.agent_cgroup_id,
+            configured: 1,
+            refusal_port: u32::from(settings.refusal_port.to_be()),
+        };
+        config.set(0, cfg, 0).map_err(|source| Error::Map {
+            name: names::CONFIG,
+            source,
+        })?;
+        let mut excluded: HashMap<MapData, u32, u32> = take_map(&mut ebpf, names::EXCLUDED_PORTS)?;
+        for port in &settings.excluded_ports {
+            excluded
+                .insert(u32::from(*port), 1, 0)
+                .map_err(|source| Error::Map {
+                    name: names::EXCLUDED_PORTS,
+                    source,
+                })?;
+        }
+        let enrolled = take_map(&mut ebpf, names::ENROLLED)?;
+        let tuples = take_map(&mut ebpf, names::ORIG_BY_TUPLE)?;
+        let decisions = take_map(&mut ebpf, names::DECISIONS)?;
+        let vips = take_map(&mut ebpf, names::SERVICE_VIPS)?;
+        let vip_ports = take_map(&mut ebpf, names::SERVICE_PORTS)?;
+        let strict = take_map(&mut ebpf, names::STRICT_PODS)?;
+
+        let cgroup = fs::File::open(&settings.cgroup_root).map_err(|source| Error::Cgroup {
+            path: settings.cgroup_root.clone(),
+            source,
+        })?;
+        fs::create_dir_all(&settings.pin_dir).map_err(|source| Error::Pin {
+            path: settings.pin_dir.clone(),
+            source,
+        })?;
+        let connect4_pin = settings.pin_dir.join(PIN_CONNECT4);
+        let sock_ops_pin = settings.pin_dir.join(PIN_SOCK_OPS);
+        let strict_pin = settings.pin_dir.join(PIN_STRICT);
+        // Replace, never stack: a previous agent's links go before ours attach.
+        for pin in [&connect4_pin, &sock_ops_pin, &strict_pin] {
+            release_stale(pin);
+        }
+
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, names::PROG_CONNECT4)?;
+        prog.load().map_err(prog_err(names::PROG_CONNECT4))?;
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(prog_err(names::PROG_CONNECT4))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(prog_err(names::PROG_CONNECT4))?
+            .try_into()
+            .map_err(|source| Error::Link {
+                name: names::PROG_CONNECT4,
+                source,
+            })?;
+        pin_link(link, &connect4_pin)?;
+
+        let prog: &mut SockOps = program(&mut ebpf, names::PROG_SOCK_OPS)?;
+        prog.load().map_err(prog_err(names::PROG_SOCK_OPS))?;
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(prog_err(names::PROG_SOCK_OPS))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(prog_err(names::PROG_SOCK_OPS))?
+            .try_into()
+            .map_err(|source| Error::Link {
+                name: names::PROG_SOCK_OPS,
+                source,
+            })?;
+        pin_link(link, &sock_ops_pin)?;
+
+        let prog: &mut CgroupSkb = program(&mut ebpf, names::PROG_STRICT_INGRESS)?;
+        prog.load().map_err(prog_err(names::PROG_STRICT_INGRESS))?;
+        let id = prog
+            .attach(
+                &cgroup,
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(prog_err(names::PROG_STRICT_INGRESS))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(prog_err(names::PROG_STRICT_INGRESS))?
+            .try_into()
+            .map_err(|source| Error::Link {
+                name: names::PROG_STRICT_INGRESS,
+                source,
+            })?;
+        pin_link(link, &strict_pin)?;
+        info!(cgroup = %settings.cgroup_root.display(), "redirect attached");
+
+        Ok(Self {
+            _ebpf: ebpf,
+            maps: Mutex::new(Maps {
+                enrolled,
+                tuples,
+                vips,
+                vip_ports,
+                programmed: BTreeSet::new(),
+                strict,
+                strict_programmed: BTreeSet::new(),
+            }),
+            decisions,
+            pins: vec![connect4_pin, sock_ops_pin, strict_pin],
+        })
+    }
+
+    pub fn enroll(&self, cgroup_id: u64) -> Result<(), Error> {
+        self.lock()
+            .enrolled
+            .insert(cgroup_id, 1, 0)
+            .map_err(|source| Error::Map {
+                name: names::ENROLLED,
+                source,
+            })
+    }
+
+    pub fn unenroll(&self, cgroup_id: u64) -> Result<(), Error> {
+        match self.lock().enrolled.remove(&cgroup_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(Error::Map {
+                name: names::ENROLLED,
+                source,
+            }),
+        }
+    }
+
+    /// Takes the kernel's record of an accepted connection; `None` means the
+    /// kernel never redirected it.
+    pub fn take_recorded(&self, peer: SocketAddrV4, local: SocketAddrV4) -> Option<Recorded> {
+        let key = TupleKey {
+            src_ip4: u32::from_ne_bytes(peer.ip().octets()),
+            dst_ip4: u32::from_ne_bytes(local.ip().octets()),
+            src_port: u32::from(peer.port()),
+            dst_port: u32::from(local.port()),
+        };
+        let mut maps = self.lock();
+        let orig = maps.tuples.get(&key, 0).ok()?;
+        let _ = maps.tuples.remove(&key);
+        Some(Recorded {
+            orig_dst: SocketAddrV4::new(
+                Ipv4Addr::from(orig.ip4.to_ne_bytes()),
+                u16::from_be(orig.port as u16),
+            ),
+            cgroup_id: orig.cgroup_id,
+        })
+    }
+
+    /// Makes the kernel's Service (VIP, port) set equal to `wanted`: connects
+    /// to a known VIP on any other port are then refused in the kernel.
+    pub fn sync_services(&self, wanted: &BTreeSet<SocketAddrV4>) -> Result<(), Error> {
+        let mut maps = self.lock();
+        let map_err = |name| move |source| Error::Map { name, source };
+        let ip_key = |a: &SocketAddrV4| u32::from_ne_bytes(a.ip().octets());
+        let port_key = |a: &SocketAddrV4| VipPort {
+            ip4: ip_key(a),
+            port: u32::from(a.port()),
+        };
+        let wanted_vips: BTreeSet<u32> = wanted.iter().map(ip_key).collect();
+        let stale: Vec<SocketAddrV4> = maps.programmed.difference(wanted).copied().collect();
+        for a in &stale {
+            match maps.vip_ports.remove(&port_key(a)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(names::SERVICE_PORTS)(e)),
+            }
+            maps.programmed.remove(a);
+            if !wanted_vips.contains(&ip_key(a)) {
+                let _ = maps.vips.remove(&ip_key(a));
+            }
+        }
+        let new: Vec<SocketAddrV4> = wanted.difference(&maps.programmed).copied().collect();
+        for a in new {
+            maps.vips
+                .insert(ip_key(&a), 1, 0)
+                .map_err(map_err(names::SERVICE_VIPS))?;
+            maps.vip_ports
+                .insert(port_key(&a), 1, 0)
+                .map_err(map_err(names::SERVICE_PORTS))?;
+            maps.programmed.insert(a);
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel's set of STRICT pods equal to `wanted`: plaintext
+    /// connection attempts into them that do not come from this agent are
+    /// dropped.
+    pub fn sync_strict(&self, wanted: &BTreeSet<Ipv4Addr>) -> Result<(), Error> {
+        let mut maps = self.lock();
+        let key = |ip: &Ipv4Addr| u32::from_ne_bytes(ip.octets());
+        let stale: Vec<Ipv4Addr> = maps.strict_programmed.difference(wanted).copied().collect();
+        for ip in stale {
+            let _ = maps.strict.remove(&key(&ip));
+            maps.strict_programmed.remove(&ip);
+        }
+        let new: Vec<Ipv4Addr> = wanted
+            .difference(&maps.strict_programmed)
+            .copied()
+            .collect();
+        for ip in new {
+            maps.strict
+                .insert(key(&ip), 1, 0)
+                .map_err(|source| Error::Map {
+                    name: names::STRICT_PODS,
+                    source,
+                })?;
+            maps.strict_programmed.insert(ip);
+        }
+        Ok(())
+    }
+
+    /// Kernel decision counters, summed over CPUs.
+    pub fn decisions(&self) -> Vec<(Decision, u64)> {
+        Decision::ALL
+            .iter()
+            .map(|d| {
+                let total = self
+                    .decisions
+                    .get(&(*d as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (*d, total)
+            })
+            .collect()
+    }
+
+    /// Unpins and detaches every program; the cgroup is left as we found it.
+    pub fn detach(&self) {
+        for pin in &self.pins {
+            release_stale(pin);
+        }
+        info!("redirect detached");
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The cgroup id the kernel reports for a cgroup v2 directory is its inode.
+pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
+    Ok(fs::metadata(path)?.ino())
+}
+
+/// cgroup id of this process's own cgroup v2 directory.
+pub fn own_cgroup_id() -> std::io::Result<u64> {
+    let rel = fs::read_to_string("/proc/self/cgroup")?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        .ok_or_else(|| std::io::Error::other("no cgroup v2 entry in /proc/self/cgroup"))?;
+    let root = cgroup2_mount()?;
+    cgroup_id(&root.join(rel.trim_start_matches('/')))
+}
+
+/// Where cgroup v2 is mounted, from /proc/mounts (hybrid hosts mount it at
+/// /sys/fs/cgroup/unified, pure v2 hosts at /sys/fs/cgroup).
+pub fn cgroup2_mount() -> std::io::Result<PathBuf> {
+    fs::read_to_string("/proc/mounts")?
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .ok_or_else(|| std::io::Error::other("cgroup2 is not mounted"))
+}
+
+fn release_stale(pin: &Path) {
+    if !pin.exists() {
+        return;
+    }
+    match PinnedLink::from_pin(pin).map(PinnedLink::unpin) {
+        Ok(Ok(link)) => {
+            drop(link);
+            info!(pin = %pin.display(), "released pinned link");
+        }
+        Ok(Err(e)) => warn!(pin = %pin.display(), error = %e, "cannot unpin link"),
+        Err(e) => {
+            warn!(pin = %pin.display(), error = %e, "not a link; removing");
+            let _ = fs::remove_file(pin);
+        }
+    }
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<(), Error> {
+    // The pin keeps the link; our fd can close.
+    link.pin(path).map(drop).map_err(|source| Error::PinLink {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+    T::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+    prog.try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
+    move |source| Error::Program { name, source }
+}
+
+fn spawn_log_reader(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    tokio::spawn(async move {
+        // SAFETY: the logger owns its ring buffer's fd for its whole life and
+        // always reports that same fd; the AsyncFd owns the logger.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let Ok(mut fd) = registered else {
+            return;
+        };
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

@@ -1,0 +1,277 @@
+//! Service virtual IPs and the choice of an endpoint behind them. Pure: built
+//! from the distributed Services, read by the data path, no I/O.
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use mesh_api::pb as api;
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("Service {service}: field vips: {value:?} is not an IPv4 address")]
+    BadVip { service: String, value: String },
+    #[error("Service {service}: vip {vip} is this agent's own address")]
+    AgentAddress { service: String, vip: Ipv4Addr },
+    #[error("Service {service}: field ports: {value} is not a port")]
+    BadPort { service: String, value: u32 },
+    #[error("Service {service}: endpoint {workload}: ip {value:?} is not an IPv4 address")]
+    BadEndpoint {
+        service: String,
+        workload: String,
+        value: String,
+    },
+    #[error("Services {first} and {second} both claim {addr}")]
+    Conflict {
+        first: String,
+        second: String,
+        addr: SocketAddrV4,
+    },
+}
+
+/// One Service port: where connections to VIP:port may go.
+#[derive(Debug)]
+pub struct Backend {
+    /// `namespace/name`
+    pub service: String,
+    pub endpoints: Vec<Endpoint>,
+    next: AtomicUsize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub workload: String,
+    pub addr: SocketAddrV4,
+    pub ready: bool,
+}
+
+impl Backend {
+    /// Round robin over ready endpoints; `None` when none is ready.
+    pub fn pick(&self) -> Option<&Endpoint> {
+        let ready = self.endpoints.iter().filter(|e| e.ready).count();
+        if ready == 0 {
+            return None;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % ready;
+        self.endpoints.iter().filter(|e| e.ready).nth(n)
+    }
+}
+
+/// What a redirected connection's original destination is.
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    Service(&'a Backend),
+    /// A VIP, but no Service owns this port.
+    UnknownPort,
+    /// Not a Service address: carried to the destination as it is.
+    Passthrough,
+}
+
+#[derive(Debug, Default)]
+pub struct ServiceTable {
+    by_addr: HashMap<SocketAddrV4, Backend>,
+    vips: BTreeSet<Ipv4Addr>,
+}
+
+impl ServiceTable {
+    /// Builds the table, rejecting anything this agent cannot serve.
+    pub fn build<'a>(
+        services: impl IntoIterator<Item = &'a api::Service>,
+        agent_ip: Ipv4Addr,
+    ) -> Result<Self, Error> {
+        let mut table = ServiceTable::default();
+        for svc in services {
+            let id = format!("{}/{}", svc.namespace, svc.name);
+            let mut endpoints = Vec::with_capacity(svc.endpoints.len());
+            for ep in &svc.endpoints {
+                let ip: Ipv4Addr = ep.ip.parse().map_err(|_| Error::BadEndpoint {
+                    service: id.clone(),
+                    workload: ep.workload.clone(),
+                    value: ep.ip.clone(),
+                })?;
+                endpoints.push((ep.workload.clone(), ip, ep.ready));
+            }
+            for vip in &svc.vips {
+                let vip: Ipv4Addr = vip.parse().map_err(|_| Error::BadVip {
+                    service: id.clone(),
+                    value: vip.clone(),
+                })?;
+                if vip == agent_ip {
+                    return Err(Error::AgentAddress { service: id, vip });
+                }
+                table.vips.insert(vip);
+                for port in &svc.ports {
+                    let (Ok(p), Ok(target)) =
+                        (u16::try_from(port.port), u16::try_from(port.target_port))
+                    else {
+                        return Err(Error::BadPort {
+                            service: id,
+                            value: port.port.max(port.target_port),
+                        });
+                    };
+                    if p == 0 || target == 0 {
+                        return Err(Error::BadPort {
+                            service: id,
+                            value: 0,
+                        });
+                    }
+                    let addr = SocketAddrV4::new(vip, p);
+                    if let Some(existing) = table.by_addr.get(&addr) {
+                        return Err(Error::Conflict {
+                            first: existing.service.clone(),
+                            second: id,
+                            addr,
+                        });
+                    }
+                    let endpoints = endpoints
+                        .iter()
+                        .map(|(workload, ip, ready)| Endpoint {
+                            workload: workload.clone(),
+                            addr: SocketAddrV4::new(*ip, target),
+                            ready: *ready,
+                        })
+                        .collect();
+                    table.by_addr.insert(
+                        addr,
+                        Backend {
+                            service: id.clone(),
+                            endpoints,
+                            next: AtomicUsize::new(0),
+                        },
+                    );
+                }
+            }
+        }
+        Ok(table)
+    }
+
+    pub fn lookup(&self, dst: SocketAddrV4) -> Lookup<'_> {
+        match self.by_addr.get(&dst) {
+            Some(b) => Lookup::Service(b),
+            None if self.vips.contains(dst.ip()) => Lookup::UnknownPort,
+            None => Lookup::Passthrough,
+        }
+    }
+
+    /// Every (VIP, port) some Service owns: what the kernel must know.
+    pub fn addresses(&self) -> BTreeSet<SocketAddrV4> {
+        self.by_addr.keys().copied().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_addr.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_addr.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, vip: &str, port: u32, eps: &[(&str, &str, bool)]) -> api::Service {
+        api::Service {
+            name: name.into(),
+            namespace: "default".into(),
+            vips: vec![vip.into()],
+            ports: vec![api::ServicePort {
+                name: "tcp".into(),
+                port,
+                target_port: 7000,
+                app_protocol: "tcp".into(),
+            }],
+            selector: Default::default(),
+            endpoints: eps
+                .iter()
+                .map(|(w, ip, ready)| api::Endpoint {
+                    workload: (*w).into(),
+                    ip: (*ip).into(),
+                    node: "n1".into(),
+                    ready: *ready,
+                })
+                .collect(),
+        }
+    }
+
+    const AGENT: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 1);
+
+    #[test]
+    fn round_robin_over_ready_endpoints_only() {
+        let s = svc(
+            "echo",
+            "198.18.100.1",
+            80,
+            &[
+                ("a", "198.19.1.11", true),
+                ("b", "198.19.2.11", false),
+                ("c", "198.19.3.11", true),
+            ],
+        );
+        let t = ServiceTable::build([&s], AGENT).unwrap();
+        let Lookup::Service(b) = t.lookup("198.18.100.1:80".parse().unwrap()) else {
+            panic!("VIP:port must resolve to the Service");
+        };
+        let picks: Vec<_> = (0..4).map(|_| b.pick().unwrap().workload.clone()).collect();
+        assert_eq!(picks, ["a", "c", "a", "c"]);
+        assert_eq!(b.pick().unwrap().addr.port(), 7000, "target port is used");
+    }
+
+    #[test]
+    fn no_ready_endpoint_picks_nothing() {
+        let s = svc("echo", "198.18.100.1", 80, &[("a", "198.19.1.11", false)]);
+        let t = ServiceTable::build([&s], AGENT).unwrap();
+        let Lookup::Service(b) = t.lookup("198.18.100.1:80".parse().unwrap()) else {
+            panic!()
+        };
+        assert!(b.pick().is_none());
+    }
+
+    #[test]
+    fn unknown_port_on_a_vip_and_passthrough() {
+        let s = svc("echo", "198.18.100.1", 80, &[]);
+        let t = ServiceTable::build([&s], AGENT).unwrap();
+        assert!(matches!(
+            t.lookup("198.18.100.1:81".parse().unwrap()),
+            Lookup::UnknownPort
+        ));
+        assert!(matches!(
+            t.lookup("198.19.2.11:80".parse().unwrap()),
+            Lookup::Passthrough
+        ));
+        assert_eq!(
+            t.addresses().into_iter().collect::<Vec<_>>(),
+            ["198.18.100.1:80".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn rejects_what_the_agent_cannot_serve() {
+        let own = svc("own", "198.19.1.1", 80, &[]);
+        assert_eq!(
+            ServiceTable::build([&own], AGENT).unwrap_err(),
+            Error::AgentAddress {
+                service: "default/own".into(),
+                vip: AGENT
+            }
+        );
+        let a = svc("a", "198.18.100.1", 80, &[]);
+        let b = svc("b", "198.18.100.1", 80, &[]);
+        assert!(matches!(
+            ServiceTable::build([&a, &b], AGENT),
+            Err(Error::Conflict { .. })
+        ));
+        let bad = svc("bad", "not-an-ip", 80, &[]);
+        assert!(matches!(
+            ServiceTable::build([&bad], AGENT),
+            Err(Error::BadVip { .. })
+        ));
+        let port = svc("port", "198.18.100.2", 70000, &[]);
+        assert!(matches!(
+            ServiceTable::build([&port], AGENT),
+            Err(Error::BadPort { value: 70000, .. })
+        ));
+    }
+}

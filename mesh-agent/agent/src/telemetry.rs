@@ -1,0 +1,323 @@
+//! Metrics (Prometheus, prefix `mesh_`) and the live connection table that
+//! `meshctl` reads through the admin API.
+use std::{
+    collections::{BTreeMap, VecDeque},
+    fmt::{self, Write},
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use mesh_api::admin::{ConnectionState, ConnectionView};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// An enum of label values, each with its exported spelling.
+macro_rules! label_values {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)*
+        }
+
+        impl $name {
+            pub const ALL: &[$name] = &[$($name::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)*
+                }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+                encoder.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+label_values! {
+    /// Outcome of a connection accepted on the outbound listener.
+    ConnectionResult {
+        Forwarded => "forwarded",
+        /// No kernel record: not redirected, so refused.
+        NotRedirected => "refused_not_redirected",
+        ConnectFailed => "upstream_connect_failed",
+        NoReadyEndpoint => "no_ready_endpoint",
+        UnknownServicePort => "unknown_service_port",
+        NoRoute => "no_route",
+        Error => "error",
+    }
+}
+
+label_values! {
+    /// Bytes of a connection: sent is pod to destination.
+    Direction {
+        Sent => "sent",
+        Received => "received",
+    }
+}
+
+label_values! {
+    /// Which side of a tunnel handshake this agent was.
+    TunnelSide {
+        Outbound => "outbound",
+        Inbound => "inbound",
+    }
+}
+
+label_values! {
+    /// Outcome of a CONNECT stream received on the tunnel listener.
+    InboundResult {
+        Forwarded => "forwarded",
+        NotLocalWorkload => "not_local_workload",
+        ConnectFailed => "connect_failed",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: ConnectionResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: TunnelSide,
+    /// `ok`, or the refusal's reason ([`mesh_api::identity::Refusal::reason`]).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InboundLabels {
+    pub result: InboundResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// A kernel decision ([`mesh_common::Decision::name`]).
+    pub reason: &'static str,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub outbound_connections: Family<ResultLabels, Counter>,
+    pub outbound_active: Gauge,
+    pub outbound_bytes: Family<DirectionLabels, Counter>,
+    pub redirect_decisions: Family<ReasonLabels, Counter>,
+    pub tunnel_handshakes: Family<HandshakeLabels, Counter>,
+    pub inbound_streams: Family<InboundLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("mesh_agent");
+        r.register(
+            "outbound_connections",
+            "Connections accepted on the outbound listener, by result",
+            self.outbound_connections.clone(),
+        );
+        r.register(
+            "outbound_active_connections",
+            "Outbound connections open now",
+            self.outbound_active.clone(),
+        );
+        r.register(
+            "outbound_bytes",
+            "Bytes carried by outbound connections (sent: pod to destination)",
+            self.outbound_bytes.clone(),
+        );
+        r.register(
+            "tunnel_handshakes",
+            "mTLS handshakes of the tunnel between agents, by direction and result (ok, or the refusal reason)",
+            self.tunnel_handshakes.clone(),
+        );
+        r.register(
+            "inbound_streams",
+            "CONNECT streams received on the tunnel listener, by result",
+            self.inbound_streams.clone(),
+        );
+        r.register(
+            "redirect_decisions",
+            "Decisions of the kernel programs, by reason",
+            self.redirect_decisions.clone(),
+        );
+    }
+
+    pub fn connection(&self, result: ConnectionResult) {
+        self.outbound_connections
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn tunnel_handshake(&self, direction: TunnelSide, result: &'static str) {
+        self.tunnel_handshakes
+            .get_or_create(&HandshakeLabels { direction, result })
+            .inc();
+    }
+
+    pub fn inbound_stream(&self, result: InboundResult) {
+        self.inbound_streams
+            .get_or_create(&InboundLabels { result })
+            .inc();
+    }
+
+    /// Brings the kernel's counters into the registry (they only grow).
+    pub fn sync_decisions(&self, decisions: &[(mesh_common::Decision, u64)]) {
+        for (d, total) in decisions {
+            let c = self
+                .redirect_decisions
+                .get_or_create(&ReasonLabels { reason: d.name() });
+            let now = c.get();
+            if *total > now {
+                c.inc_by(total - now);
+            }
+        }
+    }
+}
+
+/// One live connection's counters, shared by its copy loops and the table.
+pub struct Live {
+    pub id: u64,
+    pub src_pod: Option<String>,
+    pub src_cgroup_id: u64,
+    pub peer: SocketAddr,
+    pub orig_dst: SocketAddr,
+    pub upstream: OnceLock<(Option<String>, SocketAddr)>,
+    pub started: SystemTime,
+    pub start: Instant,
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+}
+
+impl Live {
+    fn view(&self, state: ConnectionState, error: Option<String>) -> ConnectionView {
+        ConnectionView {
+            id: self.id,
+            src_pod: self.src_pod.clone(),
+            src_cgroup_id: self.src_cgroup_id,
+            peer: self.peer,
+            orig_dst: self.orig_dst,
+            service: self.upstream.get().and_then(|u| u.0.clone()),
+            upstream: self.upstream.get().map(|u| u.1),
+            started_unix_ms: self
+                .started
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            duration_ms: self.start.elapsed().as_millis() as u64,
+            bytes_sent: self.sent.load(Ordering::Relaxed),
+            bytes_received: self.received.load(Ordering::Relaxed),
+            state,
+            error,
+        }
+    }
+}
+
+/// Open connections plus the most recent closed ones.
+pub struct ConnectionTable {
+    next_id: AtomicU64,
+    inner: Mutex<TableInner>,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct TableInner {
+    open: BTreeMap<u64, Arc<Live>>,
+    closed: VecDeque<ConnectionView>,
+}
+
+impl ConnectionTable {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            next_id: AtomicU64::new(1),
+            inner: Mutex::default(),
+            capacity,
+        }
+    }
+
+    pub fn open(
+        self: &Arc<Self>,
+        src_pod: Option<String>,
+        src_cgroup_id: u64,
+        peer: SocketAddr,
+        orig_dst: SocketAddr,
+    ) -> Tracked {
+        let live = Arc::new(Live {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            src_pod,
+            src_cgroup_id,
+            peer,
+            orig_dst,
+            upstream: OnceLock::new(),
+            started: SystemTime::now(),
+            start: Instant::now(),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        });
+        self.lock().open.insert(live.id, live.clone());
+        Tracked {
+            table: self.clone(),
+            live,
+            error: None,
+        }
+    }
+
+    /// Open connections first (oldest first), then closed ones, newest first.
+    pub fn snapshot(&self) -> Vec<ConnectionView> {
+        let inner = self.lock();
+        inner
+            .open
+            .values()
+            .map(|l| l.view(ConnectionState::Open, None))
+            .chain(inner.closed.iter().rev().cloned())
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TableInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Drop guard: however a connection ends, it leaves the open set and is
+/// recorded as closed.
+pub struct Tracked {
+    table: Arc<ConnectionTable>,
+    pub live: Arc<Live>,
+    pub error: Option<String>,
+}
+
+impl Tracked {
+    pub fn set_upstream(&self, service: Option<String>, addr: SocketAddr) {
+        let _ = self.live.upstream.set((service, addr));
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let state = if self.error.is_some() {
+            ConnectionState::Failed
+        } else {
+            ConnectionState::Closed
+        };
+        let view = self.live.view(state, self.error.take());
+        let mut inner = self.table.lock();
+        inner.open.remove(&self.live.id);
+        if inner.closed.len() == self.table.capacity {
+            inner.closed.pop_front();
+        }
+        inner.closed.push_back(view);
+    }
+}

@@ -1,0 +1,156 @@
+//! The node agent's admin API: HTTP/1.1 with JSON bodies on a unix socket.
+//! These types are what the agent serves and what `meshctl` and xtask read;
+//! [`client`] is the blocking client both use.
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub mod client;
+
+pub use client::{AdminClient, AdminError};
+
+/// The endpoints.
+pub mod paths {
+    pub const STATUS: &str = "/status";
+    pub const CONFIG: &str = "/config";
+    pub const CONNECTIONS: &str = "/connections";
+    pub const ENROLL: &str = "/enroll";
+    pub const UNENROLL: &str = "/unenroll";
+}
+
+/// `POST /enroll`: capture the connections of `pod`, whose processes live in
+/// the cgroup `cgroup` (a path under the node's pod cgroup root).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnrollRequest {
+    pub pod: String,
+    pub cgroup: PathBuf,
+}
+
+/// `POST /unenroll`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UnenrollRequest {
+    pub pod: String,
+}
+
+/// An enrolled pod (the answer to enroll and unenroll, and in `/status`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnrolledPod {
+    pub name: String,
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+}
+
+/// `GET /status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub uptime_secs: u64,
+    pub enrolled: Vec<EnrolledPod>,
+    /// The kernel programs' decisions by reason, since they were loaded.
+    pub decisions: BTreeMap<String, u64>,
+    pub open_connections: usize,
+    pub sync: Option<SyncState>,
+    pub identity: Option<IdentityStatus>,
+}
+
+/// Where something the agent serves came from.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Received from the control server.
+    Control,
+    /// Read from the agent's disk cache.
+    Cache,
+    #[default]
+    None,
+}
+
+/// Configuration distribution, as the agent sees it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SyncState {
+    pub connected: bool,
+    /// Revision of the configuration being served.
+    pub version: String,
+    pub source: Source,
+    pub resources: usize,
+    pub last_update_unix_ms: u64,
+    pub last_error: Option<String>,
+    pub acks: u64,
+    pub nacks: u64,
+}
+
+/// One certificate the agent holds or wants.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CertStatus {
+    pub identity: String,
+    pub not_before_unix: Option<u64>,
+    pub not_after_unix: Option<u64>,
+    pub last_renewal_unix: Option<u64>,
+    pub next_renewal_unix: Option<u64>,
+    /// Certificates received since the agent started.
+    pub renewals: u64,
+    /// Failed attempts since the last success.
+    pub failures: u32,
+    pub last_error: Option<String>,
+    pub source: Source,
+}
+
+/// The `identity` block of `/status`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct IdentityStatus {
+    pub trust_domain: String,
+    pub trust_bundle: bool,
+    pub node: CertStatus,
+    /// One per identity of this node's Workloads, by identity.
+    pub certificates: Vec<CertStatus>,
+}
+
+/// `GET /config`: the configuration being served.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConfigView {
+    pub version: String,
+    pub resources: Vec<ResourceVersion>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResourceVersion {
+    pub key: String,
+    pub version: String,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectionState {
+    Open,
+    Closed,
+    /// Closed with an error (see `error`).
+    Failed,
+}
+
+/// One connection of `GET /connections`: open ones and the latest closed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConnectionView {
+    pub id: u64,
+    pub src_pod: Option<String>,
+    pub src_cgroup_id: u64,
+    pub peer: SocketAddr,
+    pub orig_dst: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Where the agent connected (a Service endpoint, or the original destination).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<SocketAddr>,
+    pub started_unix_ms: u64,
+    pub duration_ms: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub state: ConnectionState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The body of every non-2xx answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

@@ -1,0 +1,1364 @@
+//! What node agents receive, and how each agent's stream works out what to
+//! send it. Pure: no I/O, no locks; the server holds the [`View`] under a
+//! lock and drives one [`Subscription`] per stream.
+//!
+//! Every agent gets every Workload (the tunnel needs the identity and node of
+//! any destination), every Service with its endpoints resolved from the
+//! selector, every Node (where its tunnel listens) and the CA's trust bundle.
+//! MtlsPolicies are not distributed themselves: each Workload carries its
+//! effective mTLS mode (its own, else its namespace's policy, else STRICT),
+//! so a policy change re-sends the workloads whose mode it changes.
+//! Each distributed resource is built
+//! and encoded once per change, and every agent's response shares those
+//! bytes. Its version is a hash of its content, so it is the same after a
+//! restart of mesh-control (an agent resubscribing with what it holds gets
+//! only what really differs) and it changes whenever the content does,
+//! including a Service's endpoint set.
+//!
+//! To keep one change cheap with a thousand agents, the view keeps a log of
+//! which keys changed at which revision: an agent that is up to date at
+//! revision R only looks at the keys changed after R.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    hash::{Hash, Hasher},
+    ops::Bound,
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use prost::Message;
+
+use super::resources::{Change, Kind, MtlsMode, Node, Resource, ResourceId, Service, Workload};
+use mesh_api::{names::TRUST_BUNDLE_KEY, pb};
+
+/// Responses are cut at about this size: a full sync of a large mesh stays
+/// far below clients' default 4 MiB message limit and moves in steps that
+/// flow control and memory like.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// How many changed keys the change log keeps by default. An agent whose
+/// last response predates the oldest kept entry must resubscribe.
+pub const DEFAULT_CHANGE_LOG_KEYS: usize = 1 << 20;
+
+type Key = Arc<str>;
+
+/// A resource as agents receive it, encoded once.
+#[derive(Debug)]
+struct Distributed {
+    version: String,
+    /// The resource as an entry of `DeltaResponse.resources` (field tag,
+    /// length, message): protobuf appends repeated fields of concatenated
+    /// messages, so a response is its other fields followed by these.
+    framed: Bytes,
+}
+
+impl Distributed {
+    fn new(resource: pb::Resource) -> Distributed {
+        let version = resource.version.clone();
+        let framed = pb::DeltaResponse {
+            resources: vec![resource],
+            ..pb::DeltaResponse::default()
+        }
+        .encode_to_vec()
+        .into();
+        Distributed { version, framed }
+    }
+
+    fn version(&self) -> &str {
+        &self.version
+    }
+}
+
+#[derive(Debug)]
+struct WorkloadEntry {
+    spec: Workload,
+    /// Effective mTLS mode, as distributed.
+    mode: MtlsMode,
+    distributed: Distributed,
+}
+
+#[derive(Debug)]
+struct ServiceEntry {
+    spec: Service,
+    distributed: Distributed,
+}
+
+/// A key whose distributed content changed (or that is gone).
+type Changed = Key;
+
+/// The agent's last response is older than the change log: it has to
+/// resubscribe with the versions it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("agent is too far behind the change log; resubscribe")]
+pub struct Lagged;
+
+#[derive(Debug)]
+struct ChangeLog {
+    entries: VecDeque<(u64, Vec<Changed>)>,
+    keys: usize,
+    max_keys: usize,
+    /// Changes up to this revision are no longer known.
+    pruned_through: u64,
+}
+
+impl ChangeLog {
+    fn push(&mut self, revision: u64, changed: Vec<Changed>) {
+        if changed.is_empty() {
+            return;
+        }
+        self.keys += changed.len();
+        self.entries.push_back((revision, changed));
+        while self.keys > self.max_keys && self.entries.len() > 1 {
+            let (revision, dropped) = self.entries.pop_front().expect("not empty");
+            self.keys -= dropped.len();
+            self.pruned_through = revision;
+        }
+    }
+
+    /// Keys changed after `since`, each once.
+    fn since(&self, since: u64) -> Result<Vec<Key>, Lagged> {
+        if since < self.pruned_through {
+            return Err(Lagged);
+        }
+        let start = self.entries.partition_point(|(r, _)| *r <= since);
+        let mut seen = HashSet::new();
+        Ok(self
+            .entries
+            .range(start..)
+            .flat_map(|(_, changed)| changed)
+            .filter(|key| seen.insert((*key).clone()))
+            .cloned()
+            .collect())
+    }
+}
+
+/// The configuration as agents see it, kept up to date change by change.
+#[derive(Debug)]
+pub struct View {
+    revision: u64,
+    /// Ordered, so a long initial sync can resume after the last key sent.
+    services: BTreeMap<Key, ServiceEntry>,
+    workloads: BTreeMap<Key, WorkloadEntry>,
+    /// Nodes and the trust bundle.
+    others: BTreeMap<Key, Distributed>,
+    /// Which node runs which workloads: what a node may get certificates for.
+    node_workloads: HashMap<String, BTreeSet<Key>>,
+    /// `(namespace, label, value)` -> workloads carrying it.
+    workloads_by_label: HashMap<String, HashSet<Key>>,
+    /// `(namespace, label, value)` of a service's first selector term ->
+    /// services; a candidate set for "which services select this workload".
+    services_by_label: HashMap<String, HashSet<Key>>,
+    /// namespace -> MtlsPolicy name -> mode. The store allows one policy per
+    /// namespace; should there be more, the first by name counts.
+    mtls_policies: HashMap<String, BTreeMap<String, MtlsMode>>,
+    log: ChangeLog,
+}
+
+impl View {
+    /// The view of a whole configuration at `revision`.
+    pub fn new<'a>(
+        revision: u64,
+        resources: impl IntoIterator<Item = &'a Resource>,
+        max_log_keys: usize,
+    ) -> View {
+        let mut view = View {
+            revision: 0,
+            services: BTreeMap::new(),
+            workloads: BTreeMap::new(),
+            others: BTreeMap::new(),
+            node_workloads: HashMap::new(),
+            workloads_by_label: HashMap::new(),
+            services_by_label: HashMap::new(),
+            mtls_policies: HashMap::new(),
+            log: ChangeLog {
+                entries: VecDeque::new(),
+                keys: 0,
+                max_keys: max_log_keys,
+                pruned_through: 0,
+            },
+        };
+        let changes: Vec<Change> = resources.into_iter().cloned().map(Change::Put).collect();
+        view.apply(revision, &changes);
+        // Nobody can be behind a view that was just built.
+        view.log.entries.clear();
+        view.log.keys = 0;
+        view.log.pruned_through = revision;
+        view
+    }
+
+    /// The view with the CA's trust bundle distributed as [`TRUST_BUNDLE_KEY`].
+    /// The bundle is fixed for the life of the view (of the process).
+    pub fn with_trust_bundle(mut self, pem: &str) -> View {
+        let resource = pb::Resource {
+            key: TRUST_BUNDLE_KEY.to_owned(),
+            version: version_of(&pem),
+            body: Some(pb::resource::Body::TrustBundle(pb::TrustBundle {
+                pem: pem.to_owned(),
+            })),
+        };
+        self.others
+            .insert(TRUST_BUNDLE_KEY.into(), Distributed::new(resource));
+        self
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Whether a Workload on `node` runs as `service_account` in `namespace`:
+    /// only then may that node's agent hold this identity.
+    pub fn runs_on(&self, node: &str, namespace: &str, service_account: &str) -> bool {
+        self.node_workloads.get(node).is_some_and(|keys| {
+            keys.iter()
+                .filter_map(|k| self.workloads.get(k))
+                .any(|e| e.spec.namespace == namespace && e.spec.service_account == service_account)
+        })
+    }
+
+    /// Applies a committed transaction.
+    pub fn apply(&mut self, revision: u64, changes: &[Change]) {
+        let mut changed = Vec::new();
+        // Services to resolve again, with their new spec if the batch sets one.
+        let mut touched: HashMap<Key, Option<Service>> = HashMap::new();
+        // Namespaces whose MtlsPolicy changed: their workloads' modes may too.
+        let mut policy_namespaces: BTreeSet<String> = BTreeSet::new();
+        for change in changes {
+            match change {
+                Change::Put(Resource::Workload(w)) => {
+                    self.put_workload(w, &mut changed, &mut touched);
+                }
+                Change::Put(Resource::Service(s)) => {
+                    let key = key_of(&ResourceId {
+                        kind: Kind::Service,
+                        namespace: s.namespace.clone(),
+                        name: s.name.clone(),
+                    });
+                    if let Some(old) = self.services.get(&key) {
+                        let old = old.spec.clone();
+                        self.unindex_service(&key, &old);
+                    }
+                    self.index_service(&key, s);
+                    touched.insert(key, Some(s.clone()));
+                }
+                Change::Put(Resource::Node(n)) => {
+                    let key = key_of(&Resource::Node(n.clone()).id());
+                    let distributed = Distributed::new(node_resource(&key, n));
+                    let old = self.others.insert(key.clone(), distributed);
+                    if old.is_none_or(|o| o.version() != self.others[&key].version()) {
+                        changed.push(key);
+                    }
+                }
+                Change::Put(Resource::MtlsPolicy(p)) => {
+                    self.mtls_policies
+                        .entry(p.namespace.clone())
+                        .or_default()
+                        .insert(p.name.clone(), p.mode);
+                    policy_namespaces.insert(p.namespace.clone());
+                }
+                Change::Delete(id) => {
+                    let key = key_of(id);
+                    match id.kind {
+                        Kind::Workload => self.delete_workload(&key, &mut changed, &mut touched),
+                        Kind::Service => {
+                            touched.remove(&key);
+                            if let Some(old) = self.services.remove(&key) {
+                                self.unindex_service(&key, &old.spec);
+                                changed.push(key);
+                            }
+                        }
+                        Kind::Node => {
+                            if self.others.remove(&key).is_some() {
+                                changed.push(key);
+                            }
+                        }
+                        Kind::MtlsPolicy => {
+                            if let Some(policies) = self.mtls_policies.get_mut(&id.namespace) {
+                                policies.remove(&id.name);
+                                if policies.is_empty() {
+                                    self.mtls_policies.remove(&id.namespace);
+                                }
+                            }
+                            policy_namespaces.insert(id.namespace.clone());
+                        }
+                    }
+                }
+            }
+        }
+        for namespace in policy_namespaces {
+            self.refresh_mtls_modes(&namespace, &mut changed);
+        }
+        for (key, spec) in touched {
+            self.resolve(key, spec, &mut changed);
+        }
+        self.revision = revision;
+        self.log.push(revision, changed);
+    }
+
+    fn put_workload(
+        &mut self,
+        w: &Workload,
+        changed: &mut Vec<Changed>,
+        touched: &mut HashMap<Key, Option<Service>>,
+    ) {
+        let key = key_of(&ResourceId {
+            kind: Kind::Workload,
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+        });
+        let old = self.remove_workload(&key);
+        let as_endpoint_changed = old.as_ref().is_none_or(|o| {
+            (&o.spec.labels, o.spec.ip, &o.spec.node, o.spec.ready)
+                != (&w.labels, w.ip, &w.node, w.ready)
+        });
+        if as_endpoint_changed {
+            if let Some(o) = &old {
+                self.touch_selecting(&o.spec, touched);
+            }
+            self.touch_selecting(w, touched);
+        }
+        let mode = MtlsMode::effective(w.mtls_mode, self.namespace_mtls_mode(&w.namespace));
+        let distributed = Distributed::new(workload_resource(&key, w, mode));
+        if old
+            .as_ref()
+            .is_none_or(|o| o.distributed.version() != distributed.version())
+        {
+            changed.push(key.clone());
+        }
+        self.node_workloads
+            .entry(w.node.clone())
+            .or_default()
+            .insert(key.clone());
+        for (k, v) in &w.labels {
+            self.workloads_by_label
+                .entry(label_key(&w.namespace, k, v))
+                .or_default()
+                .insert(key.clone());
+        }
+        self.workloads.insert(
+            key,
+            WorkloadEntry {
+                spec: w.clone(),
+                mode,
+                distributed,
+            },
+        );
+    }
+
+    /// The mode of `namespace`'s MtlsPolicy, if it has one.
+    fn namespace_mtls_mode(&self, namespace: &str) -> Option<MtlsMode> {
+        self.mtls_policies
+            .get(namespace)
+            .and_then(|p| p.values().next().copied())
+    }
+
+    /// Re-encodes the workloads of `namespace` whose effective mode differs
+    /// from what was distributed, after its MtlsPolicy changed.
+    fn refresh_mtls_modes(&mut self, namespace: &str, changed: &mut Vec<Changed>) {
+        let policy = self.namespace_mtls_mode(namespace);
+        // Keys are `Workload/<namespace>/<name>` and names have no '/'.
+        let prefix = format!("{}/{namespace}/", Kind::Workload);
+        let from = (Bound::Included(prefix.as_str()), Bound::Unbounded);
+        for (key, entry) in self
+            .workloads
+            .range_mut::<str, _>(from)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+        {
+            let mode = MtlsMode::effective(entry.spec.mtls_mode, policy);
+            if mode != entry.mode {
+                entry.mode = mode;
+                entry.distributed = Distributed::new(workload_resource(key, &entry.spec, mode));
+                changed.push(key.clone());
+            }
+        }
+    }
+
+    fn delete_workload(
+        &mut self,
+        key: &Key,
+        changed: &mut Vec<Changed>,
+        touched: &mut HashMap<Key, Option<Service>>,
+    ) {
+        if let Some(old) = self.remove_workload(key) {
+            self.touch_selecting(&old.spec, touched);
+            changed.push(key.clone());
+        }
+    }
+
+    fn remove_workload(&mut self, key: &Key) -> Option<WorkloadEntry> {
+        let old = self.workloads.remove(key)?;
+        if let Some(keys) = self.node_workloads.get_mut(&old.spec.node) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.node_workloads.remove(&old.spec.node);
+            }
+        }
+        for (k, v) in &old.spec.labels {
+            let index = label_key(&old.spec.namespace, k, v);
+            if let Some(keys) = self.workloads_by_label.get_mut(&index) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.workloads_by_label.remove(&index);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    /// Marks the services whose selector picks `w` for resolving again.
+    fn touch_selecting(&self, w: &Workload, touched: &mut HashMap<Key, Option<Service>>) {
+        for (k, v) in &w.labels {
+            let Some(candidates) = self.services_by_label.get(&label_key(&w.namespace, k, v))
+            else {
+                continue;
+            };
+            for key in candidates {
+                let selects = match touched.get(key) {
+                    Some(Some(new)) => new.selects(&w.labels),
+                    _ => self
+                        .services
+                        .get(key)
+                        .is_some_and(|e| e.spec.selects(&w.labels)),
+                };
+                if selects {
+                    touched.entry(key.clone()).or_insert(None);
+                }
+            }
+        }
+    }
+
+    fn index_service(&mut self, key: &Key, s: &Service) {
+        if let Some((k, v)) = s.selector.iter().next() {
+            self.services_by_label
+                .entry(label_key(&s.namespace, k, v))
+                .or_default()
+                .insert(key.clone());
+        }
+    }
+
+    fn unindex_service(&mut self, key: &Key, s: &Service) {
+        if let Some((k, v)) = s.selector.iter().next() {
+            let index = label_key(&s.namespace, k, v);
+            if let Some(keys) = self.services_by_label.get_mut(&index) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.services_by_label.remove(&index);
+                }
+            }
+        }
+    }
+
+    /// Resolves a service's endpoints and records it if what agents see changed.
+    fn resolve(&mut self, key: Key, spec: Option<Service>, changed: &mut Vec<Changed>) {
+        let old = self.services.remove(&key);
+        let Some(spec) = spec.or_else(|| old.as_ref().map(|o| o.spec.clone())) else {
+            return;
+        };
+        let endpoints = self.endpoints(&spec);
+        let distributed = Distributed::new(service_resource(&key, &spec, &endpoints));
+        if old
+            .as_ref()
+            .is_none_or(|o| o.distributed.version() != distributed.version())
+        {
+            changed.push(key.clone());
+        }
+        self.services
+            .insert(key, ServiceEntry { spec, distributed });
+    }
+
+    /// Workloads a service selects, by name.
+    fn endpoints(&self, s: &Service) -> Vec<&Workload> {
+        let Some((k, v)) = s.selector.iter().next() else {
+            return Vec::new();
+        };
+        let Some(candidates) = self.workloads_by_label.get(&label_key(&s.namespace, k, v)) else {
+            return Vec::new();
+        };
+        let mut selected: Vec<&Workload> = candidates
+            .iter()
+            .filter_map(|key| self.workloads.get(key))
+            .map(|e| &e.spec)
+            .filter(|w| s.selects(&w.labels))
+            .collect();
+        selected.sort_by(|a, b| a.name.cmp(&b.name));
+        selected
+    }
+
+    /// What every agent should hold under `key`.
+    fn desired(&self, key: &str) -> Option<&Distributed> {
+        if key.starts_with("Service/") {
+            self.services.get(key).map(|e| &e.distributed)
+        } else if key.starts_with("Workload/") {
+            self.workloads.get(key).map(|e| &e.distributed)
+        } else {
+            self.others.get(key)
+        }
+    }
+}
+
+fn key_of(id: &ResourceId) -> Key {
+    id.to_string().into()
+}
+
+fn label_key(namespace: &str, label: &str, value: &str) -> String {
+    format!("{namespace}\0{label}\0{value}")
+}
+
+/// FNV-1a, 64 bit: a hash with a fixed definition, so versions computed by
+/// another process of the same build agree.
+struct Fnv64(u64);
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv64 {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+fn version_of(content: &impl Hash) -> String {
+    let mut h = Fnv64::default();
+    content.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+fn workload_resource(key: &str, w: &Workload, mode: MtlsMode) -> pb::Resource {
+    pb::Resource {
+        key: key.to_owned(),
+        // The effective mode is sent, so it is part of the version.
+        version: version_of(&(w, mode)),
+        body: Some(pb::resource::Body::Workload(pb::Workload {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service_account: w.service_account.clone(),
+            node: w.node.clone(),
+            ip: w.ip.to_string(),
+            labels: w.labels.clone().into_iter().collect(),
+            ports: w
+                .ports
+                .iter()
+                .map(|p| pb::WorkloadPort {
+                    name: p.name.clone(),
+                    port: u32::from(p.port),
+                    protocol: p.protocol.as_str().to_owned(),
+                })
+                .collect(),
+            ready: w.ready,
+            mtls_mode: mode.as_str().to_owned(),
+        })),
+    }
+}
+
+fn node_resource(key: &str, n: &Node) -> pb::Resource {
+    // Labels are not distributed, so they are not in the version.
+    let content = (&n.name, n.address, n.tunnel_port);
+    pb::Resource {
+        key: key.to_owned(),
+        version: version_of(&content),
+        body: Some(pb::resource::Body::Node(pb::Node {
+            name: n.name.clone(),
+            tunnel_address: format!("{}:{}", n.address, n.tunnel_port),
+        })),
+    }
+}
+
+fn service_resource(key: &str, s: &Service, endpoints: &[&Workload]) -> pb::Resource {
+    // Metadata labels are not distributed, so they are not in the version.
+    let content = (
+        (&s.name, &s.namespace, &s.vips, &s.ports, &s.selector),
+        endpoints
+            .iter()
+            .map(|w| (&w.name, w.ip, &w.node, w.ready))
+            .collect::<Vec<_>>(),
+    );
+    pb::Resource {
+        key: key.to_owned(),
+        version: version_of(&content),
+        body: Some(pb::resource::Body::Service(pb::Service {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            vips: s.vips.iter().map(ToString::to_string).collect(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| pb::ServicePort {
+                    name: p.name.clone(),
+                    port: u32::from(p.port),
+                    target_port: u32::from(p.target_port),
+                    app_protocol: p.app_protocol.as_str().to_owned(),
+                })
+                .collect(),
+            selector: s.selector.clone().into_iter().collect(),
+            endpoints: endpoints
+                .iter()
+                .map(|w| pb::Endpoint {
+                    workload: w.name.clone(),
+                    ip: w.ip.to_string(),
+                    node: w.node.clone(),
+                    ready: w.ready,
+                })
+                .collect(),
+        })),
+    }
+}
+
+/// One response's content, without its nonce.
+#[derive(Debug, Default, PartialEq)]
+pub struct Delta {
+    /// The revision this response completes; a response that is only part of
+    /// a larger delta carries the previous one (empty before the first).
+    pub system_version_info: String,
+    /// Keys of `resources`, in order.
+    pub keys: Vec<Arc<str>>,
+    /// Each an encoded `DeltaResponse` holding just that resource.
+    pub resources: Vec<Bytes>,
+    pub removed_resources: Vec<String>,
+    /// Encoded size of `resources` and `removed_resources`.
+    pub bytes: usize,
+}
+
+impl Delta {
+    /// The response on the wire: prost encodes the small fields, and the
+    /// shared resource encodings follow as they are.
+    pub fn encode(self, nonce: String) -> Vec<Bytes> {
+        let head = pb::DeltaResponse {
+            system_version_info: self.system_version_info,
+            resources: Vec::new(),
+            removed_resources: self.removed_resources,
+            nonce,
+        };
+        std::iter::once(Bytes::from(head.encode_to_vec()))
+            .chain(self.resources)
+            .collect()
+    }
+
+    /// Adds what fits; the first entry always fits.
+    fn try_add(&mut self, key: &Key, d: &Distributed) -> bool {
+        self.fits(d.framed.len()) && {
+            self.bytes += d.framed.len();
+            self.keys.push(key.clone());
+            self.resources.push(d.framed.clone());
+            true
+        }
+    }
+
+    fn try_remove(&mut self, key: &str) -> bool {
+        let len = key.len() + 3;
+        self.fits(len) && {
+            self.bytes += len;
+            self.removed_resources.push(key.to_owned());
+            true
+        }
+    }
+
+    fn fits(&self, len: usize) -> bool {
+        self.bytes == 0 || self.bytes + len <= MAX_RESPONSE_BYTES
+    }
+}
+
+/// The first sync of a stream: what differs from what the agent holds.
+#[derive(Debug)]
+struct InitialSync {
+    have: HashMap<String, String>,
+    removed: Vec<String>,
+    /// Which ordered map is being sent: 0 the trust bundle and Nodes, 1
+    /// Workloads, 2 Services; keys up to `after` in it are done.
+    part: usize,
+    after: Option<Key>,
+}
+
+impl InitialSync {
+    /// Fills `delta`; returns whether the sync is complete.
+    fn fill(&mut self, view: &View, delta: &mut Delta) -> bool {
+        while let Some(key) = self.removed.last() {
+            if !delta.try_remove(key) {
+                return false;
+            }
+            self.removed.pop();
+        }
+        while self.part < 3 {
+            let start = self
+                .after
+                .as_deref()
+                .map_or(Bound::Unbounded, Bound::Excluded);
+            let range = (start, Bound::<&str>::Unbounded);
+            let entries: Box<dyn Iterator<Item = (&Key, &Distributed)>> = match self.part {
+                0 => Box::new(view.others.range::<str, _>(range)),
+                1 => Box::new(
+                    view.workloads
+                        .range::<str, _>(range)
+                        .map(|(k, e)| (k, &e.distributed)),
+                ),
+                _ => Box::new(
+                    view.services
+                        .range::<str, _>(range)
+                        .map(|(k, e)| (k, &e.distributed)),
+                ),
+            };
+            for (key, d) in entries {
+                if self.have.get(&**key).map(String::as_str) != Some(d.version())
+                    && !delta.try_add(key, d)
+                {
+                    return false;
+                }
+                self.after = Some(key.clone());
+            }
+            self.part += 1;
+            self.after = None;
+        }
+        true
+    }
+}
+
+#[derive(Debug)]
+enum Work {
+    Idle,
+    Initial(Box<InitialSync>),
+    Changes(VecDeque<Key>),
+}
+
+/// One agent's stream: what it holds, as far as the server knows, and what
+/// is left to send it.
+///
+/// The agent holds the view at `queued_through` once everything queued is
+/// sent. Agents apply what they can and name the resources they reject;
+/// those are sent again when they next change. A response rejected whole
+/// (naming nothing) is queued again and resent with the next change, so valid
+/// changes that travelled with it are not lost. A removal may name a key the
+/// agent never had (created and deleted while it was behind); agents ignore
+/// those.
+#[derive(Debug)]
+pub struct Subscription {
+    node: String,
+    queued_through: u64,
+    delivered: String,
+    work: Work,
+    /// Keys of responses rejected whole, resent with the next change.
+    retry: Vec<Key>,
+}
+
+impl Subscription {
+    /// A new stream of an agent of `node` that holds `have` (key -> version).
+    pub fn new(node: &str, have: HashMap<String, String>, view: &View) -> Subscription {
+        let mut removed: Vec<String> = have
+            .keys()
+            .filter(|k| view.desired(k).is_none())
+            .cloned()
+            .collect();
+        removed.sort_unstable_by(|a, b| b.cmp(a));
+        Subscription {
+            node: node.to_owned(),
+            queued_through: view.revision,
+            delivered: String::new(),
+            retry: Vec::new(),
+            work: Work::Initial(Box::new(InitialSync {
+                have,
+                removed,
+                part: 0,
+                after: None,
+            })),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The agent rejected a whole response: it still holds what it had
+    /// before, so these keys go out again with the next change.
+    pub fn retry_with_next_change(&mut self, keys: impl IntoIterator<Item = String>) {
+        self.retry.extend(keys.into_iter().map(Key::from));
+    }
+
+    /// The next response for this agent, or `None` when it is up to date
+    /// with `view`. The first call always answers, even with nothing.
+    pub fn next(&mut self, view: &View) -> Result<Option<Delta>, Lagged> {
+        let mut delta = Delta::default();
+        let done = match &mut self.work {
+            Work::Initial(sync) => sync.fill(view, &mut delta),
+            Work::Idle => {
+                if view.revision <= self.queued_through {
+                    return Ok(None);
+                }
+                let mut keys = view.log.since(self.queued_through)?;
+                let mut seen: HashSet<Key> = keys.iter().cloned().collect();
+                keys.extend(self.retry.drain(..).filter(|k| seen.insert(k.clone())));
+                self.queued_through = view.revision;
+                if keys.is_empty() {
+                    return Ok(None);
+                }
+                self.work = Work::Changes(keys.into());
+                return self.next(view);
+            }
+            Work::Changes(keys) => {
+                while let Some(key) = keys.front() {
+                    let added = match view.desired(key) {
+                        Some(d) => delta.try_add(key, d),
+                        None => delta.try_remove(key),
+                    };
+                    if !added {
+                        break;
+                    }
+                    keys.pop_front();
+                }
+                keys.is_empty()
+            }
+        };
+        if done {
+            self.work = Work::Idle;
+            self.delivered = self.queued_through.to_string();
+        }
+        delta.system_version_info = self.delivered.clone();
+        Ok(Some(delta))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::parse_documents;
+
+    fn workload(name: &str, node: &str, ip: &str, app: &str) -> Resource {
+        parse_documents(&format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\nspec: {{node: {node}, ip: {ip}}}\n"
+        ))
+        .expect("valid")
+        .remove(0)
+    }
+
+    fn service(name: &str, vip: &str, app: &str) -> Resource {
+        parse_documents(&format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{vips: [{vip}], ports: [{{port: 80}}], selector: {{app: {app}}}}}\n"
+        ))
+        .expect("valid")
+        .remove(0)
+    }
+
+    fn base() -> Vec<Resource> {
+        vec![
+            workload("a1", "n1", "198.18.1.1", "a"),
+            workload("a2", "n2", "198.18.2.1", "a"),
+            workload("b1", "n2", "198.18.2.2", "b"),
+            service("a", "198.19.0.1", "a"),
+            service("b", "198.19.0.2", "b"),
+        ]
+    }
+
+    /// What an agent decodes.
+    fn decode(delta: &Delta) -> pb::DeltaResponse {
+        let wire: Vec<u8> = Delta {
+            keys: delta.keys.clone(),
+            resources: delta.resources.clone(),
+            removed_resources: delta.removed_resources.clone(),
+            system_version_info: delta.system_version_info.clone(),
+            bytes: delta.bytes,
+        }
+        .encode("7".into())
+        .concat();
+        let response = pb::DeltaResponse::decode(wire.as_slice()).expect("valid protobuf");
+        assert_eq!(response.nonce, "7");
+        assert_eq!(response.system_version_info, delta.system_version_info);
+        assert_eq!(response.removed_resources, delta.removed_resources);
+        response
+    }
+
+    fn keys(delta: &Delta) -> Vec<String> {
+        let decoded: Vec<String> = decode(delta).resources.into_iter().map(|r| r.key).collect();
+        let listed: Vec<String> = delta.keys.iter().map(|k| k.to_string()).collect();
+        assert_eq!(decoded, listed);
+        decoded
+    }
+
+    fn endpoints(delta: &Delta, key: &str) -> Vec<String> {
+        let r = decode(delta)
+            .resources
+            .into_iter()
+            .find(|r| r.key == key)
+            .unwrap_or_else(|| panic!("{key} not in {:?}", keys(delta)));
+        let Some(pb::resource::Body::Service(s)) = &r.body else {
+            panic!("not a service: {r:?}")
+        };
+        s.endpoints.iter().map(|e| e.workload.clone()).collect()
+    }
+
+    fn versions(delta: &Delta) -> HashMap<String, String> {
+        decode(delta)
+            .resources
+            .into_iter()
+            .map(|r| (r.key, r.version))
+            .collect()
+    }
+
+    fn node(name: &str, address: &str) -> Resource {
+        parse_documents(&format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{address: {address}}}\n"
+        ))
+        .expect("valid")
+        .remove(0)
+    }
+
+    #[test]
+    fn an_agent_gets_every_workload_service_node_and_the_trust_bundle() {
+        let mut resources = base();
+        resources.push(node("n1", "198.18.0.11"));
+        let view = View::new(5, &resources, 100).with_trust_bundle("PEM");
+        let mut sub = Subscription::new("n1", HashMap::new(), &view);
+        let first = sub.next(&view).expect("in log").expect("first response");
+        let mut got = keys(&first);
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            [
+                "Node//n1",
+                "Service/default/a",
+                "Service/default/b",
+                TRUST_BUNDLE_KEY,
+                "Workload/default/a1",
+                "Workload/default/a2",
+                "Workload/default/b1",
+            ]
+        );
+        assert_eq!(endpoints(&first, "Service/default/a"), ["a1", "a2"]);
+        let decoded = decode(&first);
+        let body = |key: &str| {
+            decoded
+                .resources
+                .iter()
+                .find(|r| r.key == key)
+                .and_then(|r| r.body.clone())
+        };
+        assert_eq!(
+            body("Node//n1"),
+            Some(pb::resource::Body::Node(pb::Node {
+                name: "n1".into(),
+                tunnel_address: "198.18.0.11:15008".into(),
+            }))
+        );
+        assert_eq!(
+            body(TRUST_BUNDLE_KEY),
+            Some(pb::resource::Body::TrustBundle(pb::TrustBundle {
+                pem: "PEM".into()
+            }))
+        );
+        assert_eq!(first.system_version_info, "5");
+        assert_eq!(sub.next(&view).expect("in log"), None);
+    }
+
+    #[test]
+    fn a_node_runs_the_identities_of_its_workloads_only() {
+        let view = View::new(5, &base(), 100);
+        assert!(view.runs_on("n1", "default", "default"));
+        assert!(!view.runs_on("n1", "other", "default"));
+        assert!(!view.runs_on("n3", "default", "default"));
+        let mut view = view;
+        let a1 = workload("a1", "n1", "198.18.1.1", "a").id();
+        view.apply(6, &[Change::Delete(a1)]);
+        assert!(!view.runs_on("n1", "default", "default"));
+        assert!(view.runs_on("n2", "default", "default"));
+    }
+
+    #[test]
+    fn node_changes_reach_every_agent() {
+        let mut view = View::new(5, &base(), 100);
+        let mut n1 = Subscription::new("n1", HashMap::new(), &view);
+        n1.next(&view).unwrap();
+        view.apply(6, &[Change::Put(node("n2", "198.18.0.12"))]);
+        assert_eq!(keys(&n1.next(&view).unwrap().unwrap()), ["Node//n2"]);
+        // The same content again changes nothing.
+        view.apply(7, &[Change::Put(node("n2", "198.18.0.12"))]);
+        assert_eq!(n1.next(&view).unwrap(), None);
+        view.apply(8, &[Change::Delete(node("n2", "198.18.0.12").id())]);
+        assert_eq!(
+            n1.next(&view).unwrap().unwrap().removed_resources,
+            ["Node//n2"]
+        );
+    }
+
+    #[test]
+    fn resubscribing_with_current_versions_gets_an_empty_first_response() {
+        let view = View::new(5, &base(), 100);
+        let mut sub = Subscription::new("n2", HashMap::new(), &view);
+        let have = versions(&sub.next(&view).unwrap().unwrap());
+        // The same configuration, rebuilt as after a restart.
+        let rebuilt = View::new(5, &base(), 100);
+        let mut again = Subscription::new("n2", have, &rebuilt);
+        let first = again
+            .next(&rebuilt)
+            .unwrap()
+            .expect("always a first response");
+        assert!(first.resources.is_empty() && first.removed_resources.is_empty());
+        assert_eq!(first.system_version_info, "5");
+    }
+
+    #[test]
+    fn resubscribing_removes_what_is_gone_and_sends_what_changed() {
+        let view = View::new(5, &base(), 100);
+        let mut have = versions(
+            &Subscription::new("n1", HashMap::new(), &view)
+                .next(&view)
+                .unwrap()
+                .unwrap(),
+        );
+        have.insert("Service/default/gone".into(), "x".into());
+        have.insert("Service/default/a".into(), "stale".into());
+        let mut sub = Subscription::new("n1", have, &view);
+        let first = sub.next(&view).unwrap().unwrap();
+        assert_eq!(keys(&first), ["Service/default/a"]);
+        assert_eq!(first.removed_resources, ["Service/default/gone"]);
+    }
+
+    #[test]
+    fn a_new_endpoint_sends_the_service_and_the_workload_to_all() {
+        let mut view = View::new(5, &base(), 100);
+        let mut n1 = Subscription::new("n1", HashMap::new(), &view);
+        let mut n2 = Subscription::new("n2", HashMap::new(), &view);
+        let before = versions(&n1.next(&view).unwrap().unwrap());
+        n2.next(&view).unwrap();
+
+        view.apply(6, &[Change::Put(workload("a3", "n2", "198.18.2.3", "a"))]);
+        for sub in [&mut n1, &mut n2] {
+            let d = sub.next(&view).unwrap().expect("service and workload");
+            let mut got = keys(&d);
+            got.sort_unstable();
+            assert_eq!(got, ["Service/default/a", "Workload/default/a3"]);
+            assert_eq!(endpoints(&d, "Service/default/a"), ["a1", "a2", "a3"]);
+            assert_ne!(
+                versions(&d)["Service/default/a"],
+                before["Service/default/a"]
+            );
+            assert_eq!(d.system_version_info, "6");
+            assert_eq!(sub.next(&view).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn changes_that_alter_nothing_distributed_send_nothing() {
+        let mut view = View::new(5, &base(), 100);
+        let mut n1 = Subscription::new("n1", HashMap::new(), &view);
+        n1.next(&view).unwrap();
+        // Ports are not part of an endpoint: only the workload changes.
+        let mut b1 = workload("b1", "n2", "198.18.2.2", "b");
+        if let Resource::Workload(w) = &mut b1 {
+            w.ports.push(crate::resources::WorkloadPort {
+                name: String::new(),
+                port: 8080,
+                protocol: crate::resources::Protocol::Tcp,
+            });
+        }
+        view.apply(6, &[Change::Put(b1)]);
+        assert_eq!(
+            keys(&n1.next(&view).unwrap().unwrap()),
+            ["Workload/default/b1"]
+        );
+        // A Service's metadata labels are not distributed.
+        let mut b = service("b", "198.19.0.2", "b");
+        if let Resource::Service(s) = &mut b {
+            s.labels.insert("team".into(), "x".into());
+        }
+        view.apply(7, &[Change::Put(b)]);
+        assert_eq!(n1.next(&view).unwrap(), None);
+    }
+
+    #[test]
+    fn changes_made_while_waiting_are_coalesced() {
+        let mut view = View::new(5, &base(), 100);
+        let mut n1 = Subscription::new("n1", HashMap::new(), &view);
+        n1.next(&view).unwrap();
+        view.apply(6, &[Change::Put(workload("a3", "n2", "198.18.2.3", "a"))]);
+        view.apply(7, &[Change::Put(workload("a4", "n2", "198.18.2.4", "a"))]);
+        let d = n1.next(&view).unwrap().unwrap();
+        assert_eq!(endpoints(&d, "Service/default/a"), ["a1", "a2", "a3", "a4"]);
+        assert_eq!(d.system_version_info, "7");
+    }
+
+    #[test]
+    fn deletes_and_moves_become_removals() {
+        let mut view = View::new(5, &base(), 100);
+        let mut n1 = Subscription::new("n1", HashMap::new(), &view);
+        let mut n2 = Subscription::new("n2", HashMap::new(), &view);
+        n1.next(&view).unwrap();
+        n2.next(&view).unwrap();
+        // a1 moves from n1 to n2: everyone gets its new version.
+        view.apply(6, &[Change::Put(workload("a1", "n2", "198.18.2.7", "a"))]);
+        let d1 = n1.next(&view).unwrap().unwrap();
+        assert!(d1.removed_resources.is_empty());
+        let mut got = keys(&d1);
+        got.sort_unstable();
+        assert_eq!(got, ["Service/default/a", "Workload/default/a1"]);
+        let d2 = n2.next(&view).unwrap().unwrap();
+        assert!(keys(&d2).contains(&"Workload/default/a1".to_owned()));
+
+        let id = service("b", "198.19.0.2", "b").id();
+        view.apply(7, &[Change::Delete(id)]);
+        assert_eq!(
+            n1.next(&view).unwrap().unwrap().removed_resources,
+            ["Service/default/b"]
+        );
+        let a2 = workload("a2", "n2", "198.18.2.1", "a").id();
+        view.apply(8, &[Change::Delete(a2)]);
+        assert_eq!(
+            n1.next(&view).unwrap().unwrap().removed_resources,
+            ["Workload/default/a2"]
+        );
+        // n2 has not asked since revision 6: both removals come together.
+        let d2 = n2.next(&view).unwrap().unwrap();
+        assert_eq!(
+            d2.removed_resources,
+            ["Service/default/b", "Workload/default/a2"]
+        );
+        assert_eq!(endpoints(&d2, "Service/default/a"), ["a1"]);
+    }
+
+    #[test]
+    fn a_service_change_resolves_its_new_selector() {
+        let mut view = View::new(5, &base(), 100);
+        let mut n1 = Subscription::new("n1", HashMap::new(), &view);
+        n1.next(&view).unwrap();
+        view.apply(6, &[Change::Put(service("a", "198.19.0.1", "b"))]);
+        let d = n1.next(&view).unwrap().unwrap();
+        assert_eq!(endpoints(&d, "Service/default/a"), ["b1"]);
+        // And the index follows: a new "b" workload lands in both.
+        view.apply(7, &[Change::Put(workload("b2", "n1", "198.18.1.2", "b"))]);
+        let d = n1.next(&view).unwrap().unwrap();
+        assert_eq!(endpoints(&d, "Service/default/a"), ["b1", "b2"]);
+        assert_eq!(endpoints(&d, "Service/default/b"), ["b1", "b2"]);
+    }
+
+    #[test]
+    fn a_large_sync_is_cut_into_responses() {
+        let many: Vec<Resource> = (0..4000)
+            .map(|i| {
+                service(
+                    &format!("s{i}"),
+                    &format!("198.19.{}.{}", i / 250, i % 250 + 1),
+                    "x",
+                )
+            })
+            .collect();
+        let view = View::new(9, &many, 100);
+        let mut sub = Subscription::new("n1", HashMap::new(), &view);
+        let mut total = 0;
+        let mut responses = Vec::new();
+        while let Some(d) = sub.next(&view).unwrap() {
+            assert!(d.bytes <= MAX_RESPONSE_BYTES);
+            total += d.resources.len();
+            responses.push(d.system_version_info);
+        }
+        assert_eq!(total, 4000);
+        assert!(responses.len() > 1);
+        assert!(
+            responses[..responses.len() - 1]
+                .iter()
+                .all(String::is_empty)
+        );
+        assert_eq!(responses.last().map(String::as_str), Some("9"));
+    }
+
+    fn in_namespace(resource: Resource, namespace: &str) -> Resource {
+        match resource {
+            Resource::Workload(mut w) => {
+                w.namespace = namespace.to_owned();
+                Resource::Workload(w)
+            }
+            other => panic!("not a workload: {other:?}"),
+        }
+    }
+
+    fn with_mode(resource: Resource, mode: MtlsMode) -> Resource {
+        match resource {
+            Resource::Workload(mut w) => {
+                w.mtls_mode = Some(mode);
+                Resource::Workload(w)
+            }
+            other => panic!("not a workload: {other:?}"),
+        }
+    }
+
+    fn policy(name: &str, namespace: &str, mode: &str) -> Resource {
+        parse_documents(&format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: MtlsPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{mode: {mode}}}\n"
+        ))
+        .expect("valid")
+        .remove(0)
+    }
+
+    /// Effective mode of every workload in a response.
+    fn modes(delta: &Delta) -> BTreeMap<String, String> {
+        decode(delta)
+            .resources
+            .into_iter()
+            .filter_map(|r| match r.body {
+                Some(pb::resource::Body::Workload(w)) => Some((r.key, w.mtls_mode)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Workloads in "default" and "shop"; "shop/s2" sets its own mode.
+    fn namespaced() -> Vec<Resource> {
+        let mut resources = base();
+        resources.push(in_namespace(
+            workload("s1", "n1", "198.18.1.21", "s"),
+            "shop",
+        ));
+        resources.push(with_mode(
+            in_namespace(workload("s2", "n2", "198.18.2.21", "s"), "shop"),
+            MtlsMode::Disable,
+        ));
+        resources
+    }
+
+    #[test]
+    fn workloads_are_strict_by_default_and_carry_their_own_mode() {
+        let view = View::new(5, &namespaced(), 100);
+        let mut sub = Subscription::new("n1", HashMap::new(), &view);
+        let got = modes(&sub.next(&view).unwrap().unwrap());
+        let want: BTreeMap<String, String> = [
+            ("Workload/default/a1", "STRICT"),
+            ("Workload/default/a2", "STRICT"),
+            ("Workload/default/b1", "STRICT"),
+            ("Workload/shop/s1", "STRICT"),
+            ("Workload/shop/s2", "DISABLE"),
+        ]
+        .into_iter()
+        .map(|(k, m)| (k.to_owned(), m.to_owned()))
+        .collect();
+        assert_eq!(got, want);
+        // A policy in the stored configuration applies from the start.
+        let mut resources = namespaced();
+        resources.push(policy("default", "shop", "PERMISSIVE"));
+        let view = View::new(5, &resources, 100);
+        let got = modes(
+            &Subscription::new("n1", HashMap::new(), &view)
+                .next(&view)
+                .unwrap()
+                .unwrap(),
+        );
+        assert_eq!(got["Workload/shop/s1"], "PERMISSIVE");
+        assert_eq!(got["Workload/shop/s2"], "DISABLE");
+        assert_eq!(got["Workload/default/a1"], "STRICT");
+    }
+
+    #[test]
+    fn a_namespace_policy_resends_exactly_the_workloads_whose_mode_changes() {
+        let mut view = View::new(5, &namespaced(), 100);
+        let mut n1 = Subscription::new("n1", HashMap::new(), &view);
+        let mut n2 = Subscription::new("n2", HashMap::new(), &view);
+        let before = versions(&n1.next(&view).unwrap().unwrap());
+        n2.next(&view).unwrap();
+
+        view.apply(6, &[Change::Put(policy("default", "shop", "permissive"))]);
+        for sub in [&mut n1, &mut n2] {
+            let d = sub.next(&view).unwrap().expect("the shop workload");
+            // s2 keeps its own mode; other namespaces are untouched.
+            assert_eq!(keys(&d), ["Workload/shop/s1"]);
+            assert_eq!(modes(&d)["Workload/shop/s1"], "PERMISSIVE");
+            assert_ne!(versions(&d)["Workload/shop/s1"], before["Workload/shop/s1"]);
+            assert_eq!(d.system_version_info, "6");
+            assert_eq!(sub.next(&view).unwrap(), None);
+        }
+
+        // The same policy again changes nothing sent.
+        view.apply(7, &[Change::Put(policy("default", "shop", "PERMISSIVE"))]);
+        assert_eq!(n1.next(&view).unwrap(), None);
+
+        // A workload put later inherits it; one's own mode wins over it.
+        view.apply(
+            8,
+            &[
+                Change::Put(in_namespace(
+                    workload("s3", "n1", "198.18.1.23", "s"),
+                    "shop",
+                )),
+                Change::Put(with_mode(
+                    in_namespace(workload("s1", "n1", "198.18.1.21", "s"), "shop"),
+                    MtlsMode::Strict,
+                )),
+            ],
+        );
+        let d = n1.next(&view).unwrap().unwrap();
+        let got = modes(&d);
+        assert_eq!(got["Workload/shop/s3"], "PERMISSIVE");
+        assert_eq!(got["Workload/shop/s1"], "STRICT");
+
+        // Deleting the policy reverts the inheriting workloads to STRICT.
+        view.apply(
+            9,
+            &[Change::Delete(policy("default", "shop", "STRICT").id())],
+        );
+        let d = n2.next(&view).unwrap().unwrap();
+        let mut got = keys(&d);
+        got.sort_unstable();
+        // n2 last synced at 6: s1 (own STRICT) and s3 changed since then.
+        assert_eq!(got, ["Workload/shop/s1", "Workload/shop/s3"]);
+        assert!(modes(&d).values().all(|m| m == "STRICT"), "{:?}", modes(&d));
+        let d = n1.next(&view).unwrap().unwrap();
+        assert_eq!(keys(&d), ["Workload/shop/s3"]);
+        assert_eq!(modes(&d)["Workload/shop/s3"], "STRICT");
+        assert_eq!(n1.next(&view).unwrap(), None);
+    }
+
+    #[test]
+    fn a_policy_and_its_workloads_in_one_batch_agree() {
+        let mut view = View::new(5, &base(), 100);
+        let mut n1 = Subscription::new("n1", HashMap::new(), &view);
+        n1.next(&view).unwrap();
+        // The workload comes first in the batch, the policy after it.
+        view.apply(
+            6,
+            &[
+                Change::Put(in_namespace(
+                    workload("s1", "n1", "198.18.1.21", "s"),
+                    "shop",
+                )),
+                Change::Put(policy("p", "shop", "DISABLE")),
+            ],
+        );
+        let d = n1.next(&view).unwrap().unwrap();
+        assert_eq!(keys(&d), ["Workload/shop/s1"]);
+        assert_eq!(modes(&d)["Workload/shop/s1"], "DISABLE");
+        // A rebuilt view (after a restart) sends the same version.
+        let mut resources = base();
+        resources.push(in_namespace(
+            workload("s1", "n1", "198.18.1.21", "s"),
+            "shop",
+        ));
+        resources.push(policy("p", "shop", "DISABLE"));
+        let rebuilt = View::new(6, &resources, 100);
+        let mut again = Subscription::new("n1", versions(&d), &rebuilt);
+        let first = again.next(&rebuilt).unwrap().unwrap();
+        assert!(
+            !keys(&first).contains(&"Workload/shop/s1".to_owned()),
+            "{:?}",
+            keys(&first)
+        );
+    }
+
+    #[test]
+    fn an_agent_behind_the_change_log_must_resubscribe() {
+        let mut view = View::new(5, &base(), 2);
+        let mut n1 = Subscription::new("n1", HashMap::new(), &view);
+        n1.next(&view).unwrap();
+        for (rev, i) in (6..).zip(3..6) {
+            view.apply(
+                rev,
+                &[Change::Put(workload(
+                    &format!("a{i}"),
+                    "n2",
+                    &format!("198.18.2.{i}"),
+                    "a",
+                ))],
+            );
+        }
+        assert_eq!(n1.next(&view), Err(Lagged));
+    }
+}

@@ -1,0 +1,519 @@
+//! The control server (`mesh-control`): it owns the configuration, keeps it
+//! in a durable store, turns it into what each node agent needs and streams
+//! it to them, and serves the operator API that `meshctl` uses.
+//!
+//! ```text
+//! meshctl --Operator.Apply--> resources::parse_documents   (no lock held)
+//!                             store::State::plan_apply      (cross-resource checks)
+//!                             store::Store::commit          (WAL append + fsync)
+//!                             distribution::View::apply     (endpoints, change log)
+//!                             watch<revision> ----------------> one task per agent stream:
+//!                                                               Subscription::next (diff),
+//!                                                               send, wait for ACK/NACK
+//! ```
+//!
+//! With a certificate authority ([`certs::Authority`]) the gRPC listener
+//! speaks TLS ([`tls`]), serves `Certificates` too, and distributes the CA's
+//! trust bundle; agents authenticate with their node certificates.
+//!
+//! Ports: gRPC (all services) on `--listen` (15012), the operator API alone
+//! on a unix socket, `/metrics` and `/healthz/ready` on 15014.
+pub mod auth;
+pub mod certs;
+pub mod distribution;
+pub mod operator;
+pub mod resources;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::watch,
+    task::JoinSet,
+};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Server, server::TcpIncoming};
+use tracing::{info, warn};
+
+use certs::Authority;
+use distribution::View;
+use mesh_api::pb::{certificates_server::CertificatesServer, operator_server::OperatorServer};
+use resources::{Change, Kind, ResourceId};
+use server::Agents;
+use store::{Outcome, Store};
+
+/// Largest request the server reads: a big `apply`, or an agent's list of
+/// what it holds.
+const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Rejected(#[from] resources::Error),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{listener} stopped: {source}")]
+    Serve {
+        listener: &'static str,
+        source: tonic::transport::Error,
+    },
+    #[error("{0} stopped unexpectedly")]
+    Stopped(&'static str),
+    #[error(transparent)]
+    Tls(#[from] tls::Error),
+    #[error("certificate authority: {0}")]
+    Authority(String),
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// Metrics of the control server, prefix `mesh_control_`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connected_agents: Gauge,
+    pub responses: Counter,
+    pub response_bytes: Counter,
+    pub acks: Counter,
+    pub nacks: Counter,
+    pub unauthenticated_streams: Counter,
+    pub store_revision: Gauge,
+    pub sign_refused: Family<ReasonLabels, Counter>,
+    pub certificates_issued: Family<KindLabels, Counter>,
+    pub tls_handshakes: Family<ResultLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("mesh_control");
+        r.register(
+            "connected_agents",
+            "Agent streams open now",
+            self.connected_agents.clone(),
+        );
+        r.register(
+            "responses",
+            "Delta responses sent to agents",
+            self.responses.clone(),
+        );
+        r.register(
+            "response_bytes",
+            "Encoded size of the resources and removals sent to agents",
+            self.response_bytes.clone(),
+        );
+        r.register("acks", "Responses agents acknowledged", self.acks.clone());
+        r.register(
+            "nacks",
+            "Responses agents rejected (see meshctl agents for why)",
+            self.nacks.clone(),
+        );
+        r.register(
+            "unauthenticated_streams",
+            "Agent streams refused for missing or wrong credentials",
+            self.unauthenticated_streams.clone(),
+        );
+        r.register(
+            "store_revision",
+            "Revision of the stored configuration",
+            self.store_revision.clone(),
+        );
+        r.register(
+            "sign_refused",
+            "Signing requests refused, by reason (not_on_node, other_node, reserved_identity, foreign_trust_domain, invalid_identity, csr_mismatch, bad_csr, unauthenticated)",
+            self.sign_refused.clone(),
+        );
+        r.register(
+            "certificates_issued",
+            "Certificates issued, by kind (workload, node)",
+            self.certificates_issued.clone(),
+        );
+        r.register(
+            "tls_handshakes",
+            "TLS handshakes on the gRPC listener, by result (ok, failed)",
+            self.tls_handshakes.clone(),
+        );
+    }
+}
+
+/// Result of an apply.
+#[derive(Debug)]
+pub struct Applied {
+    pub outcomes: Vec<(ResourceId, Outcome)>,
+    pub revision: u64,
+}
+
+/// The shared state of the server: store, agents' view, agent registry.
+#[derive(Debug)]
+pub struct ControlPlane {
+    store: Mutex<Store>,
+    view: RwLock<View>,
+    revision: watch::Sender<u64>,
+    agents: Agents,
+    metrics: Metrics,
+    authority: Option<Arc<Authority>>,
+}
+
+/// A panic while a lock was held is a bug that was already reported; keep
+/// serving rather than failing every later call.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl ControlPlane {
+    /// Opens the store in `store_dir`, compacting its log every
+    /// `compact_after` transactions.
+    pub fn open(store_dir: &Path, compact_after: usize) -> Result<ControlPlane, Error> {
+        Self::open_with_authority(store_dir, compact_after, || Ok(None))
+    }
+
+    /// [`open`](Self::open), with a certificate authority: the server then
+    /// signs certificates, distributes its trust bundle and serves TLS.
+    /// `authority` runs once the store is open (and locked), so it may keep
+    /// its files in the store's directory.
+    pub fn open_with_authority(
+        store_dir: &Path,
+        compact_after: usize,
+        authority: impl FnOnce() -> Result<Option<Authority>, String>,
+    ) -> Result<ControlPlane, Error> {
+        let store = Store::open(store_dir, compact_after)?;
+        let authority = authority().map_err(Error::Authority)?;
+        let state = store.state();
+        let revision = state.revision();
+        let mut view = View::new(
+            revision,
+            state.iter().map(|s| &s.resource),
+            distribution::DEFAULT_CHANGE_LOG_KEYS,
+        );
+        if let Some(authority) = &authority {
+            view = view.with_trust_bundle(authority.trust_bundle_pem());
+        }
+        let metrics = Metrics::default();
+        metrics.store_revision.set(revision_gauge(revision));
+        Ok(ControlPlane {
+            store: Mutex::new(store),
+            view: RwLock::new(view),
+            revision: watch::Sender::new(revision),
+            agents: Agents::default(),
+            metrics,
+            authority: authority.map(Arc::new),
+        })
+    }
+
+    pub fn authority(&self) -> Option<&Authority> {
+        self.authority.as_deref()
+    }
+
+    pub fn revision(&self) -> u64 {
+        *self.revision.borrow()
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+
+    pub(crate) fn view(&self) -> RwLockReadGuard<'_, View> {
+        self.view.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Parses, validates and applies YAML documents as one transaction.
+    /// Blocks on the disk: call it off the async runtime.
+    pub fn apply(&self, yaml: &str, dry_run: bool) -> Result<Applied, Error> {
+        let batch = resources::parse_documents(yaml)?;
+        let mut store = lock(&self.store);
+        let plan = store.state().plan_apply(batch)?;
+        let revision = if dry_run || plan.changes.is_empty() {
+            store.state().revision()
+        } else {
+            self.commit(&mut store, &plan.changes)?
+        };
+        Ok(Applied {
+            outcomes: plan.outcomes,
+            revision,
+        })
+    }
+
+    /// Deletes one resource. Blocks on the disk.
+    pub fn delete(&self, id: &ResourceId) -> Result<u64, Error> {
+        let mut store = lock(&self.store);
+        if store.state().get(id).is_none() {
+            return Err(Error::NotFound(id.to_string()));
+        }
+        self.commit(&mut store, &[Change::Delete(id.clone())])
+    }
+
+    /// Stored resources as Kubernetes-style documents. `None` namespace: all
+    /// namespaces; `None` name: all of the kind. Naming one that does not
+    /// exist is an error.
+    pub fn get(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Vec<serde_json::Value>, Error> {
+        let store = lock(&self.store);
+        let documents: Vec<serde_json::Value> = store
+            .state()
+            .of_kind(kind, namespace)
+            .filter(|s| name.is_none_or(|n| s.resource.id().name == n))
+            .map(|s| s.resource.to_document(s.version))
+            .collect();
+        if let Some(name) = name
+            && documents.is_empty()
+        {
+            return Err(Error::NotFound(format!(
+                "{kind}/{}/{name}",
+                namespace.unwrap_or(if kind.is_cluster_scoped() { "" } else { "*" })
+            )));
+        }
+        Ok(documents)
+    }
+
+    /// Commits under the store lock, then updates the view before the lock
+    /// is released, so views change in revision order.
+    fn commit(&self, store: &mut Store, changes: &[Change]) -> Result<u64, Error> {
+        let revision = store.commit(changes)?;
+        self.view
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .apply(revision, changes);
+        self.metrics.store_revision.set(revision_gauge(revision));
+        self.revision.send_replace(revision);
+        info!(revision, changes = changes.len(), "configuration changed");
+        Ok(revision)
+    }
+}
+
+fn revision_gauge(revision: u64) -> i64 {
+    i64::try_from(revision).unwrap_or(i64::MAX)
+}
+
+/// Where the server listens; each is optional.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// Both services; the operator API there needs the admin token.
+    pub grpc: Option<TcpListener>,
+    /// The operator API only, for local operators.
+    pub operator_socket: Option<UnixListener>,
+    /// `/metrics` and `/healthz/ready`.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Who may talk to the server.
+#[derive(Debug, Default)]
+pub struct Access {
+    pub tokens: auth::Tokens,
+    pub admin_token: Option<String>,
+}
+
+/// Serves until `shutdown` completes, then closes agent streams (they
+/// resubscribe elsewhere or later) and drains connections.
+pub async fn serve(
+    plane: Arc<ControlPlane>,
+    access: Access,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let (stop_tx, stop) = watch::channel(false);
+    let stopped = |mut stop: watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
+    if let Some(listener) = listeners.grpc {
+        let distribution = server::DistributionServer::new(server::DistributionService::new(
+            plane.clone(),
+            access.tokens.clone(),
+            stop.clone(),
+        ));
+        let operator = tonic::service::interceptor::InterceptedService::new(
+            OperatorServer::new(operator::OperatorService::new(plane.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+            auth::admin_only(access.admin_token),
+        );
+        let signal = stopped(stop.clone());
+        let serve_error = |source| Error::Serve {
+            listener: "gRPC listener",
+            source,
+        };
+        let router = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(distribution)
+            .add_service(operator);
+        match plane.authority.clone() {
+            Some(authority) => {
+                let cert = tls::ServerCert::issue(&authority)?;
+                let config = tls::server_config(cert.clone(), authority.trust_bundle_pem())?;
+                let renewal = tokio::spawn(cert.renew(authority));
+                let certificates = CertificatesServer::new(certs::CertificatesService::new(
+                    plane.clone(),
+                    access.tokens,
+                ));
+                let incoming =
+                    tls::incoming(listener, config, plane.metrics.tls_handshakes.clone());
+                tasks.spawn(async move {
+                    let served = router
+                        .add_service(certificates)
+                        .serve_with_incoming_shutdown(incoming, signal)
+                        .await
+                        .map_err(serve_error);
+                    renewal.abort();
+                    served
+                });
+            }
+            None => {
+                let incoming = TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(60)));
+                tasks.spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(incoming, signal)
+                        .await
+                        .map_err(serve_error)
+                });
+            }
+        }
+    }
+    if let Some(listener) = listeners.operator_socket {
+        let operator = OperatorServer::new(operator::OperatorService::new(plane.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let signal = stopped(stop.clone());
+        tasks.spawn(async move {
+            Server::builder()
+                .add_service(operator)
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal)
+                .await
+                .map_err(|source| Error::Serve {
+                    listener: "operator socket",
+                    source,
+                })
+        });
+    }
+    if let Some(listener) = listeners.metrics {
+        let mut registry = Registry::default();
+        plane.metrics.register(&mut registry);
+        tasks.spawn(serve_metrics(
+            listener,
+            Arc::new(registry),
+            stopped(stop.clone()),
+        ));
+    }
+
+    let early = tokio::select! {
+        () = shutdown => None,
+        Some(ended) = tasks.join_next() => Some(ended),
+    };
+    info!("shutting down");
+    stop_tx.send_replace(true);
+    let mut result = match early {
+        None => Ok(()),
+        Some(Ok(Ok(()))) => Err(Error::Stopped("a listener")),
+        Some(Ok(Err(e))) => Err(e),
+        Some(Err(e)) => {
+            warn!(error = %e, "listener task failed");
+            Err(Error::Stopped("a listener"))
+        }
+    };
+    while let Some(ended) = tasks.join_next().await {
+        if let Ok(Err(e)) = ended {
+            warn!(error = %e, "while shutting down");
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
+    result
+}
+
+async fn serve_metrics(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    stopped: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    tokio::pin!(stopped);
+    loop {
+        let stream = tokio::select! {
+            () = &mut stopped => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    warn!(error = %e, "metrics listener accept");
+                    continue;
+                }
+            },
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let registry = registry.clone();
+                async move { Ok::<_, Infallible>(telemetry(&req, &registry)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn telemetry(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match req.uri().path() {
+        "/metrics" => {
+            let mut out = String::new();
+            match prometheus_client::encoding::text::encode(&mut out, registry) {
+                Ok(()) => (
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    out,
+                ),
+                Err(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            }
+        }
+        "/healthz/ready" => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::from(body))
+        .expect("static response parts")
+}

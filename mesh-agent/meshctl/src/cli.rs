@@ -1,0 +1,769 @@
+//! `meshctl`: the operator's view of a node's live traffic (through the
+//! node agent's admin socket) and of the mesh's configuration (through the
+//! control server's operator API).
+use std::{
+    fs,
+    io::Read,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tonic::{Code, Status};
+
+use mesh_api::{
+    admin::{self, AdminClient, CertStatus, ConnectionState, ConnectionView},
+    client::{self, Target},
+    identity::{self, CertStore, SpiffeId, generate_key_and_csr, node_identity, read_token},
+    kinds::Kind,
+    names::{DEFAULT_NAMESPACE, DEFAULT_TRUST_DOMAIN, DOCUMENT_INDEX_METADATA},
+    pb::{AgentsRequest, ApplyRequest, DeleteRequest, GetRequest},
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "meshctl", about = "Operate the mesh", version)]
+pub struct Args {
+    /// Admin socket of the node agent to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "MESH_ADMIN_SOCKET",
+        default_value = "/run/mesh/admin.sock"
+    )]
+    pub admin: PathBuf,
+    /// Print raw JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Control server: `unix:///path/to/socket` (local, no token) or
+    /// `https://host:15012` (with --token-file and --ca-bundle).
+    #[arg(
+        long,
+        global = true,
+        env = "MESH_CONTROL",
+        default_value = "unix:///run/mesh/control.sock"
+    )]
+    pub control: String,
+    /// Admin token for a control server reached over the network (for
+    /// `sign`: a node's bootstrap token).
+    #[arg(long, global = true, env = "MESH_CONTROL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The mesh CA's root (mesh-control's `<ca-dir>/ca.crt`), to verify a
+    /// control server reached over https.
+    #[arg(long, global = true, env = "MESH_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Trust domain of the mesh (the control server proves
+    /// spiffe://<trust domain>/ns/mesh-system/sa/mesh-control).
+    #[arg(
+        long,
+        global = true,
+        env = "MESH_TRUST_DOMAIN",
+        default_value = DEFAULT_TRUST_DOMAIN
+    )]
+    pub trust_domain: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Yaml,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Agent status: enrolled pods and the kernel's redirect decisions.
+    Status,
+    /// Open and recently closed connections carried by the agent.
+    Connections {
+        /// Only this many rows.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Enroll a pod: its next connections go through the agent.
+    Enroll {
+        pod: String,
+        /// The pod's cgroup v2 directory.
+        #[arg(long)]
+        cgroup: PathBuf,
+    },
+    /// Stop redirecting a pod's connections.
+    Unenroll { pod: String },
+    /// Create or update resources from YAML; all documents are applied or none.
+    Apply {
+        /// A file, a directory (its *.yaml and *.yml, in name order) or `-`
+        /// for stdin; repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Validate and say what would change, without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show resources, as a table or as documents.
+    Get {
+        /// workload (wl), service (svc), node (no) or mtlspolicy.
+        kind: String,
+        /// One resource; all of the kind when omitted.
+        name: Option<String>,
+        #[arg(short = 'n', long, default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// All namespaces.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Documents instead of a table.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Output>,
+    },
+    /// Delete a resource.
+    Delete {
+        /// workload (wl), service (svc), node (no) or mtlspolicy.
+        kind: String,
+        name: String,
+        #[arg(short = 'n', long, default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
+    /// Configuration sync state of every node agent, with its last rejection.
+    Agents,
+    /// Debugging: ask the control server for a certificate with a node's
+    /// credentials (its bootstrap token, --token-file, or its node
+    /// certificate, --cert/--key), as its agent would. Prints the identity
+    /// and expiry; a refusal exits non-zero with the server's reason.
+    Sign {
+        /// A workload identity (spiffe://<td>/ns/<namespace>/sa/<account>).
+        #[arg(long, required_unless_present = "node", conflicts_with = "node")]
+        identity: Option<String>,
+        /// Instead: the node certificate of this node (SignNode).
+        #[arg(long)]
+        node: Option<String>,
+        /// A node certificate (PEM chain) to present, e.g. from the agent's
+        /// cache: <cache>/identity/mesh-system.node-<node>.crt
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// Its private key (PEM).
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+    },
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let out = match &args.command {
+        Command::Apply { .. }
+        | Command::Get { .. }
+        | Command::Delete { .. }
+        | Command::Agents
+        | Command::Sign { .. } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(control(&args))?,
+        Command::Status => {
+            let status = AdminClient::new(&args.admin).status()?;
+            if args.json {
+                serde_json::to_string(&status)?
+            } else {
+                render_status(&status)
+            }
+        }
+        Command::Connections { limit } => {
+            let mut rows = AdminClient::new(&args.admin).connections()?;
+            rows.truncate(*limit);
+            if args.json {
+                serde_json::to_string(&rows)?
+            } else {
+                render_connections(&rows)
+            }
+        }
+        Command::Enroll { pod, cgroup } => {
+            serde_json::to_string(&AdminClient::new(&args.admin).enroll(pod, cgroup)?)?
+        }
+        Command::Unenroll { pod } => {
+            serde_json::to_string(&AdminClient::new(&args.admin).unenroll(pod)?)?
+        }
+    };
+    if !out.is_empty() {
+        println!("{out}");
+    }
+    Ok(())
+}
+
+/// `meshctl sign`: one signing request, with a fresh key that is thrown away.
+async fn sign(
+    target: &Target,
+    tls: &client::Tls,
+    token: Option<&str>,
+    identity: Option<&str>,
+    node: Option<&str>,
+) -> anyhow::Result<String> {
+    use mesh_api::pb::{SignNodeRequest, SignRequest, certificates_client::CertificatesClient};
+    let channel = client::channel_with_tls(target, Some(tls)).await?;
+    let mut certs = CertificatesClient::with_interceptor(channel, client::Bearer::new(token)?);
+    let (id, response) = match (identity, node) {
+        (Some(identity), _) => {
+            let id: SpiffeId = identity.parse()?;
+            let (_, csr_pem) = generate_key_and_csr(&id)?;
+            let response = certs
+                .sign(SignRequest {
+                    csr_pem,
+                    identity: identity.to_owned(),
+                })
+                .await;
+            (id, response)
+        }
+        (None, Some(node)) => {
+            let id = node_identity(tls.server.trust_domain(), node)?;
+            let (_, csr_pem) = generate_key_and_csr(&id)?;
+            let response = certs
+                .sign_node(SignNodeRequest {
+                    node: node.to_owned(),
+                    csr_pem,
+                })
+                .await;
+            (id, response)
+        }
+        (None, None) => bail!("sign needs --identity or --node"),
+    };
+    let response = response
+        .map_err(|status| anyhow!("{:?}: {}", status.code(), status.message()))?
+        .into_inner();
+    let (_, not_after) = identity::validity(&response.cert_chain_pem)
+        .map_err(|e| anyhow!("the control server sent an unreadable certificate: {e}"))?;
+    Ok(json!({
+        "identity": id.to_string(),
+        "not_after_unix": response.not_after_unix,
+        "chain_not_after_unix": not_after.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    })
+    .to_string())
+}
+
+/// Runs an operator-API command; the result is what to print.
+async fn control(args: &Args) -> anyhow::Result<String> {
+    let target: Target = args.control.parse()?;
+    let token = args.token_file.as_deref().map(read_token).transpose()?;
+    let tls = match &args.ca_bundle {
+        Some(path) => Some(client::Tls::from_bundle_file(path, &args.trust_domain)?),
+        None => None,
+    };
+    if let Command::Sign {
+        identity,
+        node,
+        cert,
+        key,
+    } = &args.command
+    {
+        let mut tls =
+            tls.context("sign talks to the control server over https: pass --ca-bundle")?;
+        if let (Some(cert), Some(key)) = (cert, key) {
+            let store = CertStore::new();
+            let chain =
+                fs::read_to_string(cert).with_context(|| format!("reading {}", cert.display()))?;
+            use rustls::pki_types::pem::PemObject;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("reading the key {}", key.display()))?;
+            let id = store
+                .insert(&chain, key)
+                .context("the client certificate")?;
+            tls.client = Some((store, id));
+        }
+        return sign(
+            &target,
+            &tls,
+            token.as_deref(),
+            identity.as_deref(),
+            node.as_deref(),
+        )
+        .await;
+    }
+    let mut client = client::operator_with_tls(&target, token.as_deref(), tls.as_ref()).await?;
+    match &args.command {
+        Command::Apply { files, dry_run } => {
+            let input = Input::read(files)?;
+            let response = client
+                .apply(ApplyRequest {
+                    yaml: input.yaml.clone(),
+                    dry_run: *dry_run,
+                })
+                .await
+                .map_err(|status| input.explain(&status))?
+                .into_inner();
+            let suffix = if *dry_run { " (dry run)" } else { "" };
+            Ok(response
+                .results
+                .iter()
+                .map(|r| format!("{r}{suffix}"))
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            if *all_namespaces && name.is_some() {
+                bail!("a resource can't be retrieved by name across all namespaces");
+            }
+            let kind = Kind::from_loose(kind).with_context(|| {
+                format!(
+                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no or mtlspolicy)"
+                )
+            })?;
+            let response = client
+                .get(GetRequest {
+                    kind: kind.as_str().to_owned(),
+                    namespace: if *all_namespaces {
+                        String::new()
+                    } else {
+                        namespace.clone()
+                    },
+                    name: name.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(server_error)?
+                .into_inner();
+            let documents = response
+                .documents_json
+                .iter()
+                .map(|d| serde_json::from_str(d))
+                .collect::<Result<Vec<Value>, _>>()
+                .context("the control server sent a document that is not JSON")?;
+            if documents.is_empty() && output.is_none() {
+                eprintln!(
+                    "No resources found{}.",
+                    if *all_namespaces || kind.is_cluster_scoped() {
+                        String::new()
+                    } else {
+                        format!(" in {namespace} namespace")
+                    }
+                );
+                return Ok(String::new());
+            }
+            render_documents(kind, documents, name.is_some(), *output, *all_namespaces)
+        }
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+        } => {
+            let kind = Kind::from_loose(kind).with_context(|| {
+                format!(
+                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no or mtlspolicy)"
+                )
+            })?;
+            client
+                .delete(DeleteRequest {
+                    kind: kind.as_str().to_owned(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                })
+                .await
+                .map_err(server_error)?;
+            Ok(format!("{kind}/{namespace}/{name} deleted"))
+        }
+        Command::Agents => {
+            let agents = client
+                .agents(AgentsRequest {})
+                .await
+                .map_err(server_error)?
+                .into_inner()
+                .agents;
+            if args.json {
+                let rows: Vec<Value> = agents
+                    .iter()
+                    .map(|a| {
+                        json!({
+                            "node": a.node,
+                            "connected": a.connected,
+                            "acked_version": a.acked_version,
+                            "last_ack_unix_ms": a.last_ack_unix_ms,
+                            "last_error": a.last_error.as_ref().map(|e| json!({
+                                "message": e.message,
+                                "resources": e.resources,
+                            })),
+                        })
+                    })
+                    .collect();
+                return Ok(Value::Array(rows).to_string());
+            }
+            let now = now_unix_ms();
+            let rows = agents
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.node.clone(),
+                        if a.connected { "yes" } else { "no" }.to_owned(),
+                        or_dash(&a.acked_version),
+                        if a.last_ack_unix_ms == 0 {
+                            "-".to_owned()
+                        } else {
+                            format!("{}s ago", now.saturating_sub(a.last_ack_unix_ms) / 1000)
+                        },
+                        a.last_error.as_ref().map_or_else(
+                            || "-".to_owned(),
+                            |e| {
+                                if e.resources.is_empty() {
+                                    e.message.clone()
+                                } else {
+                                    format!("{} [{}]", e.message, e.resources.join(", "))
+                                }
+                            },
+                        ),
+                    ]
+                })
+                .collect();
+            Ok(table(
+                &[
+                    "NODE",
+                    "CONNECTED",
+                    "ACKED VERSION",
+                    "LAST ACK",
+                    "LAST REJECTION",
+                ],
+                rows,
+            ))
+        }
+        Command::Status
+        | Command::Connections { .. }
+        | Command::Enroll { .. }
+        | Command::Unenroll { .. } => unreachable!("agent commands don't use the control server"),
+        Command::Sign { .. } => unreachable!("handled above"),
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The server's own message: it names the document, field and value.
+fn server_error(status: Status) -> anyhow::Error {
+    match status.code() {
+        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition => {
+            anyhow!("{}", status.message())
+        }
+        Code::Unauthenticated => anyhow!("not allowed: {}", status.message()),
+        Code::Unavailable => anyhow!("control server unavailable: {}", status.message()),
+        code => anyhow!("{} ({code:?})", status.message()),
+    }
+}
+
+/// The YAML of an apply, and where each of its documents came from.
+#[derive(Debug)]
+struct Input {
+    yaml: String,
+    /// Per document sent: its file and its 1-based index there.
+    origins: Vec<(String, usize)>,
+    sources: usize,
+}
+
+impl Input {
+    /// Reads files, directories and stdin. Each document is parsed here
+    /// first, so malformed YAML is reported with its file, and re-encoded,
+    /// so the server's document numbers map back to files exactly.
+    fn read(paths: &[PathBuf]) -> anyhow::Result<Input> {
+        let mut sources: Vec<(String, String)> = Vec::new();
+        for path in paths {
+            if path == Path::new("-") {
+                let mut text = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .context("reading stdin")?;
+                sources.push(("<stdin>".to_owned(), text));
+            } else if path.is_dir() {
+                let mut files: Vec<PathBuf> = fs::read_dir(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml")
+                    })
+                    .collect();
+                files.sort();
+                if files.is_empty() {
+                    bail!("{}: no *.yaml or *.yml files", path.display());
+                }
+                for file in files {
+                    let text = fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    sources.push((file.display().to_string(), text));
+                }
+            } else {
+                let text = fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                sources.push((path.display().to_string(), text));
+            }
+        }
+        let mut documents = Vec::new();
+        let mut origins = Vec::new();
+        for (name, text) in &sources {
+            for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+                let value = serde_yaml_ng::Value::deserialize(document)
+                    .map_err(|e| anyhow!("{name}: document {}: malformed YAML: {e}", i + 1))?;
+                if value.is_null() {
+                    continue;
+                }
+                documents.push(serde_yaml_ng::to_string(&value)?);
+                origins.push((name.clone(), i + 1));
+            }
+        }
+        if documents.is_empty() {
+            bail!("no documents to apply");
+        }
+        Ok(Input {
+            yaml: documents.join("---\n"),
+            origins,
+            sources: sources.len(),
+        })
+    }
+
+    /// The server's message, and which file the document at fault is in.
+    fn explain(&self, status: &Status) -> anyhow::Error {
+        let origin = status
+            .metadata()
+            .get(DOCUMENT_INDEX_METADATA)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .and_then(|i| Some((i, self.origins.get(i.checked_sub(1)?)?)));
+        match origin {
+            Some((index, (file, local))) if self.sources > 1 || index != *local => anyhow!(
+                "{} (document {index} is {file}, document {local})",
+                server_error(status.clone())
+            ),
+            _ => server_error(status.clone()),
+        }
+    }
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn render_documents(
+    kind: Kind,
+    documents: Vec<Value>,
+    named: bool,
+    output: Option<Output>,
+    all_namespaces: bool,
+) -> anyhow::Result<String> {
+    match output {
+        Some(Output::Json) => {
+            let value = if named && documents.len() == 1 {
+                documents.into_iter().next().expect("one document")
+            } else {
+                json!({ "apiVersion": "v1", "kind": "List", "items": documents })
+            };
+            Ok(serde_json::to_string_pretty(&value)?)
+        }
+        Some(Output::Yaml) => Ok(documents
+            .iter()
+            .map(serde_yaml_ng::to_string)
+            .collect::<Result<Vec<_>, _>>()?
+            .join("---\n")
+            .trim_end()
+            .to_owned()),
+        None => {
+            let (headers, rows): (&[&str], Vec<Vec<String>>) = match kind {
+                Kind::Workload => (
+                    &["NAME", "NODE", "IP", "READY", "SERVICE ACCOUNT", "PORTS"],
+                    documents.iter().map(workload_row).collect(),
+                ),
+                Kind::Service => (
+                    &["NAME", "VIPS", "PORTS", "SELECTOR"],
+                    documents.iter().map(service_row).collect(),
+                ),
+                Kind::Node => (
+                    &["NAME", "ADDRESS", "TUNNEL PORT"],
+                    documents
+                        .iter()
+                        .map(|d| {
+                            vec![
+                                text(&d["metadata"]["name"]),
+                                text(&d["spec"]["address"]),
+                                text(&d["spec"]["tunnelPort"]),
+                            ]
+                        })
+                        .collect(),
+                ),
+                Kind::MtlsPolicy => (
+                    &["NAME", "MODE"],
+                    documents
+                        .iter()
+                        .map(|d| vec![text(&d["metadata"]["name"]), text(&d["spec"]["mode"])])
+                        .collect(),
+                ),
+            };
+            if !all_namespaces || kind.is_cluster_scoped() {
+                return Ok(table(headers, rows));
+            }
+            let headers: Vec<&str> = std::iter::once("NAMESPACE")
+                .chain(headers.iter().copied())
+                .collect();
+            let rows = documents
+                .iter()
+                .zip(rows)
+                .map(|(d, row)| {
+                    std::iter::once(text(&d["metadata"]["namespace"]))
+                        .chain(row)
+                        .collect()
+                })
+                .collect();
+            Ok(table(&headers, rows))
+        }
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn joined(items: &Value, item: impl Fn(&Value) -> String) -> String {
+    let parts: Vec<String> = items.as_array().into_iter().flatten().map(item).collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+fn workload_row(d: &Value) -> Vec<String> {
+    let spec = &d["spec"];
+    vec![
+        text(&d["metadata"]["name"]),
+        text(&spec["node"]),
+        text(&spec["ip"]),
+        text(&spec["ready"]),
+        text(&spec["serviceAccount"]),
+        joined(&spec["ports"], |p| {
+            format!("{}/{}", p["port"], text(&p["protocol"]))
+        }),
+    ]
+}
+
+fn service_row(d: &Value) -> Vec<String> {
+    let spec = &d["spec"];
+    let selector: Vec<String> = spec["selector"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", text(v)))
+        .collect();
+    vec![
+        text(&d["metadata"]["name"]),
+        joined(&spec["vips"], text),
+        joined(&spec["ports"], |p| {
+            let target = if p["targetPort"] == p["port"] {
+                String::new()
+            } else {
+                format!(":{}", p["targetPort"])
+            };
+            format!("{}{target}/{}", p["port"], text(&p["appProtocol"]))
+        }),
+        if selector.is_empty() {
+            "-".into()
+        } else {
+            selector.join(",")
+        },
+    ]
+}
+
+/// Left-aligned columns, as wide as their widest cell.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("   ")
+            .trim_end()
+            .to_owned()
+    };
+    std::iter::once(line(headers.iter().map(|h| (*h).to_owned()).collect()))
+        .chain(rows.into_iter().map(line))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn render_status(s: &admin::Status) -> String {
+    let mut out = format!(
+        "node {}  up {}s  open connections {}\n\nenrolled pods:\n",
+        s.node, s.uptime_secs, s.open_connections
+    );
+    for p in &s.enrolled {
+        out += &format!("  {:<24} cgroup {}\n", p.name, p.cgroup_id);
+    }
+    out += "\nkernel decisions:\n";
+    for (k, n) in &s.decisions {
+        out += &format!("  {k:<22} {n}\n");
+    }
+    if let Some(identity) = &s.identity {
+        out += &format!(
+            "\ncertificates (trust domain {}, trust bundle {}):\n",
+            identity.trust_domain,
+            if identity.trust_bundle {
+                "received"
+            } else {
+                "missing"
+            }
+        );
+        let now = now_unix_ms() / 1000;
+        let line = |c: &CertStatus| {
+            let expires = c.not_after_unix.map_or_else(
+                || "none held".to_owned(),
+                |t| format!("expires in {}s", t.saturating_sub(now)),
+            );
+            let error = c
+                .last_error
+                .as_deref()
+                .map(|e| format!("  last error ({} failures): {e}", c.failures))
+                .unwrap_or_default();
+            format!("  {:<60} {expires}{error}\n", c.identity)
+        };
+        out += &line(&identity.node);
+        for c in &identity.certificates {
+            out += &line(c);
+        }
+    }
+    out
+}
+
+fn render_connections(rows: &[ConnectionView]) -> String {
+    let mut out = format!(
+        "{:<6} {:<8} {:<20} {:<22} {:<22} {:>12} {:>12} {:>8}\n",
+        "ID", "STATE", "SOURCE POD", "PEER", "ORIGINAL DST", "SENT", "RECEIVED", "MS"
+    );
+    for c in rows {
+        let state = match c.state {
+            ConnectionState::Open => "open",
+            ConnectionState::Closed => "closed",
+            ConnectionState::Failed => "failed",
+        };
+        out += &format!(
+            "{:<6} {:<8} {:<20} {:<22} {:<22} {:>12} {:>12} {:>8}\n",
+            c.id,
+            state,
+            c.src_pod.as_deref().unwrap_or("-"),
+            c.peer.to_string(),
+            c.orig_dst.to_string(),
+            c.bytes_sent,
+            c.bytes_received,
+            c.duration_ms,
+        );
+    }
+    out
+}

@@ -1,0 +1,11 @@
+//! `meshctl`: the operator CLI.
+mod cli;
+
+use clap::Parser;
+
+fn main() {
+    if let Err(e) = cli::run(cli::Args::parse()) {
+        eprintln!("meshctl: {e:#}");
+        std::process::exit(1);
+    }
+}

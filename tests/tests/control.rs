@@ -1,0 +1,880 @@
+//! The control server end to end: the real `mesh-control` binary on
+//! loopback (TLS, with the CA it generated) and a unix socket, real gRPC
+//! clients, a temporary store.
+use std::{collections::HashMap, path::Path, process::Command, time::Duration};
+
+use mesh_api::{
+    client::{self, Bearer},
+    pb::{
+        AgentsRequest, ApplyRequest, DeltaRequest, DeltaResponse, GetRequest, Status as NackStatus,
+        distribution_client::DistributionClient, resource::Body,
+    },
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Streaming};
+
+mod support;
+
+use support::control::{Server, TempDir, bin};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The server of these tests: also an admin token for the network listener.
+fn start(dir: &Path) -> Server {
+    std::fs::write(dir.join("admin-token"), "admin-secret\n").expect("admin token");
+    let token = dir.join("admin-token");
+    Server::start(
+        dir,
+        &["--admin-token-file", token.to_str().expect("utf-8 path")],
+    )
+}
+
+impl Server {
+    /// Every stored document of both kinds, as JSON text.
+    async fn everything(&self) -> Vec<String> {
+        let mut op = self.operator().await;
+        let mut all = Vec::new();
+        for kind in ["Workload", "Service"] {
+            all.extend(
+                op.get(GetRequest {
+                    kind: kind.into(),
+                    ..GetRequest::default()
+                })
+                .await
+                .expect("get")
+                .into_inner()
+                .documents_json,
+            );
+        }
+        all
+    }
+
+    async fn subscribe(
+        &self,
+        node: &str,
+        token: &str,
+        have: HashMap<String, String>,
+    ) -> Result<Agent, tonic::Status> {
+        let channel = client::channel_with_tls(&self.target(), Some(&self.tls(None)))
+            .await
+            .expect("connect");
+        let mut client =
+            DistributionClient::with_interceptor(channel, Bearer::new(Some(token)).expect("token"));
+        let (requests, rx) = mpsc::channel(4);
+        requests
+            .send(DeltaRequest {
+                node: node.into(),
+                initial_resource_versions: have,
+                ..DeltaRequest::default()
+            })
+            .await
+            .expect("first request");
+        let responses = client
+            .delta_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Agent {
+            requests,
+            responses,
+        })
+    }
+}
+
+/// A test agent: one Distribution stream.
+struct Agent {
+    requests: mpsc::Sender<DeltaRequest>,
+    responses: Streaming<DeltaResponse>,
+}
+
+impl Agent {
+    async fn recv(&mut self) -> DeltaResponse {
+        tokio::time::timeout(WAIT, self.responses.message())
+            .await
+            .expect("a response in time")
+            .expect("stream healthy")
+            .expect("stream open")
+    }
+
+    async fn recv_and_ack(&mut self) -> DeltaResponse {
+        let r = self.recv().await;
+        self.ack(&r).await;
+        r
+    }
+
+    async fn ack(&self, r: &DeltaResponse) {
+        self.requests
+            .send(DeltaRequest {
+                response_nonce: r.nonce.clone(),
+                ..DeltaRequest::default()
+            })
+            .await
+            .expect("ack");
+    }
+
+    async fn nack(&self, r: &DeltaResponse, message: &str, resources: &[&str]) {
+        self.requests
+            .send(DeltaRequest {
+                response_nonce: r.nonce.clone(),
+                error_detail: Some(NackStatus {
+                    message: message.into(),
+                    resources: resources.iter().map(|k| (*k).to_owned()).collect(),
+                }),
+                ..DeltaRequest::default()
+            })
+            .await
+            .expect("nack");
+    }
+
+    async fn expect_silence(&mut self) {
+        if let Ok(r) =
+            tokio::time::timeout(Duration::from_millis(500), self.responses.message()).await
+        {
+            panic!("expected no response, got {r:?}");
+        }
+    }
+}
+
+/// Keys of a response, sorted, without the trust bundle (every first
+/// response carries it).
+fn keys(r: &DeltaResponse) -> Vec<&str> {
+    let mut keys: Vec<&str> = r
+        .resources
+        .iter()
+        .map(|r| r.key.as_str())
+        .filter(|k| *k != "TrustBundle//mesh")
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+fn versions(r: &DeltaResponse) -> HashMap<String, String> {
+    r.resources
+        .iter()
+        .map(|r| (r.key.clone(), r.version.clone()))
+        .collect()
+}
+
+fn endpoints(r: &DeltaResponse, key: &str) -> Vec<String> {
+    let resource = r
+        .resources
+        .iter()
+        .find(|r| r.key == key)
+        .unwrap_or_else(|| panic!("{key} not in {:?}", keys(r)));
+    let Some(Body::Service(s)) = &resource.body else {
+        panic!("{key} is not a service")
+    };
+    s.endpoints.iter().map(|e| e.workload.clone()).collect()
+}
+
+fn workload(name: &str, node: &str, ip: &str, app: &str) -> String {
+    format!(
+        "apiVersion: mesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\nspec: {{node: {node}, ip: {ip}, ports: [{{port: 8080}}]}}\n"
+    )
+}
+
+fn service(name: &str, vip: &str, app: &str) -> String {
+    format!(
+        "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{vips: [{vip}], ports: [{{port: 80, targetPort: 8080}}], selector: {{app: {app}}}}}\n"
+    )
+}
+
+fn base() -> String {
+    [
+        workload("echo-1", "n1", "198.18.1.10", "echo"),
+        workload("echo-2", "n2", "198.18.2.10", "echo"),
+        service("echo", "198.19.0.10", "echo"),
+        service("other", "198.19.0.11", "other"),
+    ]
+    .join("---\n")
+}
+
+#[tokio::test]
+async fn agents_get_every_workload_and_service_and_the_trust_bundle_then_only_changes() {
+    let dir = TempDir::new("changes");
+    let server = start(&dir.0);
+    server.apply(&base()).await.expect("apply");
+
+    let mut n1 = server
+        .subscribe("n1", "token-1", HashMap::new())
+        .await
+        .expect("subscribe");
+    let first = n1.recv_and_ack().await;
+    assert_eq!(
+        keys(&first),
+        [
+            "Service/default/echo",
+            "Service/default/other",
+            "Workload/default/echo-1",
+            "Workload/default/echo-2",
+        ]
+    );
+    let bundle = first
+        .resources
+        .iter()
+        .find(|r| r.key == "TrustBundle//mesh")
+        .expect("the trust bundle is distributed");
+    let Some(Body::TrustBundle(bundle)) = &bundle.body else {
+        panic!("not a trust bundle: {bundle:?}")
+    };
+    assert_eq!(
+        bundle.pem,
+        std::fs::read_to_string(&server.ca).expect("ca.crt"),
+        "the bundle is the CA's root"
+    );
+    assert_eq!(
+        endpoints(&first, "Service/default/echo"),
+        ["echo-1", "echo-2"]
+    );
+    assert_eq!(first.system_version_info, "1");
+
+    // A new endpoint on another node: exactly one response, with the Service
+    // and the Workload (the tunnel needs every workload's identity).
+    server
+        .apply(&workload("echo-3", "n2", "198.18.2.11", "echo"))
+        .await
+        .expect("apply");
+    let change = n1.recv_and_ack().await;
+    assert_eq!(
+        keys(&change),
+        ["Service/default/echo", "Workload/default/echo-3"]
+    );
+    assert_eq!(
+        endpoints(&change, "Service/default/echo"),
+        ["echo-1", "echo-2", "echo-3"]
+    );
+    assert_ne!(
+        versions(&change)["Service/default/echo"],
+        versions(&first)["Service/default/echo"]
+    );
+    assert_eq!(change.system_version_info, "2");
+    assert_ne!(change.nonce, first.nonce);
+    n1.expect_silence().await;
+
+    // A delete is an explicit removal.
+    let mut op = server.operator().await;
+    op.delete(mesh_api::pb::DeleteRequest {
+        kind: "svc".into(),
+        namespace: String::new(),
+        name: "other".into(),
+    })
+    .await
+    .expect("delete");
+    let removal = n1.recv_and_ack().await;
+    assert_eq!(removal.removed_resources, ["Service/default/other"]);
+    assert!(removal.resources.is_empty());
+
+    let agents = op
+        .agents(AgentsRequest {})
+        .await
+        .expect("agents")
+        .into_inner()
+        .agents;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut agents = agents;
+    while agents[0].acked_version != "3" && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        agents = op
+            .agents(AgentsRequest {})
+            .await
+            .expect("agents")
+            .into_inner()
+            .agents;
+    }
+    assert_eq!(agents.len(), 2, "every node with a token is listed");
+    assert_eq!(agents[1].node, "n2");
+    assert!(!agents[1].connected);
+    assert_eq!(agents[1].acked_version, "");
+    assert_eq!(agents[0].node, "n1");
+    assert!(agents[0].connected);
+    assert_eq!(agents[0].acked_version, "3");
+    assert!(agents[0].last_ack_unix_ms > 0);
+    assert_eq!(agents[0].last_error, None);
+}
+
+#[tokio::test]
+async fn a_resubscribing_agent_gets_only_what_changed() {
+    let dir = TempDir::new("resubscribe");
+    let server = start(&dir.0);
+    server.apply(&base()).await.expect("apply");
+    let mut n2 = server
+        .subscribe("n2", "token-2", HashMap::new())
+        .await
+        .expect("subscribe");
+    let have = versions(&n2.recv_and_ack().await);
+    drop(n2);
+
+    let mut again = server
+        .subscribe("n2", "token-2", have.clone())
+        .await
+        .expect("resubscribe");
+    let first = again.recv_and_ack().await;
+    assert!(first.resources.is_empty(), "{:?}", keys(&first));
+    assert!(first.removed_resources.is_empty());
+    drop(again);
+
+    server
+        .apply(&service("other", "198.19.0.11", "echo"))
+        .await
+        .expect("apply");
+    let mut later = server
+        .subscribe("n2", "token-2", have)
+        .await
+        .expect("resubscribe");
+    let first = later.recv_and_ack().await;
+    assert_eq!(keys(&first), ["Service/default/other"]);
+}
+
+#[tokio::test]
+async fn a_response_rejected_whole_is_resent_with_the_next_change() {
+    let dir = TempDir::new("nack-whole");
+    let server = start(&dir.0);
+    server.apply(&base()).await.expect("apply");
+    let mut n1 = server
+        .subscribe("n1", "token-1", HashMap::new())
+        .await
+        .expect("subscribe");
+    n1.recv_and_ack().await;
+
+    server
+        .apply(&service("first", "198.19.0.21", "echo"))
+        .await
+        .expect("apply");
+    let change = n1.recv().await;
+    assert_eq!(keys(&change), ["Service/default/first"]);
+    n1.nack(&change, "kernel map full", &[]).await;
+    n1.expect_silence().await;
+
+    server
+        .apply(&service("second", "198.19.0.22", "echo"))
+        .await
+        .expect("apply");
+    let next = n1.recv().await;
+    let mut got = keys(&next);
+    got.sort();
+    assert_eq!(
+        got,
+        ["Service/default/first", "Service/default/second"],
+        "the agent still lacks what it rejected, so it comes again"
+    );
+}
+
+#[tokio::test]
+async fn a_rejection_is_recorded_with_its_reason_and_not_resent() {
+    let dir = TempDir::new("nack");
+    let server = start(&dir.0);
+    server.apply(&base()).await.expect("apply");
+    let mut n1 = server
+        .subscribe("n1", "token-1", HashMap::new())
+        .await
+        .expect("subscribe");
+    n1.recv_and_ack().await;
+
+    server
+        .apply(&service("echo", "198.19.0.20", "echo"))
+        .await
+        .expect("apply");
+    let change = n1.recv().await;
+    n1.nack(
+        &change,
+        "VIP 198.19.0.20 collides with a host route",
+        &["Service/default/echo"],
+    )
+    .await;
+    n1.expect_silence().await;
+
+    let mut op = server.operator().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let sync = loop {
+        let agents = op
+            .agents(AgentsRequest {})
+            .await
+            .expect("agents")
+            .into_inner()
+            .agents;
+        if agents[0].last_error.is_some() || tokio::time::Instant::now() > deadline {
+            break agents[0].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let error = sync.last_error.expect("rejection recorded");
+    assert_eq!(error.message, "VIP 198.19.0.20 collides with a host route");
+    assert_eq!(error.resources, ["Service/default/echo"]);
+    assert_eq!(
+        sync.acked_version, "2",
+        "a rejection naming resources leaves the rest of the response in effect"
+    );
+    assert_eq!(
+        server
+            .metric("mesh_control_nacks_total")
+            .expect("mesh_control_nacks_total"),
+        1.0
+    );
+
+    let out = Command::new(bin("meshctl"))
+        .args([
+            "--control",
+            &format!("unix://{}", server.socket.display()),
+            "agents",
+        ])
+        .output()
+        .expect("meshctl agents");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(
+        table.contains("VIP 198.19.0.20 collides with a host route [Service/default/echo]"),
+        "{table}"
+    );
+
+    // Fixed by a newer version that the agent accepts: the rejection clears.
+    server
+        .apply(&service("echo", "198.19.0.21", "echo"))
+        .await
+        .expect("apply");
+    let fixed = n1.recv_and_ack().await;
+    assert_eq!(keys(&fixed), ["Service/default/echo"]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let agents = op
+            .agents(AgentsRequest {})
+            .await
+            .expect("agents")
+            .into_inner()
+            .agents;
+        if agents[0].last_error.is_none() {
+            assert_eq!(agents[0].acked_version, "3");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rejection never cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn streams_without_the_nodes_token_are_refused() {
+    let dir = TempDir::new("auth");
+    let server = start(&dir.0);
+    for (node, token) in [("n1", "token-2"), ("n1", "nonsense"), ("n3", "token-1")] {
+        let refused = server
+            .subscribe(node, token, HashMap::new())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{node} with {token} was let in"));
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    }
+    assert_eq!(
+        server
+            .metric("mesh_control_unauthenticated_streams_total")
+            .expect("mesh_control_unauthenticated_streams_total"),
+        3.0
+    );
+    assert_eq!(
+        server
+            .metric("mesh_control_connected_agents")
+            .expect("mesh_control_connected_agents"),
+        0.0
+    );
+
+    // The operator API on the network wants the admin token.
+    let (target, tls) = (server.target(), server.tls(None));
+    let mut anonymous = client::operator_with_tls(&target, None, Some(&tls))
+        .await
+        .expect("connect");
+    let e = anonymous
+        .agents(AgentsRequest {})
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut admin = client::operator_with_tls(&target, Some("admin-secret"), Some(&tls))
+        .await
+        .expect("connect");
+    admin.agents(AgentsRequest {}).await.expect("admin allowed");
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_by_field_and_value_and_changes_nothing() {
+    let dir = TempDir::new("bad-input");
+    let server = start(&dir.0);
+    server.apply(&base()).await.expect("apply");
+    let before = server.everything().await;
+
+    let valid = workload("fine", "n1", "198.18.1.99", "echo");
+    let cases = [
+        ("kind: [Service\n".to_owned(), "document 2: malformed YAML"),
+        (
+            service("x", "198.19.0.99", "x").replace("kind: Service", "kind: Gateway"),
+            "document 2: kind: unknown kind \"Gateway\"",
+        ),
+        (
+            workload("w", "n1", "198.18.1.98", "x").replace("node: n1, ", ""),
+            "document 2 (Workload/default/w): spec.node: required field is missing",
+        ),
+        (
+            service("dup", "198.19.0.10", "x"),
+            "Service/default/dup: spec.vips[0]: 198.19.0.10 is already owned by Service/default/echo",
+        ),
+        (
+            service("big", "198.19.0.98", "x").replace("port: 80,", "port: 70000,"),
+            "document 2 (Service/default/big): spec.ports[0].port: port 70000 is out of range (1-65535)",
+        ),
+    ];
+    for (bad, expected) in cases {
+        // A valid document first: the batch is all or nothing.
+        let e = server
+            .apply(&format!("{valid}---\n{bad}"))
+            .await
+            .expect_err("refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().contains(expected),
+            "{:?} lacks {expected:?}",
+            e.message()
+        );
+        assert_eq!(server.everything().await, before, "after {expected}");
+    }
+
+    // meshctl says the same, names the file, and exits 1.
+    std::fs::write(dir.0.join("a.yaml"), &valid).expect("write");
+    std::fs::write(
+        dir.0.join("b.yaml"),
+        service("big", "198.19.0.98", "x").replace("port: 80,", "port: 70000,"),
+    )
+    .expect("write");
+    let out = Command::new(bin("meshctl"))
+        .args(["--control", &format!("unix://{}", server.socket.display())])
+        .arg("apply")
+        .arg("-f")
+        .arg(&dir.0)
+        .output()
+        .expect("meshctl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("spec.ports[0].port: port 70000 is out of range (1-65535)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("b.yaml, document 1"), "{stderr}");
+    assert_eq!(server.everything().await, before);
+}
+
+#[tokio::test]
+async fn a_restart_loses_nothing_and_agents_resync_without_a_full_reload() {
+    let dir = TempDir::new("restart");
+    let server = start(&dir.0);
+    server.apply(&base()).await.expect("apply");
+    server
+        .apply(&workload("echo-3", "n1", "198.18.1.11", "echo"))
+        .await
+        .expect("apply");
+    let before = server.everything().await;
+    let mut n1 = server
+        .subscribe("n1", "token-1", HashMap::new())
+        .await
+        .expect("subscribe");
+    let have = versions(&n1.recv_and_ack().await);
+
+    let stopping = tokio::task::spawn_blocking(move || server.stop());
+    let ended = tokio::time::timeout(WAIT, n1.responses.message())
+        .await
+        .expect("stream ends on shutdown");
+    assert!(
+        matches!(&ended, Err(s) if s.code() == Code::Unavailable) || matches!(ended, Ok(None)),
+        "{ended:?}"
+    );
+    stopping.await.expect("clean exit");
+
+    let server = start(&dir.0);
+    assert_eq!(server.everything().await, before);
+    let unchanged = server
+        .operator()
+        .await
+        .apply(ApplyRequest {
+            yaml: base(),
+            dry_run: false,
+        })
+        .await
+        .expect("apply")
+        .into_inner();
+    assert_eq!(unchanged.revision, 2, "revision preserved");
+    assert!(unchanged.results.iter().all(|r| r.ends_with(" unchanged")));
+
+    let mut again = server
+        .subscribe("n1", "token-1", have)
+        .await
+        .expect("resubscribe");
+    let first = again.recv_and_ack().await;
+    assert!(first.resources.is_empty(), "resent {:?}", keys(&first));
+    assert_eq!(first.system_version_info, "2");
+}
+
+#[tokio::test]
+async fn meshctl_applies_a_directory_gets_and_deletes() {
+    let dir = TempDir::new("meshctl");
+    let server = start(&dir.0);
+    let manifests = dir.0.join("manifests");
+    std::fs::create_dir_all(&manifests).expect("dir");
+    std::fs::write(
+        manifests.join("1-workloads.yaml"),
+        [
+            workload("echo-1", "n1", "198.18.1.10", "echo"),
+            workload("echo-2", "n2", "198.18.2.10", "echo"),
+        ]
+        .join("---\n"),
+    )
+    .expect("write");
+    std::fs::write(
+        manifests.join("2-service.yml"),
+        service("echo", "198.19.0.10", "echo"),
+    )
+    .expect("write");
+    std::fs::write(manifests.join("notes.txt"), "not yaml: [").expect("write");
+    let meshctl = |args: &[&str]| {
+        let out = Command::new(bin("meshctl"))
+            .args(["--control", &format!("unix://{}", server.socket.display())])
+            .args(args)
+            .output()
+            .expect("meshctl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let dir_arg = manifests.to_str().expect("utf-8 path");
+
+    let (code, out, err) = meshctl(&["apply", "-f", dir_arg, "--dry-run"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("Service/default/echo created (dry run)"),
+        "{out}"
+    );
+    assert!(server.everything().await.is_empty());
+
+    let (code, out, err) = meshctl(&["apply", "-f", dir_arg]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        "Workload/default/echo-1 created\nWorkload/default/echo-2 created\nService/default/echo created\n"
+    );
+
+    let (code, out, _) = meshctl(&["get", "svc"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("echo   198.19.0.10   80:8080/tcp   app=echo"),
+        "{out}"
+    );
+
+    // What get -o yaml prints applies again, unchanged.
+    let (code, yaml, _) = meshctl(&["get", "workloads", "-A", "-o", "yaml"]);
+    assert_eq!(code, Some(0));
+    let exported = dir.0.join("exported.yaml");
+    std::fs::write(&exported, &yaml).expect("write");
+    let (code, out, err) = meshctl(&["apply", "-f", exported.to_str().expect("utf-8")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        "Workload/default/echo-1 unchanged\nWorkload/default/echo-2 unchanged\n"
+    );
+
+    let (code, out, _) = meshctl(&["get", "wl", "echo-1", "-o", "json"]);
+    assert_eq!(code, Some(0));
+    let doc: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(doc["spec"]["node"], "n1");
+
+    let (code, out, _) = meshctl(&["delete", "service", "echo"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(out, "Service/default/echo deleted\n");
+    let (code, _, err) = meshctl(&["delete", "service", "echo"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(err, "meshctl: Service/default/echo not found\n");
+    let (code, _, err) = meshctl(&["get", "gateway"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unknown kind \"gateway\""), "{err}");
+}
+
+#[tokio::test]
+async fn nodes_are_cluster_scoped_and_reach_every_agent() {
+    let dir = TempDir::new("nodes");
+    let server = start(&dir.0);
+    let node = |name: &str, address: &str| {
+        format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{address: {address}}}\n"
+        )
+    };
+    server
+        .apply(&[node("n1", "198.18.0.11"), node("n2", "198.18.0.12")].join("---\n"))
+        .await
+        .expect("apply nodes");
+    let mut n2 = server
+        .subscribe("n2", "token-2", HashMap::new())
+        .await
+        .expect("subscribe");
+    let first = n2.recv_and_ack().await;
+    assert_eq!(keys(&first), ["Node//n1", "Node//n2"]);
+    let n1 = first
+        .resources
+        .iter()
+        .find(|r| r.key == "Node//n1")
+        .expect("n1");
+    assert_eq!(
+        n1.body,
+        Some(Body::Node(mesh_api::pb::Node {
+            name: "n1".into(),
+            tunnel_address: "198.18.0.11:15008".into(),
+        }))
+    );
+
+    // A bad address is refused naming the field and the value.
+    let e = server
+        .apply(&node("n3", "198.18.0.300"))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        e.message(),
+        "document 1 (Node//n3): spec.address: \"198.18.0.300\" is not an IPv4 address"
+    );
+    // Two nodes can't have one address.
+    let e = server
+        .apply(&node("n3", "198.18.0.11"))
+        .await
+        .expect_err("refused");
+    assert!(
+        e.message()
+            .contains("spec.address: 198.18.0.11 is already owned by Node//n1"),
+        "{e:?}"
+    );
+
+    let meshctl = |args: &[&str]| {
+        let out = Command::new(bin("meshctl"))
+            .args(["--control", &format!("unix://{}", server.socket.display())])
+            .args(args)
+            .output()
+            .expect("meshctl");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = meshctl(&["get", "nodes"]);
+    assert!(table.contains("n2     198.18.0.12   15008"), "{table}");
+    let yaml = meshctl(&["get", "node", "n1", "-o", "yaml"]);
+    assert!(!yaml.contains("namespace"), "{yaml}");
+    meshctl(&["delete", "node", "n1"]);
+    let removal = n2.recv_and_ack().await;
+    assert_eq!(removal.removed_resources, ["Node//n1"]);
+}
+
+#[tokio::test]
+async fn mtls_modes_reach_agents_as_each_workloads_effective_mode() {
+    let dir = TempDir::new("mtls-modes");
+    let server = start(&dir.0);
+    let in_shop = |w: String| w.replace("metadata: {", "metadata: {namespace: shop, ");
+    let policy = |name: &str, mode: &str| {
+        format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: MtlsPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{mode: {mode}}}\n"
+        )
+    };
+    server
+        .apply(
+            &[
+                workload("echo-1", "n1", "198.18.1.10", "echo"),
+                in_shop(workload("cart", "n1", "198.18.1.20", "cart")),
+                in_shop(workload("legacy", "n2", "198.18.2.20", "legacy"))
+                    .replace("node: n2,", "node: n2, mtlsMode: disable,"),
+            ]
+            .join("---\n"),
+        )
+        .await
+        .expect("apply");
+    let mut n1 = server
+        .subscribe("n1", "token-1", HashMap::new())
+        .await
+        .expect("subscribe");
+    let modes = |r: &DeltaResponse| -> Vec<(String, String)> {
+        let mut modes: Vec<(String, String)> = r
+            .resources
+            .iter()
+            .filter_map(|r| match &r.body {
+                Some(Body::Workload(w)) => Some((r.key.clone(), w.mtls_mode.clone())),
+                _ => None,
+            })
+            .collect();
+        modes.sort_unstable();
+        modes
+    };
+    let pair = |k: &str, m: &str| (k.to_owned(), m.to_owned());
+    let first = n1.recv_and_ack().await;
+    assert_eq!(
+        modes(&first),
+        [
+            pair("Workload/default/echo-1", "STRICT"),
+            pair("Workload/shop/cart", "STRICT"),
+            pair("Workload/shop/legacy", "DISABLE"),
+        ]
+    );
+
+    // A namespace policy re-sends just the workloads it changes.
+    server
+        .apply(&policy("default", "Permissive"))
+        .await
+        .expect("apply policy");
+    let change = n1.recv_and_ack().await;
+    assert_eq!(modes(&change), [pair("Workload/shop/cart", "PERMISSIVE")]);
+    assert!(change.removed_resources.is_empty());
+    n1.expect_silence().await;
+
+    // One policy per namespace; the refusal names both.
+    let e = server
+        .apply(&policy("second", "STRICT"))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        e.message(),
+        "MtlsPolicy/shop/second: the namespace already has MtlsPolicy/shop/default; at most one MtlsPolicy per namespace"
+    );
+    let e = server
+        .apply(&policy("default", "optional"))
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        e.message(),
+        "document 1 (MtlsPolicy/shop/default): spec.mode: \"optional\" is not an mTLS mode (\"STRICT\", \"PERMISSIVE\" or \"DISABLE\")"
+    );
+
+    let meshctl = |args: &[&str]| {
+        let out = Command::new(bin("meshctl"))
+            .args(["--control", &format!("unix://{}", server.socket.display())])
+            .args(args)
+            .output()
+            .expect("meshctl");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = meshctl(&["get", "mtlspolicies", "-n", "shop"]);
+    assert!(table.contains("default   PERMISSIVE"), "{table}");
+    let yaml = meshctl(&["get", "mtlspolicy", "default", "-n", "shop", "-o", "yaml"]);
+    assert!(yaml.contains("mode: PERMISSIVE"), "{yaml}");
+    let yaml = meshctl(&["get", "wl", "legacy", "-n", "shop", "-o", "yaml"]);
+    assert!(yaml.contains("mtlsMode: DISABLE"), "{yaml}");
+
+    // Deleting it reverts to the mesh's default.
+    meshctl(&["delete", "mtlspolicy", "default", "-n", "shop"]);
+    let change = n1.recv_and_ack().await;
+    assert_eq!(modes(&change), [pair("Workload/shop/cart", "STRICT")]);
+    assert_eq!(
+        versions(&change)["Workload/shop/cart"],
+        versions(&first)["Workload/shop/cart"],
+        "the same content has the same version"
+    );
+}
