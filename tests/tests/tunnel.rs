@@ -255,7 +255,8 @@ async fn connect_to_a_non_local_target_is_forbidden() {
         peer: peer.addr,
         dst: server_id,
     };
-    let elsewhere = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9);
+    // Not the address of a Workload of this node (the echo server's is).
+    let elsewhere = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 9);
     match client.connect(&key, elsewhere).await {
         Err(Error::Refused { status, .. }) => assert_eq!(status, http::StatusCode::FORBIDDEN),
         Err(e) => panic!("expected 403, got {e}"),
