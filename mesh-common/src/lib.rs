@@ -16,6 +16,7 @@ pub mod names {
     pub const SERVICE_VIPS: &str = "SERVICE_VIPS";
     pub const SERVICE_PORTS: &str = "SERVICE_PORTS";
     pub const PROG_CONNECT4: &str = "mesh_connect4";
+    pub const PROG_CONNECT6: &str = "mesh_connect6";
     pub const PROG_SOCK_OPS: &str = "mesh_sock_ops";
     pub const PROG_STRICT_INGRESS: &str = "mesh_strict";
     pub const STRICT_PODS: &str = "STRICT_PODS";
@@ -63,10 +64,14 @@ pub enum Decision {
     /// cgroup_skb ingress: a plaintext connection attempt into a STRICT pod
     /// that did not come from its node agent; dropped.
     StrictPlaintextDropped = 12,
+    /// Native IPv6 (not IPv4-mapped): the mesh carries IPv4 only, so an
+    /// enrolled pod's connect fails (EPERM) and an inbound SYN into a pod
+    /// is dropped, rather than passing unmediated.
+    Ipv6Refused = 13,
 }
 
 impl Decision {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Decision; Decision::COUNT as usize] = [
         Decision::Redirected,
         Decision::NotEnrolled,
@@ -81,6 +86,7 @@ impl Decision {
         Decision::MapUpdateFailed,
         Decision::NoServicePort,
         Decision::StrictPlaintextDropped,
+        Decision::Ipv6Refused,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -98,6 +104,7 @@ impl Decision {
             Decision::MapUpdateFailed => "map_update_failed",
             Decision::NoServicePort => "no_service_port",
             Decision::StrictPlaintextDropped => "strict_plaintext_dropped",
+            Decision::Ipv6Refused => "ipv6_refused",
         }
     }
 }
@@ -118,7 +125,17 @@ pub struct AgentConfig {
     /// Port on the agent address where nothing listens: connects to a VIP
     /// port no Service owns go here and are refused. Network order, low 16 bits.
     pub refusal_port: u32,
+    /// cgroup v2 level of the node's pod cgroup root (the root cgroup is 0):
+    /// pods are its descendants, so a process is enrolled when one of its
+    /// ancestors below this level is.
+    pub pod_root_level: u32,
+    /// How many levels below the root an enrolled pod cgroup may be (a
+    /// bound the verifier needs).
+    pub max_pod_depth: u32,
 }
+
+/// Most cgroup levels below the pod root searched for an enrolled ancestor.
+pub const MAX_POD_DEPTH: u32 = 8;
 
 /// A Service (VIP, port) pair the agent serves. Address network order, port
 /// host order.

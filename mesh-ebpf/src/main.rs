@@ -1,14 +1,18 @@
 //! Kernel programs of the mesh: one module per attach point.
 //!
-//! `connect4` sends enrolled pods' TCP connects to the node agent and records
-//! where they were going; `sock_ops` ties the redirected connection's 4-tuple
-//! to that record so the agent can find it on accept.
+//! `connect4` and `connect6` send enrolled pods' TCP connects (IPv4, and
+//! IPv4-mapped from dual-stack sockets) to the node agent and record where
+//! they were going (`capture` holds what they share); `sock_ops` ties the
+//! redirected connection's 4-tuple to that record so the agent can find it on
+//! accept; `strict` drops plaintext into STRICT pods.
 // Built for the kernel (bpfel-unknown-none) by `cargo xtask build-ebpf`; on
 // the host the same code is only type-checked (clippy), as a std binary.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod capture;
 mod connect4;
+mod connect6;
 mod maps;
 mod sock_ops;
 mod strict;

@@ -2,6 +2,10 @@
 //! connections only from its node agent (which has authenticated the peer
 //! over mTLS, or is carrying a same-node connection it intercepted); a
 //! plaintext SYN from anywhere else is dropped and counted.
+//!
+//! The mesh carries IPv4 only, so a native IPv6 TCP SYN into any pod of the
+//! node, which no agent could have mediated, is dropped too (`ipv6_refused`),
+//! as is IPv6 with extension headers, which could hide one.
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use mesh_common::Decision;
 
@@ -13,6 +17,9 @@ const DROP: i32 = 0;
 const IPPROTO_TCP: u8 = 6;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
+const IPV6_HEADER_LEN: usize = 40;
+/// IPv6 extension headers: hop-by-hop, routing, fragment, destination options.
+const IPV6_EXTENSIONS: [u8; 4] = [0, 43, 44, 60];
 
 #[cgroup_skb(ingress)]
 pub fn mesh_strict(ctx: SkBuffContext) -> i32 {
@@ -24,8 +31,10 @@ pub fn mesh_strict(ctx: SkBuffContext) -> i32 {
 fn try_strict_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     // cgroup_skb sees the packet from its IPv4 header on.
     let version_ihl: u8 = ctx.load(0).map_err(|_| PASS)?;
-    if version_ihl >> 4 != 4 {
-        return Ok(PASS);
+    match version_ihl >> 4 {
+        4 => {}
+        6 => return ipv6(ctx),
+        _ => return Ok(PASS),
     }
     let protocol: u8 = ctx.load(9).map_err(|_| PASS)?;
     if protocol != IPPROTO_TCP {
@@ -50,5 +59,22 @@ fn try_strict_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
         return Ok(PASS);
     }
     maps::count(Decision::StrictPlaintextDropped);
+    Ok(DROP)
+}
+
+fn ipv6(ctx: &SkBuffContext) -> Result<i32, i32> {
+    let next: u8 = ctx.load(6).map_err(|_| PASS)?;
+    if IPV6_EXTENSIONS.contains(&next) {
+        maps::count(Decision::Ipv6Refused);
+        return Ok(DROP);
+    }
+    if next != IPPROTO_TCP {
+        return Ok(PASS);
+    }
+    let flags: u8 = ctx.load(IPV6_HEADER_LEN + 13).map_err(|_| PASS)?;
+    if flags & TCP_FLAG_SYN == 0 || flags & TCP_FLAG_ACK != 0 {
+        return Ok(PASS);
+    }
+    maps::count(Decision::Ipv6Refused);
     Ok(DROP)
 }

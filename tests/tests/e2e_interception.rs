@@ -238,6 +238,14 @@ fn metrics_text(cluster: &xtask::cluster::Cluster, node: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// What an agent attaches to its node's pod cgroup, sorted.
+const PROGRAMS: [&str; 4] = [
+    "mesh_connect4",
+    "mesh_connect6",
+    "mesh_sock_ops",
+    "mesh_strict",
+];
+
 #[test]
 fn stopped_agent_leaves_nothing_attached_and_restart_replaces_stale_links() {
     let Some(mut cluster) = cluster() else { return };
@@ -250,10 +258,7 @@ fn stopped_agent_leaves_nothing_attached_and_restart_replaces_stale_links() {
         n.sort();
         n
     };
-    assert_eq!(
-        names(&attached_programs(&pods_cgroup)),
-        ["mesh_connect4", "mesh_sock_ops", "mesh_strict"]
-    );
+    assert_eq!(names(&attached_programs(&pods_cgroup)), PROGRAMS);
 
     cluster.stop_agent("node1").expect("stop agent");
     assert!(
@@ -273,14 +278,11 @@ fn stopped_agent_leaves_nothing_attached_and_restart_replaces_stale_links() {
     }
     assert_eq!(
         attached_programs(&pods_cgroup).len(),
-        3,
+        PROGRAMS.len(),
         "pinned links survive a crash"
     );
     cluster.start_agent("node1").expect("restart agent");
-    assert_eq!(
-        names(&attached_programs(&pods_cgroup)),
-        ["mesh_connect4", "mesh_sock_ops", "mesh_strict"]
-    );
+    assert_eq!(names(&attached_programs(&pods_cgroup)), PROGRAMS);
 
     // And the restarted agent carries traffic again once the pod is enrolled.
     cluster.enroll("node1-pod1").expect("re-enroll");

@@ -89,6 +89,7 @@ async fn inbound(store: CertStore, bundle: &str, local: SocketAddrV4) -> Peer {
         metrics: metrics.clone(),
         state: local_state(local),
         connect_timeout: Duration::from_secs(2),
+        max_connections: 1024,
     });
     tokio::spawn(server.run(l));
     Peer { addr, metrics }
@@ -112,6 +113,7 @@ fn local_state(local: SocketAddrV4) -> StateRx {
         node: "local".into(),
         agent_ip: Ipv4Addr::new(198, 19, 1, 1),
         trust_domain: TD.into(),
+        node_addresses: Default::default(),
     };
     let state = State::build(
         "1".into(),

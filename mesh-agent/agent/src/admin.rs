@@ -7,13 +7,13 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use mesh_api::{
     admin::{
         self, ConfigView, ConnectionState, EnrollRequest, ErrorBody, ResourceVersion,
         UnenrollRequest, paths,
     },
-    serve::accept_loop,
+    serve::{HANDSHAKE_TIMEOUT, accept_loop},
 };
 use prometheus_client::registry::Registry;
 use serde::Serialize;
@@ -48,6 +48,11 @@ pub struct State {
 
 type Body = Full<Bytes>;
 
+/// Connections served at once: the admin socket (meshctl, the cluster
+/// tooling) and the telemetry port (scrapers, probes).
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+const MAX_TELEMETRY_CONNECTIONS: usize = 256;
+
 /// One HTTP/1.1 connection answered by `handle`.
 async fn serve_http1<I, F, Fut>(io: I, handle: F)
 where
@@ -60,6 +65,8 @@ where
         async move { Ok::<_, Infallible>(answer.await) }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT)
         .serve_connection(TokioIo::new(io), svc)
         .await
     {
@@ -68,24 +75,34 @@ where
 }
 
 pub async fn serve_admin(listener: UnixListener, state: Arc<State>) {
-    accept_loop("admin", listener, move |stream, _| {
-        let state = state.clone();
-        serve_http1(stream, move |req| {
+    accept_loop(
+        "admin",
+        listener,
+        MAX_ADMIN_CONNECTIONS,
+        move |stream, _| {
             let state = state.clone();
-            async move { admin(req, &state).await }
-        })
-    })
+            serve_http1(stream, move |req| {
+                let state = state.clone();
+                async move { admin(req, &state).await }
+            })
+        },
+    )
     .await
 }
 
 pub async fn serve_telemetry(listener: TcpListener, state: Arc<State>) {
-    accept_loop("telemetry", listener, move |stream, _| {
-        let state = state.clone();
-        serve_http1(stream, move |req| {
+    accept_loop(
+        "telemetry",
+        listener,
+        MAX_TELEMETRY_CONNECTIONS,
+        move |stream, _| {
             let state = state.clone();
-            async move { telemetry(req, &state) }
-        })
-    })
+            serve_http1(stream, move |req| {
+                let state = state.clone();
+                async move { telemetry(req, &state) }
+            })
+        },
+    )
     .await
 }
 

@@ -1,5 +1,6 @@
 //! Wiring of the node agent: settings, start-up order and shutdown.
 use std::{
+    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     sync::Arc,
@@ -86,6 +87,9 @@ pub struct Args {
     /// port no Service owns are sent here and refused.
     #[arg(long, default_value_t = ports::REFUSAL)]
     pub refusal_port: u16,
+    /// Connections from pods the agent carries at once; more are reset.
+    #[arg(long, default_value_t = 16384)]
+    pub max_connections: usize,
     /// Inbound tunnel listener: mutual TLS from other nodes' agents.
     #[arg(long, default_value = "0.0.0.0:15008")]
     pub tunnel_addr: SocketAddr,
@@ -125,6 +129,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     metrics.register(&mut registry);
     let connections = Arc::new(ConnectionTable::new(1024));
 
+    let node_addresses = node_addresses().context("reading this node's addresses")?;
+    let ctx = StateContext {
+        node: args.node.clone(),
+        agent_ip: args.agent_ip,
+        trust_domain: args.trust_domain.clone(),
+        node_addresses,
+    };
     let (config, sync, discovery, identity) = match &args.control_addr {
         Some(addr) => {
             let token = args.token_file.as_deref().map(read_token).transpose()?;
@@ -144,11 +155,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             });
             let (d, rx, sync) = Discovery::new(
                 discovery::Settings {
-                    ctx: StateContext {
-                        node: args.node.clone(),
-                        agent_ip: args.agent_ip,
-                        trust_domain: args.trust_domain.clone(),
-                    },
+                    ctx: ctx.clone(),
                     connector: connector.clone(),
                     cache_dir: args.cache_dir.clone(),
                 },
@@ -167,7 +174,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => {
             // No control server: an empty table, so everything passes through.
             // (A receiver keeps its last value after the sender is gone.)
-            let (_, rx) = tokio::sync::watch::channel(Arc::new(State::default()));
+            let empty = State::build(String::new(), Default::default(), &ctx)
+                .expect("an empty state is valid");
+            let (_, rx) = tokio::sync::watch::channel(Arc::new(empty));
             (rx, None, None, None)
         }
     };
@@ -194,6 +203,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     metrics: metrics.clone(),
                     state: config.clone(),
                     connect_timeout,
+                    max_connections: args.max_connections,
                 }),
                 listener,
             ))
@@ -209,6 +219,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         connect_timeout,
         state: config.clone(),
         tunnel,
+        max_connections: args.max_connections,
     });
     let state = Arc::new(admin::State {
         node: args.node.clone(),
@@ -300,4 +311,46 @@ fn bpf_object(explicit: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
                 "no eBPF object found (looked at {candidates:?}); run `cargo xtask build-ebpf` or pass --bpf-object"
             )
         })
+}
+
+/// This network namespace's local IPv4 addresses, from the kernel's routing
+/// table (`/proc/net/fib_trie`, whose `/32 host LOCAL` leaves are them).
+fn node_addresses() -> std::io::Result<BTreeSet<Ipv4Addr>> {
+    Ok(local_addresses(&std::fs::read_to_string(
+        "/proc/net/fib_trie",
+    )?))
+}
+
+fn local_addresses(fib_trie: &str) -> BTreeSet<Ipv4Addr> {
+    let mut found = BTreeSet::new();
+    let mut last = None;
+    for line in fib_trie.lines() {
+        let line = line.trim();
+        if let Some(ip) = line.strip_prefix("|-- ") {
+            last = ip.parse().ok();
+        } else if line.contains("/32 host LOCAL")
+            && let Some(ip) = last
+        {
+            found.insert(ip);
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_addresses_are_the_host_local_leaves_of_the_fib() {
+        let trie = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n     +-- 198.18.0.0/24 2 0 2\n        |-- 198.18.0.0\n           /24 link UNICAST\n        |-- 198.18.0.11\n           /32 host LOCAL\n        |-- 198.18.0.255\n           /32 link BROADCAST\n  +-- 127.0.0.0/8 2 0 2\n     |-- 127.0.0.1\n        /32 host LOCAL\nLocal:\n     |-- 198.19.1.1\n        /32 host LOCAL\n";
+        assert_eq!(
+            local_addresses(trie).into_iter().collect::<Vec<_>>(),
+            [
+                Ipv4Addr::new(127, 0, 0, 1),
+                Ipv4Addr::new(198, 18, 0, 11),
+                Ipv4Addr::new(198, 19, 1, 1)
+            ]
+        );
+    }
 }

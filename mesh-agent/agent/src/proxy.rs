@@ -6,6 +6,7 @@
 pub mod copy;
 pub mod inbound;
 pub mod outbound;
+pub mod pool;
 pub mod route;
 pub mod tunnel;
 

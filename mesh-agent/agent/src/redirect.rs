@@ -24,7 +24,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use mesh_common::{AgentConfig, Decision, OrigDst, TupleKey, VipPort, names};
+use mesh_common::{AgentConfig, Decision, MAX_POD_DEPTH, OrigDst, TupleKey, VipPort, names};
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -112,9 +112,13 @@ pub struct Recorded {
     pub cgroup_id: u64,
 }
 
-const PIN_CONNECT4: &str = "connect4_link";
-const PIN_SOCK_OPS: &str = "sock_ops_link";
-const PIN_STRICT: &str = "strict_ingress_link";
+/// Pinned links, in the order `attach` makes them.
+const PINS: [&str; 4] = [
+    "connect4_link",
+    "connect6_link",
+    "sock_ops_link",
+    "strict_ingress_link",
+];
 
 impl Redirect {
     pub fn attach(settings: &Settings) -> Result<Self, Error> {
@@ -135,6 +139,13 @@ impl Redirect {
             agent_cgroup_id: settings.agent_cgroup_id,
             configured: 1,
             refusal_port: u32::from(settings.refusal_port.to_be()),
+            pod_root_level: cgroup_level(&settings.cgroup_root).map_err(|source| {
+                Error::Cgroup {
+                    path: settings.cgroup_root.clone(),
+                    source,
+                }
+            })?,
+            max_pod_depth: MAX_POD_DEPTH,
         };
         config.set(0, cfg, 0).map_err(|source| Error::Map {
             name: names::CONFIG,
@@ -164,62 +175,42 @@ impl Redirect {
             path: settings.pin_dir.clone(),
             source,
         })?;
-        let connect4_pin = settings.pin_dir.join(PIN_CONNECT4);
-        let sock_ops_pin = settings.pin_dir.join(PIN_SOCK_OPS);
-        let strict_pin = settings.pin_dir.join(PIN_STRICT);
+        let pins: Vec<PathBuf> = PINS.iter().map(|p| settings.pin_dir.join(p)).collect();
         // Replace, never stack: a previous agent's links go before ours attach.
-        for pin in [&connect4_pin, &sock_ops_pin, &strict_pin] {
+        for pin in &pins {
             release_stale(pin);
         }
 
-        let prog: &mut CgroupSockAddr = program(&mut ebpf, names::PROG_CONNECT4)?;
-        prog.load().map_err(prog_err(names::PROG_CONNECT4))?;
-        let id = prog
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(prog_err(names::PROG_CONNECT4))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(prog_err(names::PROG_CONNECT4))?
-            .try_into()
-            .map_err(|source| Error::Link {
-                name: names::PROG_CONNECT4,
-                source,
-            })?;
-        pin_link(link, &connect4_pin)?;
-
-        let prog: &mut SockOps = program(&mut ebpf, names::PROG_SOCK_OPS)?;
-        prog.load().map_err(prog_err(names::PROG_SOCK_OPS))?;
-        let id = prog
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(prog_err(names::PROG_SOCK_OPS))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(prog_err(names::PROG_SOCK_OPS))?
-            .try_into()
-            .map_err(|source| Error::Link {
-                name: names::PROG_SOCK_OPS,
-                source,
-            })?;
-        pin_link(link, &sock_ops_pin)?;
-
-        let prog: &mut CgroupSkb = program(&mut ebpf, names::PROG_STRICT_INGRESS)?;
-        prog.load().map_err(prog_err(names::PROG_STRICT_INGRESS))?;
-        let id = prog
+        /// Loads program `$name` of type `$ty`, attaches it with `$attach`
+        /// (given the program) and pins its link at `$pin`.
+        macro_rules! attach_pinned {
+            ($ty:ty, $name:expr, $pin:expr, |$prog:ident| $attach:expr) => {{
+                let $prog: &mut $ty = program(&mut ebpf, $name)?;
+                $prog.load().map_err(prog_err($name))?;
+                let id = $attach.map_err(prog_err($name))?;
+                let link: FdLink = $prog
+                    .take_link(id)
+                    .map_err(prog_err($name))?
+                    .try_into()
+                    .map_err(|source| Error::Link {
+                        name: $name,
+                        source,
+                    })?;
+                pin_link(link, $pin)?;
+            }};
+        }
+        attach_pinned!(CgroupSockAddr, names::PROG_CONNECT4, &pins[0], |p| p
+            .attach(&cgroup, CgroupAttachMode::Single));
+        attach_pinned!(CgroupSockAddr, names::PROG_CONNECT6, &pins[1], |p| p
+            .attach(&cgroup, CgroupAttachMode::Single));
+        attach_pinned!(SockOps, names::PROG_SOCK_OPS, &pins[2], |p| p
+            .attach(&cgroup, CgroupAttachMode::Single));
+        attach_pinned!(CgroupSkb, names::PROG_STRICT_INGRESS, &pins[3], |p| p
             .attach(
                 &cgroup,
                 CgroupSkbAttachType::Ingress,
-                CgroupAttachMode::Single,
-            )
-            .map_err(prog_err(names::PROG_STRICT_INGRESS))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(prog_err(names::PROG_STRICT_INGRESS))?
-            .try_into()
-            .map_err(|source| Error::Link {
-                name: names::PROG_STRICT_INGRESS,
-                source,
-            })?;
-        pin_link(link, &strict_pin)?;
+                CgroupAttachMode::Single
+            ));
         info!(cgroup = %settings.cgroup_root.display(), "redirect attached");
 
         Ok(Self {
@@ -234,7 +225,7 @@ impl Redirect {
                 strict_programmed: BTreeSet::new(),
             }),
             decisions,
-            pins: vec![connect4_pin, sock_ops_pin, strict_pin],
+            pins,
         })
     }
 
@@ -372,6 +363,20 @@ impl Redirect {
 /// The cgroup id the kernel reports for a cgroup v2 directory is its inode.
 pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
     Ok(fs::metadata(path)?.ino())
+}
+
+/// The cgroup v2 level of a directory: 0 for the root of the hierarchy.
+pub fn cgroup_level(path: &Path) -> std::io::Result<u32> {
+    let root = cgroup2_mount()?;
+    let path = fs::canonicalize(path)?;
+    let rel = path.strip_prefix(&root).map_err(|_| {
+        std::io::Error::other(format!(
+            "{} is not under the cgroup v2 mount {}",
+            path.display(),
+            root.display()
+        ))
+    })?;
+    Ok(rel.components().count() as u32)
 }
 
 /// cgroup id of this process's own cgroup v2 directory.

@@ -38,6 +38,9 @@ pub struct Context {
     /// The agent's own address, which no Service may claim.
     pub agent_ip: Ipv4Addr,
     pub trust_domain: String,
+    /// Every address of this node (its interfaces): the agent never opens a
+    /// connection to one of them on a pod's behalf.
+    pub node_addresses: BTreeSet<Ipv4Addr>,
 }
 
 /// A workload of the mesh, typed.
@@ -70,6 +73,9 @@ pub struct State {
     /// Node name -> its agent's tunnel address.
     nodes: HashMap<String, SocketAddrV4>,
     trust_bundle: Option<String>,
+    /// This node's own addresses: its interfaces', its agent's, and its
+    /// Node resource's tunnel address.
+    own_addresses: BTreeSet<Ipv4Addr>,
 }
 
 impl State {
@@ -92,8 +98,10 @@ impl State {
             version,
             services,
             node: ctx.node.clone(),
+            own_addresses: ctx.node_addresses.clone(),
             ..State::default()
         };
+        state.own_addresses.insert(ctx.agent_ip);
         for r in resources.values() {
             match &r.body {
                 Some(Body::Node(n)) => match n.tunnel_address.parse() {
@@ -113,6 +121,9 @@ impl State {
                 }
                 _ => {}
             }
+        }
+        if let Some(tunnel) = state.nodes.get(&ctx.node) {
+            state.own_addresses.insert(*tunnel.ip());
         }
         state.resources = resources;
         Ok(state)
@@ -166,6 +177,11 @@ impl State {
             .collect()
     }
 
+    /// Whether `ip` is one of this node's own addresses.
+    pub fn is_own_address(&self, ip: Ipv4Addr) -> bool {
+        self.own_addresses.contains(&ip)
+    }
+
     /// Where `node`'s agent accepts tunnel connections (its Node resource).
     pub fn node_tunnel(&self, node: &str) -> Option<SocketAddrV4> {
         self.nodes.get(node).copied()
@@ -210,6 +226,7 @@ pub(crate) mod testing {
             node: node.into(),
             agent_ip: Ipv4Addr::new(198, 19, 1, 1),
             trust_domain: TD.into(),
+            node_addresses: [Ipv4Addr::new(198, 18, 0, 11), Ipv4Addr::LOCALHOST].into(),
         }
     }
 

@@ -55,6 +55,9 @@ label_values! {
         NoReadyEndpoint => "no_ready_endpoint",
         UnknownServicePort => "unknown_service_port",
         NoRoute => "no_route",
+        /// The node itself: unspecified, loopback, link-local or one of its
+        /// own addresses.
+        ForbiddenDestination => "forbidden_destination",
         Error => "error",
     }
 }

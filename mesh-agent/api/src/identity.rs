@@ -25,6 +25,6 @@ pub use mesh::{
 pub use spiffe::{SpiffeId, SpiffeIdError};
 pub use store::{CertStore, CertStoreError};
 pub use tls::{
-    Refusal, TlsError, client_config, peer_identity, provider, refusal_reason, server_config,
-    server_config_by_sni, sni_for, spiffe_id_of, tls_error,
+    Refusal, TlsError, client_config, not_after_der, peer_identity, peer_not_after, provider,
+    refusal_reason, server_config, server_config_by_sni, sni_for, spiffe_id_of, tls_error,
 };

@@ -39,7 +39,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use mesh_api::serve::{HANDSHAKE_TIMEOUT, accept_loop};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -62,8 +63,13 @@ use server::Agents;
 use store::{Outcome, Store};
 
 /// Largest request the server reads: a big `apply`, or an agent's list of
-/// what it holds.
+/// what it holds. On the network listener the operator API checks the admin
+/// token (an interceptor, on the headers) before any body is decoded.
 const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+const MAX_PENDING_RESETS: usize = 64;
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+const MAX_METRICS_CONNECTIONS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -370,6 +376,11 @@ pub async fn serve(
         let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // Bounds per connection: streams at once, streams reset before
+            // the server saw them (HTTP/2 rapid reset), header size.
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
             .add_service(distribution)
             .add_service(operator);
         match plane.authority.clone() {
@@ -462,28 +473,28 @@ async fn serve_metrics(
     registry: Arc<Registry>,
     stopped: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    tokio::pin!(stopped);
-    loop {
-        let stream = tokio::select! {
-            () = &mut stopped => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    warn!(error = %e, "metrics listener accept");
-                    continue;
-                }
-            },
-        };
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let registry = registry.clone();
-                async move { Ok::<_, Infallible>(telemetry(&req, &registry)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
+    let serve = accept_loop(
+        "metrics",
+        listener,
+        MAX_METRICS_CONNECTIONS,
+        move |stream, _| {
+            let registry = registry.clone();
+            async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let registry = registry.clone();
+                    async move { Ok::<_, Infallible>(telemetry(&req, &registry)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HANDSHAKE_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            }
+        },
+    );
+    tokio::select! {
+        () = stopped => Ok(()),
+        () = serve => Ok(()),
     }
 }
 

@@ -625,6 +625,10 @@ impl<'a> Field<'a> {
             .or_else(|_| self.reject(Problem::InvalidIp(text.to_owned())))?;
         let unusable = if ip.is_unspecified() {
             Some("unspecified")
+        } else if ip.octets()[0] == 0 {
+            Some("\"this network\", 0.0.0.0/8")
+        } else if ip.is_link_local() {
+            Some("link-local")
         } else if ip.is_loopback() {
             Some("loopback")
         } else if ip.is_multicast() {
@@ -1160,6 +1164,22 @@ spec:
             e.ends_with("spec.vips[0]: 127.0.0.1 is not a usable address (loopback)"),
             "{e}"
         );
+        for (ip, why) in [
+            ("0.0.0.0", "unspecified"),
+            ("0.1.2.3", "\"this network\", 0.0.0.0/8"),
+            ("127.0.0.2", "loopback"),
+            ("169.254.169.254", "link-local"),
+            ("224.0.0.1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+        ] {
+            let e = rejected(&with(WORKLOAD, "198.18.1.10", ip));
+            assert_eq!(
+                e,
+                format!(
+                    "document 1 (Workload/default/echo-1): spec.ip: {ip} is not a usable address ({why})"
+                )
+            );
+        }
         let e = rejected(&with(
             SERVICE,
             "[198.19.0.10]",

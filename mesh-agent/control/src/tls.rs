@@ -34,10 +34,14 @@ use tonic::transport::server::Connected;
 use tracing::{debug, info, warn};
 
 use super::{ResultLabels, certs::Authority};
-use mesh_api::identity::{self, SpiffeId};
+use mesh_api::{
+    identity::{self, SpiffeId},
+    serve::{HANDSHAKE_TIMEOUT, accept_loop},
+};
 
-/// How long a client may take to complete its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once on the gRPC listener; more
+/// connections are closed at once.
+const MAX_HANDSHAKES: usize = 1024;
 /// Retry delay when issuing the server's own certificate fails.
 const REISSUE_RETRY: Duration = Duration::from_secs(10);
 
@@ -225,22 +229,15 @@ pub fn incoming(
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, remote) = tokio::select! {
-                () = tx.closed() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        warn!(error = %e, "gRPC listener accept");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+    let closed = tx.clone();
+    let accept = accept_loop(
+        "gRPC listener",
+        listener,
+        MAX_HANDSHAKES,
+        move |tcp: tokio::net::TcpStream, remote| {
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx, handshakes) = (acceptor.clone(), tx.clone(), handshakes.clone());
-            tokio::spawn(async move {
+            async move {
                 let result =
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
@@ -278,7 +275,13 @@ pub fn incoming(
                         info!(%remote, %reason, "TLS handshake with a client failed");
                     }
                 }
-            });
+            }
+        },
+    );
+    tokio::spawn(async move {
+        tokio::select! {
+            () = closed.closed() => {}
+            () = accept => {}
         }
     });
     ReceiverStream::new(rx)

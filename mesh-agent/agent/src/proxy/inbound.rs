@@ -10,7 +10,7 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_api::{
     identity::{self, SpiffeId},
-    serve::accept_loop,
+    serve::{HANDSHAKE_TIMEOUT, accept_loop},
 };
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info_span, warn};
@@ -23,6 +23,10 @@ use crate::{
 
 /// Concurrent CONNECT streams one tunnel connection may carry.
 pub const MAX_STREAMS: u32 = 16384;
+/// Streams a peer may reset before we accept them (HTTP/2 rapid reset).
+const MAX_PENDING_RESETS: usize = 256;
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Inbound {
     pub creds: Credentials,
@@ -30,11 +34,14 @@ pub struct Inbound {
     /// CONNECT targets must be workloads of this node in the newest state.
     pub state: StateRx,
     pub connect_timeout: Duration,
+    /// Tunnel connections served at once (each carries many streams).
+    pub max_connections: usize,
 }
 
 impl Inbound {
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
-        accept_loop("inbound tunnel", listener, move |socket, peer| {
+        let max = self.max_connections;
+        accept_loop("inbound tunnel", listener, max, move |socket, peer| {
             let this = self.clone();
             async move { this.serve(socket).await }.instrument(info_span!("inbound", %peer))
         })
@@ -59,9 +66,22 @@ impl Inbound {
                 return;
             }
         };
-        let tls = match tokio_rustls::TlsAcceptor::from(config).accept(socket).await {
-            Ok(tls) => tls,
-            Err(e) => {
+        let accepted = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsAcceptor::from(config).accept(socket),
+        )
+        .await;
+        let tls = match accepted {
+            Ok(Ok(tls)) => tls,
+            Err(_) => {
+                // A peer that connects and never finishes its handshake (or
+                // a flood of them) holds a slot for this long at most.
+                self.metrics
+                    .tunnel_handshake(TunnelSide::Inbound, "timeout");
+                debug!("tunnel handshake timed out");
+                return;
+            }
+            Ok(Err(e)) => {
                 let reason = identity::tls_error(&e).map_or("other", identity::refusal_reason);
                 self.metrics.tunnel_handshake(TunnelSide::Inbound, reason);
                 warn!(reason, error = %e, "tunnel handshake refused");
@@ -86,6 +106,10 @@ impl Inbound {
         });
         if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // A peer agent that stops answering pings loses its streams.
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(8 << 20)
             // Every pooled connection carries all of its pair's connections;

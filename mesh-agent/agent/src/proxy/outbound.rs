@@ -50,11 +50,14 @@ pub struct Outbound {
     pub state: StateRx,
     /// The tunnel to other nodes' agents; `None` without certificates.
     pub tunnel: Option<Arc<TunnelClient>>,
+    /// Pods' connections carried at once; more are reset.
+    pub max_connections: usize,
 }
 
 impl Outbound {
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
-        accept_loop("outbound", listener, move |socket, peer| {
+        let max = self.max_connections;
+        accept_loop("outbound", listener, max, move |socket, peer| {
             let this = self.clone();
             async move { this.serve(socket, peer).await }.instrument(info_span!("outbound", %peer))
         })

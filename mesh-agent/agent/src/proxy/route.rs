@@ -4,7 +4,7 @@
 //! itself) and how (straight, or through the tunnel as which identities), or
 //! why it is refused. No sockets, no kernel: the outbound listener does the
 //! I/O around it.
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use mesh_api::kinds::MtlsMode;
 
@@ -52,6 +52,8 @@ pub enum Refusal {
     NoDestinationIdentity { dst: SocketAddrV4, workload: String },
     #[error("destination {dst} is on node {node}, whose tunnel address is unknown")]
     UnknownNode { dst: SocketAddrV4, node: String },
+    #[error("destination {0} is {1}: the agent never connects there for a pod")]
+    ForbiddenDestination(SocketAddrV4, &'static str),
 }
 
 impl Refusal {
@@ -64,6 +66,7 @@ impl Refusal {
             | Refusal::NoSourceIdentity { .. }
             | Refusal::NoDestinationIdentity { .. }
             | Refusal::UnknownNode { .. } => ConnectionResult::NoRoute,
+            Refusal::ForbiddenDestination(..) => ConnectionResult::ForbiddenDestination,
         }
     }
 }
@@ -89,6 +92,9 @@ pub fn plan(
             }
         },
     };
+    if let Some(what) = forbidden(state, *dst.ip()) {
+        return Err(Refusal::ForbiddenDestination(dst, what));
+    }
     let route = |via| Route {
         service: service.clone(),
         dst,
@@ -132,6 +138,24 @@ pub fn plan(
         peer,
         dst: dst_id,
     })))
+}
+
+/// Why the agent must not open a connection to `ip` for a pod, if so:
+/// opened from the node, these would reach the node itself, not a pod.
+pub fn forbidden(state: &State, ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_unspecified() || ip.octets()[0] == 0 {
+        Some("unspecified (this host)")
+    } else if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_link_local() {
+        Some("link-local")
+    } else if ip.is_broadcast() || ip.is_multicast() {
+        Some("not a unicast address")
+    } else if state.is_own_address(ip) {
+        Some("an address of this node")
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -308,6 +332,49 @@ mod tests {
                 node: "node3".into()
             }
         );
+    }
+
+    #[test]
+    fn the_node_itself_is_never_a_destination() {
+        let s = mesh();
+        for (dst, what) in [
+            ("0.0.0.0:8099", "unspecified (this host)"),
+            ("0.1.2.3:80", "unspecified (this host)"),
+            ("127.0.0.1:8099", "loopback"),
+            ("127.9.9.9:80", "loopback"),
+            ("169.254.169.254:80", "link-local"),
+            ("224.0.0.1:80", "not a unicast address"),
+            ("255.255.255.255:80", "not a unicast address"),
+            ("198.18.0.11:8098", "an address of this node"),
+            ("198.19.1.1:15020", "an address of this node"),
+        ] {
+            let err = plan(&s, Some("client"), addr(dst), true).unwrap_err();
+            assert_eq!(err, Refusal::ForbiddenDestination(addr(dst), what), "{dst}");
+            assert_eq!(err.result(), ConnectionResult::ForbiddenDestination);
+        }
+        // Another node's address is an ordinary destination outside the mesh.
+        assert_eq!(
+            plan(&s, Some("client"), addr("198.18.0.12:8098"), true)
+                .unwrap()
+                .via,
+            Via::Direct
+        );
+    }
+
+    #[test]
+    fn the_own_node_tunnel_address_counts_as_its_own() {
+        let s = state(
+            "node2",
+            vec![
+                node("node2", NODE2_TUNNEL),
+                node("node1", "198.18.0.11:15008"),
+            ],
+        );
+        assert!(s.is_own_address("198.18.0.12".parse().unwrap()));
+        assert!(matches!(
+            plan(&s, None, addr("198.18.0.12:15008"), false),
+            Err(Refusal::ForbiddenDestination(..))
+        ));
     }
 
     #[test]

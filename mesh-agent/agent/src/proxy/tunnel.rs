@@ -1,11 +1,14 @@
 //! Client side of the tunnel between node agents: HTTP/2 CONNECT streams
 //! multiplexed over one mutual-TLS connection per (source identity,
-//! destination agent, destination identity).
+//! destination agent, destination identity), kept in [`Pool`].
 use std::{
-    collections::HashMap,
+    future::Future,
     net::SocketAddrV4,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -13,11 +16,12 @@ use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, time::Instant};
 use tracing::{debug, info, warn};
 
 use mesh_api::identity::{self, SpiffeId};
 
+use super::pool::{self, Pool};
 pub use crate::certs::TlsMaterial as Credentials;
 use crate::telemetry::{Metrics, TunnelSide};
 
@@ -34,6 +38,15 @@ pub enum Error {
     },
     #[error("connecting to peer agent {0}: timed out")]
     ConnectTimeout(SocketAddrV4),
+    #[error("handshake with peer agent {0}: timed out")]
+    HandshakeTimeout(SocketAddrV4),
+    #[error("peer agent {peer} did not answer CONNECT {target} in time")]
+    StreamTimeout {
+        peer: SocketAddrV4,
+        target: SocketAddrV4,
+    },
+    #[error(transparent)]
+    Shared(Arc<Error>),
     #[error("TLS handshake with peer agent {peer} refused ({reason}): {source}")]
     Handshake {
         peer: SocketAddrV4,
@@ -60,13 +73,33 @@ pub struct PoolKey {
     pub dst: SpiffeId,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Empty<Bytes>>>>>;
+/// How long a failed handshake with a peer is remembered: connections in
+/// that window fail at once instead of each waiting out the timeout.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
+/// HTTP/2 pings on connections with open streams; a peer that stops
+/// answering ends its streams after interval + timeout.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A pooled tunnel connection: a handle for opening streams on it.
+#[derive(Clone)]
+pub struct Sender {
+    id: u64,
+    inner: SendRequest<Empty<Bytes>>,
+}
+
+impl pool::Conn for Sender {
+    fn is_open(&self) -> bool {
+        !self.inner.is_closed()
+    }
+}
 
 pub struct TunnelClient {
     creds: Credentials,
     metrics: Arc<Metrics>,
     connect_timeout: Duration,
-    pool: Mutex<HashMap<PoolKey, Slot>>,
+    pool: Pool<PoolKey, Sender, Error>,
+    next_id: AtomicU64,
 }
 
 /// An open CONNECT stream to the destination.
@@ -78,7 +111,8 @@ impl TunnelClient {
             creds,
             metrics,
             connect_timeout,
-            pool: Mutex::default(),
+            pool: Pool::new(RETRY_AFTER_FAILURE),
+            next_id: AtomicU64::new(0),
         }
     }
 
@@ -87,112 +121,148 @@ impl TunnelClient {
     }
 
     /// Opens a stream to `target` through the peer agent named in `key`,
-    /// reusing the pooled connection when there is one.
+    /// reusing the pooled connection when there is one. Each step is bounded
+    /// by the connect timeout: a peer whose kernel accepts but whose agent
+    /// never answers fails this connection, not every later one.
     pub async fn connect(&self, key: &PoolKey, target: SocketAddrV4) -> Result<Stream, Error> {
-        let mut sender = self.sender(key).await?;
+        let sender = self
+            .pool
+            .get(key, || self.open(key.clone()))
+            .await
+            .map_err(Error::Shared)?;
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .body(Empty::<Bytes>::new())
             .expect("static request");
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|source| Error::Http2 {
-                peer: key.peer,
-                source,
-            })?;
-        if resp.status() != StatusCode::OK {
-            return Err(Error::Refused {
-                peer: key.peer,
-                target,
-                status: resp.status(),
-            });
-        }
-        let upgraded = hyper::upgrade::on(resp)
-            .await
-            .map_err(|source| Error::Http2 {
-                peer: key.peer,
-                source,
-            })?;
-        Ok(TokioIo::new(upgraded))
-    }
-
-    /// The pooled connection for `key`; one handshake at a time per key, so
-    /// a burst of connections shares it.
-    async fn sender(&self, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, Error> {
-        let slot = {
-            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-            pool.entry(key.clone()).or_default().clone()
-        };
-        let mut slot = slot.lock().await;
-        if let Some(sender) = slot.as_ref()
-            && !sender.is_closed()
-        {
-            return Ok(sender.clone());
-        }
-        let sender = self.handshake(key).await;
-        self.metrics.tunnel_handshake(
-            TunnelSide::Outbound,
-            match &sender {
-                Ok(_) => "ok",
-                Err(Error::Handshake { reason, .. }) => reason,
-                Err(_) => "error",
-            },
-        );
-        let sender = sender?;
-        *slot = Some(sender.clone());
-        Ok(sender)
-    }
-
-    async fn handshake(&self, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, Error> {
-        let bundle = self
-            .creds
-            .bundle
-            .borrow()
-            .clone()
-            .ok_or(Error::NoTrustBundle)?;
-        let config =
-            identity::client_config(&self.creds.store, &key.src, &bundle, key.dst.clone())?;
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(key.peer))
-            .await
-            .map_err(|_| Error::ConnectTimeout(key.peer))?
-            .map_err(|source| Error::Connect {
-                peer: key.peer,
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(identity::sni_for(&key.dst), tcp)
-            .await
-            .map_err(|source| {
-                let reason = identity::tls_error(&source).map_or("other", identity::refusal_reason);
-                warn!(peer = %key.peer, src = %key.src, dst = %key.dst, reason, error = %source, "tunnel handshake failed");
-                Error::Handshake {
+        let mut inner = sender.inner.clone();
+        let answer = tokio::time::timeout(self.connect_timeout, async {
+            let resp = inner
+                .send_request(req)
+                .await
+                .map_err(|source| Error::Http2 {
                     peer: key.peer,
-                    reason,
                     source,
-                }
-            })?;
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(8 << 20)
-            .handshake(TokioIo::new(tls))
-            .await
-            .map_err(|source| Error::Http2 {
-                peer: key.peer,
-                source,
-            })?;
-        let peer = key.peer;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "tunnel connection ended");
+                })?;
+            if resp.status() != StatusCode::OK {
+                return Err(Error::Refused {
+                    peer: key.peer,
+                    target,
+                    status: resp.status(),
+                });
             }
-        });
-        info!(peer = %key.peer, src = %key.src, dst = %key.dst, "tunnel connection established");
-        Ok(sender)
+            hyper::upgrade::on(resp)
+                .await
+                .map_err(|source| Error::Http2 {
+                    peer: key.peer,
+                    source,
+                })
+        })
+        .await;
+        match answer {
+            Ok(Ok(upgraded)) => Ok(TokioIo::new(upgraded)),
+            Ok(Err(e @ Error::Refused { .. })) => Err(e),
+            Ok(Err(e)) => {
+                self.pool.evict(key, |c| c.id == sender.id);
+                Err(e)
+            }
+            Err(_) => {
+                // The connection no longer answers: the next caller opens
+                // a new one rather than queueing behind this one.
+                self.pool.evict(key, |c| c.id == sender.id);
+                Err(Error::StreamTimeout {
+                    peer: key.peer,
+                    target,
+                })
+            }
+        }
     }
+
+    /// A new connection for `key`, as a future the pool runs on its own
+    /// task: TCP, TLS and the HTTP/2 handshake within one connect timeout.
+    /// Yields it with the instant until which it may carry new streams: the
+    /// earlier expiry of our certificate and the peer's.
+    fn open(
+        &self,
+        key: PoolKey,
+    ) -> impl Future<Output = Result<(Sender, Instant), Error>> + Send + 'static {
+        let creds = self.creds.clone();
+        let metrics = self.metrics.clone();
+        let timeout = self.connect_timeout;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let opened = tokio::time::timeout(timeout, handshake(&creds, &key))
+                .await
+                .unwrap_or(Err(Error::HandshakeTimeout(key.peer)));
+            metrics.tunnel_handshake(
+                TunnelSide::Outbound,
+                match &opened {
+                    Ok(_) => "ok",
+                    Err(Error::Handshake { reason, .. }) => reason,
+                    Err(Error::HandshakeTimeout(_) | Error::ConnectTimeout(_)) => "timeout",
+                    Err(_) => "error",
+                },
+            );
+            let (inner, until) = opened?;
+            Ok((Sender { id, inner }, until))
+        }
+    }
+}
+
+async fn handshake(
+    creds: &Credentials,
+    key: &PoolKey,
+) -> Result<(SendRequest<Empty<Bytes>>, Instant), Error> {
+    let bundle = creds.bundle.borrow().clone().ok_or(Error::NoTrustBundle)?;
+    let config = identity::client_config(&creds.store, &key.src, &bundle, key.dst.clone())?;
+    let tcp = TcpStream::connect(key.peer)
+        .await
+        .map_err(|source| Error::Connect {
+            peer: key.peer,
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(identity::sni_for(&key.dst), tcp)
+        .await
+        .map_err(|source| {
+            let reason = identity::tls_error(&source).map_or("other", identity::refusal_reason);
+            warn!(peer = %key.peer, src = %key.src, dst = %key.dst, reason, error = %source, "tunnel handshake failed");
+            Error::Handshake {
+                peer: key.peer,
+                reason,
+                source,
+            }
+        })?;
+    let expiry = [
+        identity::peer_not_after(tls.get_ref().1),
+        creds.store.not_after(&key.src),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    let until = Instant::now()
+        + expiry
+            .and_then(|t| t.duration_since(SystemTime::now()).ok())
+            .unwrap_or_default();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(8 << 20)
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|source| Error::Http2 {
+            peer: key.peer,
+            source,
+        })?;
+    let peer = key.peer;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(%peer, error = %e, "tunnel connection ended");
+        }
+    });
+    info!(peer = %key.peer, src = %key.src, dst = %key.dst, "tunnel connection established");
+    Ok((sender, until))
 }

@@ -14,7 +14,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use super::tls::{provider, spiffe_id_of};
+use super::tls::{not_after_der, provider, spiffe_id_of};
 use super::{Refusal, SpiffeId};
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +72,11 @@ impl CertStore {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id)
             .is_some()
+    }
+
+    /// When the certificate held for `id` stops being valid.
+    pub fn not_after(&self, id: &SpiffeId) -> Option<std::time::SystemTime> {
+        not_after_der(self.current(id)?.cert.first()?)
     }
 
     fn current(&self, id: &SpiffeId) -> Option<Arc<CertifiedKey>> {

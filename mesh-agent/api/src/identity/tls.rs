@@ -221,6 +221,17 @@ pub fn peer_identity(conn: &CommonState) -> Result<SpiffeId, Refusal> {
     spiffe_id_of(leaf)
 }
 
+/// When a certificate (DER) stops being valid.
+pub fn not_after_der(cert_der: &[u8]) -> Option<std::time::SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(cert.validity().not_after.to_datetime().into())
+}
+
+/// When the peer's certificate (the leaf it presented) stops being valid.
+pub fn peer_not_after(conn: &CommonState) -> Option<std::time::SystemTime> {
+    not_after_der(conn.peer_certificates()?.first()?)
+}
+
 /// The SPIFFE ID in a certificate, which must have exactly one URI SAN.
 pub fn spiffe_id_of(cert_der: &[u8]) -> Result<SpiffeId, Refusal> {
     let (_, cert) =
