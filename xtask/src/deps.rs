@@ -21,14 +21,41 @@ pub const RUN_PACKAGES: &[&str] = &[
     "iproute2", "bpftool", "curl", "tcpdump", "nginx", "haproxy", "wrk",
 ];
 
+/// PyPI packages the tests use (clients no one here wrote): (package,
+/// module to import).
+pub const PIP_PACKAGES: &[(&str, &str)] = &[("grpcio", "grpc")];
+
+/// Installs the PyPI packages of `pkgs` that `python3` cannot import.
+pub fn ensure_pip(pkgs: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = pkgs
+        .iter()
+        .filter(|(_, module)| {
+            !Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing PyPI packages: {}", missing.join(" "));
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(&missing))
+}
+
 /// The bpf-linker release line we build, and the LLVM majors it supports
 /// (each one a cargo feature `llvm-<major>`).
 const BPF_LINKER_VERSION: &str = "^0.13";
 const BPF_LINKER_LLVM_MAJORS: &[u32] = &[21, 22, 23];
-
-/// What a fresh machine gets, for messages and the README.
-pub const FRESH_MACHINE: &str = "Debian packages for the cluster (iproute2 bpftool curl tcpdump nginx haproxy wrk), \
-the nightly toolchain's rust-src, and bpf-linker built against the nightly's own LLVM";
 
 /// The nightly toolchain that compiles `mesh-ebpf`, as the machine has it now.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,7 @@ use crate::{cluster, deps, ebpf};
 pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
     require_root()?;
     deps::ensure_debian(deps::RUN_PACKAGES)?;
+    deps::ensure_pip(deps::PIP_PACKAGES)?;
     let root = ebpf::workspace_root();
     let swept = cluster::sweep(false)?;
     if !swept.is_empty() {

@@ -391,3 +391,74 @@ pub fn set_mtls_mode(cluster: &Cluster, pod: &str, mode: &str) {
         .apply(&doc)
         .unwrap_or_else(|e| panic!("setting {pod} to {mode}: {e:#}"));
 }
+
+/// The Python probe (grpcio, raw sockets): `tests/py/probe.py`.
+pub const PROBE_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/py/probe.py");
+
+/// Runs the Python probe in `cmd` (already placed in a pod or node) and
+/// parses its JSON line.
+pub fn probe(mut cmd: Command, args: &[&str]) -> Value {
+    let out = cmd
+        .arg(PROBE_PY)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running probe.py {args:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| {
+        panic!(
+            "probe.py {args:?} printed no JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A long-running probe (a server): started in `cmd`, waited for until it
+/// prints `ready`; killed on drop.
+pub struct Probe {
+    child: Child,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Probe {
+    pub fn start(mut cmd: Command, args: &[&str]) -> Probe {
+        let mut child = cmd
+            .arg(PROBE_PY)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting probe.py {args:?}: {e}"));
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("probe output");
+        assert_eq!(line.trim(), "ready", "probe.py {args:?} did not start");
+        Probe { child, stdout }
+    }
+
+    /// The JSON line it prints when it ends by itself.
+    pub fn finish(mut self) -> Value {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("probe output");
+        let _ = self.child.wait();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("probe printed {line:?}: {e}"))
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `python3` placed in `pod` (its netns and cgroup).
+pub fn python_in_pod(cluster: &Cluster, pod: &str) -> Command {
+    cluster.command(pod, "python3")
+}
+
+/// `python3` placed in `node`'s netns.
+pub fn python_on_node(cluster: &Cluster, node: &str) -> Command {
+    cluster.node_command(node, "python3")
+}
