@@ -20,6 +20,16 @@ pub mod names {
     pub const PROG_SOCK_OPS: &str = "mesh_sock_ops";
     pub const PROG_STRICT_INGRESS: &str = "mesh_strict";
     pub const STRICT_PODS: &str = "STRICT_PODS";
+    /// Maps pinned by name in the agent's pin directory, so that they
+    /// outlive an agent (see `mesh-ebpf/src/maps.rs`).
+    pub const PINNED_MAPS: [&str; 6] = [
+        ENROLLED,
+        STRICT_PODS,
+        SERVICE_VIPS,
+        SERVICE_PORTS,
+        ORIG_BY_COOKIE,
+        ORIG_BY_TUPLE,
+    ];
 }
 
 /// Capacity of the per-connection maps. LRU, so a flood of connections that

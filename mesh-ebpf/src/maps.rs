@@ -1,5 +1,10 @@
 //! Maps shared by the programs. User space finds them by these names
 //! (`mesh_common::names`), so the statics keep SCREAMING_CASE names.
+//!
+//! The state that must survive an agent restart is pinned by name in the
+//! agent's pin directory (`pinned`): enrolment, the STRICT set, the Service
+//! addresses and in-flight original destinations. A restarted agent's
+//! programs reuse those maps, so capture and STRICT hold while it starts.
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -15,7 +20,7 @@ pub static CONFIG: Array<AgentConfig> = Array::with_max_entries(1, 0);
 
 /// cgroup id -> 1 for every enrolled pod.
 #[map]
-pub static ENROLLED: HashMap<u64, u32> = HashMap::with_max_entries(MAX_ENROLLED, 0);
+pub static ENROLLED: HashMap<u64, u32> = HashMap::pinned(MAX_ENROLLED, 0);
 
 /// Destination port (host order) -> 1: connects to these are never redirected.
 #[map]
@@ -23,26 +28,25 @@ pub static EXCLUDED_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_EXC
 
 /// Socket cookie -> original destination, from connect4 until sock_ops.
 #[map]
-pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_INFLIGHT, 0);
 
 /// Redirected connection's 4-tuple -> original destination, until the agent
 /// accepts it and removes the entry.
 #[map]
-pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> =
-    LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::pinned(MAX_INFLIGHT, 0);
 
 /// Service VIP (network order) -> 1.
 #[map]
-pub static SERVICE_VIPS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SERVICE_VIPS, 0);
+pub static SERVICE_VIPS: HashMap<u32, u32> = HashMap::pinned(MAX_SERVICE_VIPS, 0);
 
 /// (VIP, port) pairs some Service owns -> 1.
 #[map]
-pub static SERVICE_PORTS: HashMap<VipPort, u32> = HashMap::with_max_entries(MAX_SERVICE_PORTS, 0);
+pub static SERVICE_PORTS: HashMap<VipPort, u32> = HashMap::pinned(MAX_SERVICE_PORTS, 0);
 
 /// Pod IP (network order) -> 1 for pods in STRICT mode: only their node
 /// agent may open connections into them.
 #[map]
-pub static STRICT_PODS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_ENROLLED, 0);
+pub static STRICT_PODS: HashMap<u32, u32> = HashMap::pinned(MAX_ENROLLED, 0);
 
 /// One counter per `Decision`.
 #[map]

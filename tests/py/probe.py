@@ -128,6 +128,35 @@ def hold(args):
         s.close()
 
 
+def loop(args):
+    """Connects again and again until `seconds` pass; counts the outcomes."""
+    ok = failed = 0
+    deadline = time.monotonic() + args.seconds
+    while time.monotonic() < deadline:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(args.timeout)
+        try:
+            s.connect((args.addr, args.port))
+            s.sendall(b"probe")
+            s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+            if reply.endswith(b"probe"):
+                ok += 1
+            else:
+                failed += 1
+        except OSError:
+            failed += 1
+        finally:
+            s.close()
+        time.sleep(args.pause)
+    print(json.dumps({"ok": ok, "failed": failed}), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -153,6 +182,12 @@ def main():
     g.add_argument("--port", type=int, required=True)
     g.add_argument("--count", type=int, required=True)
     g.add_argument("--seconds", type=float, required=True)
+    g = sub.add_parser("loop")
+    g.add_argument("--addr", required=True)
+    g.add_argument("--port", type=int, required=True)
+    g.add_argument("--seconds", type=float, required=True)
+    g.add_argument("--timeout", type=float, default=1)
+    g.add_argument("--pause", type=float, default=0.02)
     args = p.parse_args()
     {
         "grpc-serve": grpc_serve,
@@ -160,6 +195,7 @@ def main():
         "connect": connect,
         "listen": listen,
         "hold": hold,
+        "loop": loop,
     }[args.cmd](args)
 
 

@@ -321,3 +321,106 @@ fn five_thousand_idle_tunnel_connections_from_one_pod_stall_no_other_pod() {
         "20 calls during the flood took {took:?}"
     );
 }
+
+/// Starts `probe.py loop` in `cmd` in the background; its report comes when
+/// it ends.
+fn probe_loop(mut cmd: Command, dst_ip: &str, seconds: &str) -> std::process::Child {
+    cmd.args([
+        PROBE_PY,
+        "loop",
+        "--addr",
+        dst_ip,
+        "--port",
+        &ECHO_PORT.to_string(),
+        "--seconds",
+        seconds,
+    ])
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .expect("probe loop")
+}
+
+fn loop_report(child: std::process::Child) -> serde_json::Value {
+    let out = child.wait_with_output().expect("probe loop report");
+    serde_json::from_slice(&out.stdout).expect("probe loop JSON")
+}
+
+fn kill9(cluster: &xtask::cluster::Cluster, node: &str) {
+    signal_agent(cluster, node, libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cluster.agent_pid(node).is_some() {
+        assert!(Instant::now() < deadline, "the agent of {node} did not die");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn killing_and_restarting_agents_lets_nothing_through_unmediated() {
+    let Some(mut cluster) = cluster() else { return };
+    let server = serve(&cluster, "node2-pod1");
+    let target = cluster.pod("node2-pod1").ip.to_string();
+    let client_ip = cluster.pod("node1-pod1").ip;
+    // An enrolled client across nodes, and a plaintext prober outside the
+    // mesh (an unenrolled pod) straight at the STRICT server, throughout.
+    cluster.unenroll("node3-pod1").expect("unenroll the prober");
+    let mesh = probe_loop(python_in_pod(&cluster, "node1-pod1"), &target, "14");
+    let outside = probe_loop(python_in_pod(&cluster, "node3-pod1"), &target, "14");
+    std::thread::sleep(Duration::from_secs(2));
+    for node in ["node1", "node2"] {
+        kill9(&cluster, node);
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.start_agent_only(node).expect("restart the agent");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    for node in ["node1", "node2"] {
+        let log = std::fs::read_to_string(&cluster.node(node).agent_log).expect("agent log");
+        assert_eq!(
+            log.matches("replaced the program of a pinned link in place")
+                .count(),
+            4,
+            "the restarted agent of {node} swapped its programs into the pinned links; its log:\n{}",
+            log.lines()
+                .filter(|l| l.contains("pin") || l.contains("link"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    let (mesh, outside) = (loop_report(mesh), loop_report(outside));
+    assert_eq!(
+        outside["ok"], 0,
+        "plaintext reached the STRICT pod while its agent restarted: {outside}"
+    );
+    assert!(outside["failed"].as_u64().unwrap_or(0) > 0, "{outside}");
+    assert!(
+        decision(&cluster, "node2", "strict_plaintext_dropped") > 0,
+        "the prober's SYNs reached node2 and were dropped there"
+    );
+    assert!(
+        mesh["ok"].as_u64().unwrap_or(0) > 0,
+        "the mesh carried the client before and after: {mesh}"
+    );
+    assert!(
+        !server.peers().contains(&client_ip),
+        "the client reached the server directly, around the agents"
+    );
+    // The restarted agent restored its enrolment by itself (nothing
+    // re-enrolled the pods) and carries the pod's traffic as that pod.
+    let status = cluster.admin_get("node1", "/status").expect("status");
+    let enrolled: Vec<&str> = status["enrolled"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(enrolled, ["node1-pod1", "node1-pod2"], "{status}");
+    let dst = addr(cluster.pod("node2-pod1").ip, ECHO_PORT);
+    let report = client_ok(&cluster, "node1-pod1", &["tcp", "--addr", &dst]);
+    assert_eq!(report["server"], "node2-pod1");
+    assert!(recorded(&cluster, "node1-pod1", &dst) >= 1);
+    let ready = cluster
+        .node_command("node1", "curl")
+        .args(["-s", "http://127.0.0.1:15020/healthz/ready"])
+        .output()
+        .expect("readiness");
+    assert_eq!(String::from_utf8_lossy(&ready.stdout), "ready\n");
+}

@@ -359,10 +359,9 @@ impl Cluster {
         self.stop_agents(&[node.to_string()])
     }
 
-    /// Starts the node's agent again, waits until it answers `GET /status`, and
-    /// enrolls again the node's pods the cluster has marked enrolled (an agent does
-    /// not keep its enrolments across a restart).
-    pub fn start_agent(&mut self, node: &str) -> Result<()> {
+    /// Starts the node's agent again and waits until it answers `GET /status`,
+    /// without enrolling anything: what it serves is what it restored itself.
+    pub fn start_agent_only(&mut self, node: &str) -> Result<()> {
         self.try_node(node)?;
         if let Some(pid) = self.agent_pid(node) {
             bail!("the agent of {node} is already running (pid {pid})");
@@ -370,7 +369,14 @@ impl Cluster {
         let nodes = [node.to_string()];
         self.spawn_agent(node)?;
         self.save()?;
-        self.wait_ready(&nodes)?;
+        self.wait_ready(&nodes)
+    }
+
+    /// Starts the node's agent again, waits until it answers `GET /status`, and
+    /// enrolls again the node's pods the cluster has marked enrolled (an agent
+    /// restores its enrolment only when it has a cache directory).
+    pub fn start_agent(&mut self, node: &str) -> Result<()> {
+        self.start_agent_only(node)?;
         let pods: Vec<String> = self
             .state
             .pods

@@ -1,7 +1,11 @@
 //! Admin API for `meshctl` and the local cluster: HTTP/1.1 + JSON on a unix
 //! socket (never on a routable address), plus `/metrics` and `/healthz/ready`
 //! on the telemetry port.
-use std::{convert::Infallible, sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -10,7 +14,7 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use mesh_api::{
     admin::{
-        self, ConfigView, ConnectionState, EnrollRequest, ErrorBody, ResourceVersion,
+        self, ConfigView, ConnectionState, EnrollRequest, ErrorBody, ResourceVersion, Source,
         UnenrollRequest, paths,
     },
     serve::{HANDSHAKE_TIMEOUT, accept_loop},
@@ -20,6 +24,7 @@ use serde::Serialize;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener},
+    task::AbortHandle,
 };
 use tracing::debug;
 
@@ -44,6 +49,44 @@ pub struct State {
     pub config: StateRx,
     /// Certificates, when the agent has a control server with a CA.
     pub identity: Option<certs::SharedStatus>,
+    /// The agent's long-running tasks, by name: one that ended is reported.
+    pub tasks: Mutex<Vec<(&'static str, AbortHandle)>>,
+}
+
+/// Ready means: the kernel programs are attached, every task runs, a
+/// configuration is applied (with a control server), and (with a CA) the
+/// trust bundle, the node certificate and an unexpired certificate for each
+/// local workload identity are held. Otherwise, the reasons.
+pub fn readiness(state: &State) -> Result<(), Vec<String>> {
+    let mut why = Vec::new();
+    if !state.redirect.attached() {
+        why.push("kernel programs are not attached".to_owned());
+    }
+    for (name, task) in state.tasks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        if task.is_finished() {
+            why.push(format!("task {name} stopped"));
+        }
+    }
+    if let Some(sync) = &state.sync
+        && sync.lock().unwrap_or_else(|e| e.into_inner()).source == Source::None
+    {
+        why.push("no configuration applied yet".to_owned());
+    }
+    if let Some(identity) = &state.identity {
+        let identity = identity.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if !identity.trust_bundle {
+            why.push("no trust bundle".to_owned());
+        }
+        for cert in std::iter::once(&identity.node).chain(&identity.certificates) {
+            if cert.not_after_unix.is_none_or(|t| t <= now) {
+                why.push(format!("no valid certificate for {}", cert.identity));
+            }
+        }
+    }
+    if why.is_empty() { Ok(()) } else { Err(why) }
 }
 
 type Body = Full<Bytes>;
@@ -122,7 +165,13 @@ fn telemetry(req: Request<Incoming>, state: &State) -> Response<Body> {
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
         }
-        "/healthz/ready" => text(StatusCode::OK, "ready\n".into()),
+        "/healthz/ready" => match readiness(state) {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {}\n", why.join("; ")),
+            ),
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }
@@ -182,14 +231,14 @@ async fn admin(req: Request<Incoming>, state: &State) -> Response<Body> {
             json_response(StatusCode::OK, &state.connections.snapshot())
         }
         (Method::POST, paths::ENROLL) => match body::<EnrollRequest>(req).await {
-            Ok(b) => match state.workloads.enroll(&b.pod, &b.cgroup) {
+            Ok(b) => match state.workloads.enroll(&b.namespace, &b.pod, &b.cgroup) {
                 Ok(pod) => json_response(StatusCode::OK, &pod),
                 Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
             },
             Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
         (Method::POST, paths::UNENROLL) => match body::<UnenrollRequest>(req).await {
-            Ok(b) => match state.workloads.unenroll(&b.pod) {
+            Ok(b) => match state.workloads.unenroll(&b.namespace, &b.pod) {
                 Ok(pod) => json_response(StatusCode::OK, &pod),
                 Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
             },

@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpSocket, UnixListener};
-use tracing::info;
+use tracing::{error, info};
 
 use mesh_api::{
     client::AgentConnector,
@@ -95,6 +95,9 @@ pub struct Args {
     pub tunnel_addr: SocketAddr,
 }
 
+/// Where enrolment is kept in `--cache-dir`.
+const ENROLMENT_FILE: &str = "enrolled.json";
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut stop = StopSignals::register().context("registering signal handlers")?;
     raise_nofile_limit();
@@ -112,6 +115,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&args.admin_socket);
     let admin_listener = UnixListener::bind(&args.admin_socket)
         .with_context(|| format!("binding admin socket {}", args.admin_socket.display()))?;
+    // Everything else that can fail on bad settings fails here, before the
+    // kernel programs change: the node stays as the last agent left it.
+    let token = args.token_file.as_deref().map(read_token).transpose()?;
+    let tunnel_listener = match &args.control_addr {
+        Some(_) => Some(
+            tokio::net::TcpListener::bind(args.tunnel_addr)
+                .await
+                .with_context(|| format!("binding tunnel listener {}", args.tunnel_addr))?,
+        ),
+        None => None,
+    };
+    let node_addresses = node_addresses().context("reading this node's addresses")?;
 
     let settings = redirect::Settings {
         object,
@@ -123,13 +138,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         refusal_port: args.refusal_port,
     };
     let redirect = Arc::new(Redirect::attach(&settings).context("attaching kernel programs")?);
-    let workloads = Workloads::new(args.cgroup_root.clone(), redirect.clone());
+    let workloads = Workloads::new(
+        args.cgroup_root.clone(),
+        redirect.clone(),
+        args.cache_dir.as_ref().map(|d| d.join(ENROLMENT_FILE)),
+    );
+    // From here on a failure leaves the programs attached with the pinned
+    // state they found: pods' connects go to a port nothing serves (fail
+    // closed) until an agent starts.
+    workloads
+        .restore()
+        .context("restoring enrolment (the node stays fail-closed)")?;
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let connections = Arc::new(ConnectionTable::new(1024));
 
-    let node_addresses = node_addresses().context("reading this node's addresses")?;
     let ctx = StateContext {
         node: args.node.clone(),
         agent_ip: args.agent_ip,
@@ -138,7 +162,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let (config, sync, discovery, identity) = match &args.control_addr {
         Some(addr) => {
-            let token = args.token_file.as_deref().map(read_token).transpose()?;
             let connector = Arc::new(AgentConnector::new(
                 addr,
                 &args.node,
@@ -194,9 +217,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map(|m| Arc::new(TunnelClient::new(m, metrics.clone(), connect_timeout)));
     let inbound = match tls_material {
         Some(creds) => {
-            let listener = tokio::net::TcpListener::bind(args.tunnel_addr)
-                .await
-                .with_context(|| format!("binding tunnel listener {}", args.tunnel_addr))?;
+            let listener =
+                tunnel_listener.context("a tunnel listener comes with a control server")?;
             Some((
                 Arc::new(Inbound {
                     creds,
@@ -232,32 +254,62 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         sync,
         config,
         identity: identity_status,
+        tasks: Default::default(),
     });
     let mut tasks = vec![
-        tokio::spawn(proxy.run(outbound)),
-        tokio::spawn(admin::serve_admin(admin_listener, state.clone())),
-        tokio::spawn(admin::serve_telemetry(telemetry, state.clone())),
+        ("outbound", tokio::spawn(proxy.run(outbound))),
+        (
+            "admin",
+            tokio::spawn(admin::serve_admin(admin_listener, state.clone())),
+        ),
+        (
+            "telemetry",
+            tokio::spawn(admin::serve_telemetry(telemetry, state.clone())),
+        ),
     ];
     if let Some(d) = discovery {
-        tasks.push(tokio::spawn(d.run()));
+        tasks.push(("discovery", tokio::spawn(d.run())));
     }
     if let Some(m) = identity {
-        tasks.push(tokio::spawn(m.run()));
+        tasks.push(("certificates", tokio::spawn(m.run())));
     }
     if let Some((server, listener)) = inbound {
-        tasks.push(tokio::spawn(server.run(listener)));
+        tasks.push(("inbound tunnel", tokio::spawn(server.run(listener))));
     }
+    *state.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks
+        .iter()
+        .map(|(name, t)| (*name, t.abort_handle()))
+        .collect();
+    let watch = tokio::spawn(report_stopped_tasks(state.clone()));
     info!(node = %args.node, outbound = %outbound_addr, admin = %args.admin_socket.display(), "agent ready");
 
     stop.recv().await;
     info!("shutting down");
-    for t in tasks {
+    watch.abort();
+    for (_, t) in tasks {
         t.abort();
     }
     drop(state);
     redirect.detach();
     let _ = std::fs::remove_file(&args.admin_socket);
     Ok(())
+}
+
+/// Logs, once each, a long-running task that ended: the agent then reports
+/// not ready, and says which part stopped.
+async fn report_stopped_tasks(state: Arc<admin::State>) {
+    let mut reported = BTreeSet::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for (name, task) in state.tasks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if task.is_finished() && reported.insert(*name) {
+                error!(
+                    task = name,
+                    "an agent task stopped; the agent reports not ready"
+                );
+            }
+        }
+    }
 }
 
 fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {

@@ -3,21 +3,28 @@
 //!
 //! Links are pinned under the agent's pin directory so that a crashed agent
 //! keeps pods fail-closed (their connects still go to :15001, where nothing
-//! answers) instead of silently bypassing the mesh; the next agent replaces
-//! those stale links rather than stacking a second set.
+//! answers) instead of silently bypassing the mesh. The state that must
+//! outlive an agent (enrolment, STRICT set, Service addresses, in-flight
+//! records) is in maps pinned there too. The next agent loads its programs
+//! against those same maps and swaps them into the pinned links in place
+//! (`link`): at no moment is nothing attached, and nothing is stacked.
 pub mod enrolment;
+mod link;
 
 use std::{
     collections::BTreeSet,
     fs,
     net::{Ipv4Addr, SocketAddrV4},
-    os::unix::fs::MetadataExt,
+    os::{
+        fd::{AsFd, BorrowedFd},
+        unix::fs::MetadataExt,
+    },
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
@@ -103,6 +110,7 @@ pub struct Redirect {
     maps: Mutex<Maps>,
     decisions: PerCpuArray<MapData, u64>,
     pins: Vec<PathBuf>,
+    pin_dir: PathBuf,
 }
 
 /// Original destination of a redirected connection, as the kernel recorded it.
@@ -126,7 +134,13 @@ impl Redirect {
             path: settings.object.clone(),
             source,
         })?;
-        let mut ebpf = Ebpf::load(&bytes)?;
+        fs::create_dir_all(&settings.pin_dir).map_err(|source| Error::Pin {
+            path: settings.pin_dir.clone(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&settings.pin_dir)
+            .load(&bytes)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_log_reader(logger),
             Err(e) => warn!(error = %e, "kernel log channel unavailable"),
@@ -164,39 +178,35 @@ impl Redirect {
         let tuples = take_map(&mut ebpf, names::ORIG_BY_TUPLE)?;
         let decisions = take_map(&mut ebpf, names::DECISIONS)?;
         let vips = take_map(&mut ebpf, names::SERVICE_VIPS)?;
-        let vip_ports = take_map(&mut ebpf, names::SERVICE_PORTS)?;
-        let strict = take_map(&mut ebpf, names::STRICT_PODS)?;
+        let vip_ports: HashMap<MapData, VipPort, u32> = take_map(&mut ebpf, names::SERVICE_PORTS)?;
+        let strict: HashMap<MapData, u32, u32> = take_map(&mut ebpf, names::STRICT_PODS)?;
 
         let cgroup = fs::File::open(&settings.cgroup_root).map_err(|source| Error::Cgroup {
             path: settings.cgroup_root.clone(),
             source,
         })?;
-        fs::create_dir_all(&settings.pin_dir).map_err(|source| Error::Pin {
-            path: settings.pin_dir.clone(),
-            source,
-        })?;
         let pins: Vec<PathBuf> = PINS.iter().map(|p| settings.pin_dir.join(p)).collect();
-        // Replace, never stack: a previous agent's links go before ours attach.
-        for pin in &pins {
-            release_stale(pin);
-        }
 
-        /// Loads program `$name` of type `$ty`, attaches it with `$attach`
-        /// (given the program) and pins its link at `$pin`.
+        /// Loads program `$name` of type `$ty` and puts it in the link
+        /// pinned at `$pin`; without one, attaches it with `$attach` (given
+        /// the program) and pins the new link there.
         macro_rules! attach_pinned {
             ($ty:ty, $name:expr, $pin:expr, |$prog:ident| $attach:expr) => {{
                 let $prog: &mut $ty = program(&mut ebpf, $name)?;
                 $prog.load().map_err(prog_err($name))?;
-                let id = $attach.map_err(prog_err($name))?;
-                let link: FdLink = $prog
-                    .take_link(id)
-                    .map_err(prog_err($name))?
-                    .try_into()
-                    .map_err(|source| Error::Link {
-                        name: $name,
-                        source,
-                    })?;
-                pin_link(link, $pin)?;
+                let fd = $prog.fd().map_err(prog_err($name))?.as_fd();
+                if !replace_pinned($pin, fd) {
+                    let id = $attach.map_err(prog_err($name))?;
+                    let link: FdLink = $prog
+                        .take_link(id)
+                        .map_err(prog_err($name))?
+                        .try_into()
+                        .map_err(|source| Error::Link {
+                            name: $name,
+                            source,
+                        })?;
+                    pin_link(link, $pin)?;
+                }
             }};
         }
         attach_pinned!(CgroupSockAddr, names::PROG_CONNECT4, &pins[0], |p| p
@@ -213,6 +223,17 @@ impl Redirect {
             ));
         info!(cgroup = %settings.cgroup_root.display(), "redirect attached");
 
+        // What the pinned maps already hold, so that syncs write differences.
+        let programmed = vip_ports
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k: VipPort| SocketAddrV4::new(Ipv4Addr::from(k.ip4.to_ne_bytes()), k.port as u16))
+            .collect();
+        let strict_programmed = strict
+            .keys()
+            .filter_map(Result::ok)
+            .map(|ip: u32| Ipv4Addr::from(ip.to_ne_bytes()))
+            .collect();
         Ok(Self {
             _ebpf: ebpf,
             maps: Mutex::new(Maps {
@@ -220,10 +241,11 @@ impl Redirect {
                 tuples,
                 vips,
                 vip_ports,
-                programmed: BTreeSet::new(),
+                programmed,
                 strict,
-                strict_programmed: BTreeSet::new(),
+                strict_programmed,
             }),
+            pin_dir: settings.pin_dir.clone(),
             decisions,
             pins,
         })
@@ -347,10 +369,19 @@ impl Redirect {
             .collect()
     }
 
-    /// Unpins and detaches every program; the cgroup is left as we found it.
+    /// Whether every program is still in its pinned link.
+    pub fn attached(&self) -> bool {
+        self.pins.iter().all(|p| p.exists())
+    }
+
+    /// Unpins and detaches every program and removes the pinned maps: the
+    /// cgroup and the pin directory are left as we found them.
     pub fn detach(&self) {
         for pin in &self.pins {
             release_stale(pin);
+        }
+        for map in names::PINNED_MAPS {
+            let _ = fs::remove_file(self.pin_dir.join(map));
         }
         info!("redirect detached");
     }
@@ -415,6 +446,30 @@ fn release_stale(pin: &Path) {
         Err(e) => {
             warn!(pin = %pin.display(), error = %e, "not a link; removing");
             let _ = fs::remove_file(pin);
+        }
+    }
+}
+
+/// Puts `program` into the link pinned at `pin`, if there is one that takes
+/// it; a pin that is not a usable link is removed (then attach anew).
+fn replace_pinned(pin: &Path, program: BorrowedFd<'_>) -> bool {
+    match link::open_pinned(pin) {
+        Ok(fd) => match link::update(fd.as_fd(), program) {
+            Ok(()) => {
+                info!(pin = %pin.display(), "replaced the program of a pinned link in place");
+                true
+            }
+            Err(e) => {
+                warn!(pin = %pin.display(), error = %e, "pinned link cannot take the new program; attaching anew");
+                release_stale(pin);
+                false
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            warn!(pin = %pin.display(), error = %e, "unreadable pin; attaching anew");
+            release_stale(pin);
+            false
         }
     }
 }

@@ -43,6 +43,29 @@ pub struct Context {
     pub node_addresses: BTreeSet<Ipv4Addr>,
 }
 
+/// A pod by namespace and name: how an enrolled pod is bound to its
+/// Workload (and so to its identity).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodId {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PodId {
+    pub fn of(pod: &mesh_api::admin::EnrolledPod) -> PodId {
+        PodId {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for PodId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 /// A workload of the mesh, typed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -158,9 +181,10 @@ impl State {
             .map(|&i| &self.workloads[i])
     }
 
-    /// The Workload of this node that an enrolled pod named `pod` is.
-    pub fn local_workload_named(&self, pod: &str) -> Option<&Workload> {
-        self.local_workloads().find(|w| w.name == pod)
+    /// The Workload of this node that enrolled pod `pod` is.
+    pub fn local_workload(&self, pod: &PodId) -> Option<&Workload> {
+        self.workload(&pod.namespace, &pod.name)
+            .filter(|w| w.node == self.node)
     }
 
     /// Whether `ip` is a Workload of this node.
@@ -333,8 +357,20 @@ mod tests {
             "198.19.1.12"
         );
         assert!(s.workload("other", "b").is_none());
-        assert_eq!(s.local_workload_named("a").unwrap().node, "node1");
-        assert!(s.local_workload_named("c").is_none(), "c runs on node2");
+        let pod = |name: &str| PodId {
+            namespace: "default".into(),
+            name: name.into(),
+        };
+        assert_eq!(s.local_workload(&pod("a")).unwrap().node, "node1");
+        assert!(s.local_workload(&pod("c")).is_none(), "c runs on node2");
+        let elsewhere = PodId {
+            namespace: "other".into(),
+            name: "a".into(),
+        };
+        assert!(
+            s.local_workload(&elsewhere).is_none(),
+            "same name, other namespace"
+        );
         assert!(s.is_local("198.19.1.11".parse().unwrap()));
         assert!(!s.is_local("198.19.2.11".parse().unwrap()));
         assert_eq!(

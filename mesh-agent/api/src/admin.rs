@@ -18,11 +18,19 @@ pub mod paths {
     pub const UNENROLL: &str = "/unenroll";
 }
 
-/// `POST /enroll`: capture the connections of `pod`, whose processes live in
-/// the cgroup `cgroup` (a path under the node's pod cgroup root).
+fn default_namespace() -> String {
+    crate::names::DEFAULT_NAMESPACE.to_owned()
+}
+
+/// `POST /enroll`: capture the connections of pod `namespace/pod`, whose
+/// processes live in the cgroup `cgroup` (a path under the node's pod cgroup
+/// root) and its subtree. The pod is then the Workload of that namespace and
+/// name on this node.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EnrollRequest {
     pub pod: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
     pub cgroup: PathBuf,
 }
 
@@ -30,11 +38,15 @@ pub struct EnrollRequest {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct UnenrollRequest {
     pub pod: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
 }
 
 /// An enrolled pod (the answer to enroll and unenroll, and in `/status`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EnrolledPod {
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
     pub name: String,
     pub cgroup: PathBuf,
     pub cgroup_id: u64,

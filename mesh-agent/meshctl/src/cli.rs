@@ -86,12 +86,18 @@ pub enum Command {
     /// Enroll a pod: its next connections go through the agent.
     Enroll {
         pod: String,
+        #[arg(short = 'n', long, default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
         /// The pod's cgroup v2 directory.
         #[arg(long)]
         cgroup: PathBuf,
     },
     /// Stop redirecting a pod's connections.
-    Unenroll { pod: String },
+    Unenroll {
+        pod: String,
+        #[arg(short = 'n', long, default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
     /// Create or update resources from YAML; all documents are applied or none.
     Apply {
         /// A file, a directory (its *.yaml and *.yml, in name order) or `-`
@@ -175,11 +181,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 render_connections(&rows)
             }
         }
-        Command::Enroll { pod, cgroup } => {
-            serde_json::to_string(&AdminClient::new(&args.admin).enroll(pod, cgroup)?)?
-        }
-        Command::Unenroll { pod } => {
-            serde_json::to_string(&AdminClient::new(&args.admin).unenroll(pod)?)?
+        Command::Enroll {
+            pod,
+            namespace,
+            cgroup,
+        } => serde_json::to_string(&AdminClient::new(&args.admin).enroll(namespace, pod, cgroup)?)?,
+        Command::Unenroll { pod, namespace } => {
+            serde_json::to_string(&AdminClient::new(&args.admin).unenroll(namespace, pod)?)?
         }
     };
     if !out.is_empty() {

@@ -96,6 +96,14 @@ impl Inbound {
                 return;
             }
         };
+        if source.trust_domain() != self.creds.trust_domain {
+            // Signed by our CA but named in another trust domain: not a
+            // peer of this mesh.
+            self.metrics
+                .tunnel_handshake(TunnelSide::Inbound, "foreign_trust_domain");
+            warn!(%source, "tunnel client of a foreign trust domain refused");
+            return;
+        }
         self.metrics.tunnel_handshake(TunnelSide::Inbound, "ok");
         debug!(%source, "tunnel connection accepted");
         let this = self.clone();

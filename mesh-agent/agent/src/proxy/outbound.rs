@@ -77,17 +77,17 @@ impl Outbound {
         };
         let src_pod = self.workloads.by_cgroup(recorded.cgroup_id);
         let mut tracked = self.connections.open(
-            src_pod.clone(),
+            src_pod.as_ref().map(|p| p.name.clone()),
             recorded.cgroup_id,
             peer,
             SocketAddr::V4(recorded.orig_dst),
         );
-        debug!(src_pod = ?src_pod, dst = %recorded.orig_dst, "accepted");
+        debug!(src_pod = ?src_pod.as_ref().map(ToString::to_string), dst = %recorded.orig_dst, "accepted");
         let planned = {
             let state = self.state.borrow().clone();
             route::plan(
                 &state,
-                src_pod.as_deref(),
+                src_pod.as_ref(),
                 recorded.orig_dst,
                 self.tunnel.is_some(),
             )

@@ -10,7 +10,7 @@ use mesh_api::kinds::MtlsMode;
 
 use super::tunnel::PoolKey;
 use crate::{
-    state::{Lookup, State},
+    state::{Lookup, PodId, State},
     telemetry::ConnectionResult,
 };
 
@@ -47,7 +47,7 @@ pub enum Refusal {
     #[error(
         "source pod {pod:?} has no Workload with a valid identity on this node, so no identity to tunnel with"
     )]
-    NoSourceIdentity { pod: Option<String> },
+    NoSourceIdentity { pod: Option<PodId> },
     #[error("destination {dst} is Workload {workload}, which has no valid identity")]
     NoDestinationIdentity { dst: SocketAddrV4, workload: String },
     #[error("destination {dst} is on node {node}, whose tunnel address is unknown")]
@@ -72,11 +72,12 @@ impl Refusal {
 }
 
 /// Plans the connection of `src_pod` (the enrolled pod the kernel named,
-/// if any) to `orig_dst`. `has_tunnel`: whether this agent holds
+/// if any: its Workload of the same namespace and name on this node is the
+/// identity presented) to `orig_dst`. `has_tunnel`: whether this agent holds
 /// certificates, without which nothing can be tunnelled.
 pub fn plan(
     state: &State,
-    src_pod: Option<&str>,
+    src_pod: Option<&PodId>,
     orig_dst: SocketAddrV4,
     has_tunnel: bool,
 ) -> Result<Route, Refusal> {
@@ -107,7 +108,7 @@ pub fn plan(
         return Ok(route(Via::Direct));
     }
     let src_id = src_pod
-        .and_then(|pod| state.local_workload_named(pod))
+        .and_then(|pod| state.local_workload(pod))
         .and_then(|w| w.identity.clone());
     let (true, Some(src_id)) = (has_tunnel, src_id) else {
         // Without an identity to present, only a PERMISSIVE destination may
@@ -116,7 +117,7 @@ pub fn plan(
             (MtlsMode::Permissive, _) => Ok(route(Via::Direct)),
             (_, false) => Err(Refusal::NoTunnel { dst }),
             _ => Err(Refusal::NoSourceIdentity {
-                pod: src_pod.map(str::to_owned),
+                pod: src_pod.cloned(),
             }),
         };
     };
@@ -192,6 +193,13 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn pod(name: &str) -> PodId {
+        PodId {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
     fn id(sa: &str) -> SpiffeId {
         SpiffeId::new(TD, "default", sa).unwrap()
     }
@@ -206,7 +214,7 @@ mod tests {
 
     #[test]
     fn service_vip_to_an_endpoint_on_another_node_goes_through_the_tunnel() {
-        let route = plan(&mesh(), Some("client"), addr("198.18.100.1:80"), true).unwrap();
+        let route = plan(&mesh(), Some(&pod("client")), addr("198.18.100.1:80"), true).unwrap();
         assert_eq!(
             route,
             Route {
@@ -219,7 +227,7 @@ mod tests {
 
     #[test]
     fn service_vip_to_an_endpoint_on_this_node_is_direct() {
-        let route = plan(&mesh(), Some("client"), addr("198.18.100.2:80"), true).unwrap();
+        let route = plan(&mesh(), Some(&pod("client")), addr("198.18.100.2:80"), true).unwrap();
         assert_eq!(route.service.as_deref(), Some("default/near"));
         assert_eq!(route.dst, addr("198.19.1.11:7000"));
         assert_eq!(route.via, Via::Direct);
@@ -227,14 +235,14 @@ mod tests {
 
     #[test]
     fn unknown_service_port_is_refused() {
-        let err = plan(&mesh(), Some("client"), addr("198.18.100.1:81"), true).unwrap_err();
+        let err = plan(&mesh(), Some(&pod("client")), addr("198.18.100.1:81"), true).unwrap_err();
         assert_eq!(err, Refusal::UnknownServicePort(addr("198.18.100.1:81")));
         assert_eq!(err.result(), ConnectionResult::UnknownServicePort);
     }
 
     #[test]
     fn no_ready_endpoint_is_refused() {
-        let err = plan(&mesh(), Some("client"), addr("198.18.100.3:80"), true).unwrap_err();
+        let err = plan(&mesh(), Some(&pod("client")), addr("198.18.100.3:80"), true).unwrap_err();
         assert_eq!(
             err,
             Refusal::NoReadyEndpoint {
@@ -246,7 +254,13 @@ mod tests {
 
     #[test]
     fn same_node_pod_is_direct() {
-        let route = plan(&mesh(), Some("client"), addr("198.19.1.11:8080"), true).unwrap();
+        let route = plan(
+            &mesh(),
+            Some(&pod("client")),
+            addr("198.19.1.11:8080"),
+            true,
+        )
+        .unwrap();
         assert_eq!(route.via, Via::Direct);
         assert_eq!(route.dst, addr("198.19.1.11:8080"));
         assert_eq!(route.service, None);
@@ -254,14 +268,26 @@ mod tests {
 
     #[test]
     fn other_node_pod_is_tunnelled_with_both_identities() {
-        let route = plan(&mesh(), Some("client"), addr("198.19.2.11:8080"), true).unwrap();
+        let route = plan(
+            &mesh(),
+            Some(&pod("client")),
+            addr("198.19.2.11:8080"),
+            true,
+        )
+        .unwrap();
         assert_eq!(route.via, tunnel("client", "strict"));
         assert_eq!(route.dst, addr("198.19.2.11:8080"));
     }
 
     #[test]
     fn disable_destination_is_direct_even_across_nodes() {
-        let route = plan(&mesh(), Some("client"), addr("198.19.2.13:8080"), true).unwrap();
+        let route = plan(
+            &mesh(),
+            Some(&pod("client")),
+            addr("198.19.2.13:8080"),
+            true,
+        )
+        .unwrap();
         assert_eq!(route.via, Via::Direct);
         let route = plan(&mesh(), None, addr("198.19.2.13:8080"), false).unwrap();
         assert_eq!(route.via, Via::Direct, "no identity is needed for DISABLE");
@@ -269,7 +295,7 @@ mod tests {
 
     #[test]
     fn outside_the_mesh_passes_through() {
-        let route = plan(&mesh(), Some("client"), addr("198.18.50.1:443"), true).unwrap();
+        let route = plan(&mesh(), Some(&pod("client")), addr("198.18.50.1:443"), true).unwrap();
         assert_eq!(
             route,
             Route {
@@ -286,11 +312,13 @@ mod tests {
     fn permissive_destination_tunnels_with_an_identity_and_is_plain_without() {
         let dst = addr("198.19.2.12:8080");
         assert_eq!(
-            plan(&mesh(), Some("client"), dst, true).unwrap().via,
+            plan(&mesh(), Some(&pod("client")), dst, true).unwrap().via,
             tunnel("client", "permissive")
         );
         assert_eq!(
-            plan(&mesh(), Some("stranger"), dst, true).unwrap().via,
+            plan(&mesh(), Some(&pod("stranger")), dst, true)
+                .unwrap()
+                .via,
             Via::Direct
         );
         assert_eq!(plan(&mesh(), None, dst, false).unwrap().via, Via::Direct);
@@ -298,7 +326,13 @@ mod tests {
 
     #[test]
     fn strict_destination_without_certificates_is_refused() {
-        let err = plan(&mesh(), Some("client"), addr("198.19.2.11:8080"), false).unwrap_err();
+        let err = plan(
+            &mesh(),
+            Some(&pod("client")),
+            addr("198.19.2.11:8080"),
+            false,
+        )
+        .unwrap_err();
         assert_eq!(
             err,
             Refusal::NoTunnel {
@@ -310,21 +344,34 @@ mod tests {
 
     #[test]
     fn strict_destination_from_a_pod_without_a_workload_is_refused() {
-        for pod in [None, Some("stranger"), Some("strict")] {
-            let err = plan(&mesh(), pod, addr("198.19.2.11:8080"), true).unwrap_err();
+        let other_namespace = PodId {
+            namespace: "other".into(),
+            name: "client".into(),
+        };
+        for src in [
+            None,
+            Some(pod("stranger")),
+            Some(pod("strict")),
+            Some(other_namespace),
+        ] {
+            let err = plan(&mesh(), src.as_ref(), addr("198.19.2.11:8080"), true).unwrap_err();
             assert_eq!(
                 err,
-                Refusal::NoSourceIdentity {
-                    pod: pod.map(str::to_owned)
-                },
-                "{pod:?} is not a Workload of node1"
+                Refusal::NoSourceIdentity { pod: src.clone() },
+                "{src:?} is not a Workload of node1"
             );
         }
     }
 
     #[test]
     fn destination_node_without_a_tunnel_address_is_refused() {
-        let err = plan(&mesh(), Some("client"), addr("198.19.3.11:8080"), true).unwrap_err();
+        let err = plan(
+            &mesh(),
+            Some(&pod("client")),
+            addr("198.19.3.11:8080"),
+            true,
+        )
+        .unwrap_err();
         assert_eq!(
             err,
             Refusal::UnknownNode {
@@ -348,13 +395,13 @@ mod tests {
             ("198.18.0.11:8098", "an address of this node"),
             ("198.19.1.1:15020", "an address of this node"),
         ] {
-            let err = plan(&s, Some("client"), addr(dst), true).unwrap_err();
+            let err = plan(&s, Some(&pod("client")), addr(dst), true).unwrap_err();
             assert_eq!(err, Refusal::ForbiddenDestination(addr(dst), what), "{dst}");
             assert_eq!(err.result(), ConnectionResult::ForbiddenDestination);
         }
         // Another node's address is an ordinary destination outside the mesh.
         assert_eq!(
-            plan(&s, Some("client"), addr("198.18.0.12:8098"), true)
+            plan(&s, Some(&pod("client")), addr("198.18.0.12:8098"), true)
                 .unwrap()
                 .via,
             Via::Direct

@@ -1,26 +1,52 @@
 //! Enrolled pods of this node: the cgroup -> pod mapping the data path uses to
 //! name a connection's source, kept in step with the kernel's ENROLLED map.
+//!
+//! A pod is named by (namespace, name) and bound to one cgroup: enrolling a
+//! name another cgroup holds, or a cgroup another name holds, is refused, so
+//! no process can take a pod's identity by enrolling under its name. With a
+//! state file, enrolment is saved on every change and restored when the
+//! agent starts, before it serves: a restarted agent names the same sources.
 use std::{
     collections::HashMap,
+    io::Write,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
 };
 
-use crate::redirect::{self, Redirect};
+use mesh_common::MAX_POD_DEPTH;
+use tracing::{info, warn};
+
+use crate::{
+    redirect::{self, Redirect},
+    state::PodId,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("field `pod`: must be a non-empty name")]
     EmptyName,
+    #[error("field `namespace`: must be a non-empty name")]
+    EmptyNamespace,
     #[error("field `cgroup`: {path} is not a cgroup v2 directory under {root}")]
     OutsideRoot { path: PathBuf, root: PathBuf },
+    #[error("field `cgroup`: {path} is more than {MAX_POD_DEPTH} levels below {root}")]
+    TooDeep { path: PathBuf, root: PathBuf },
     #[error("field `cgroup`: {path}: {source}")]
     Cgroup {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("field `pod`: {pod} is already enrolled with cgroup {cgroup}; unenroll it first")]
+    NameTaken { pod: PodId, cgroup: PathBuf },
+    #[error("field `cgroup`: {cgroup} is already enrolled as pod {pod}")]
+    CgroupTaken { cgroup: PathBuf, pod: PodId },
     #[error("field `pod`: {0} is not enrolled")]
-    NotEnrolled(String),
+    NotEnrolled(PodId),
+    #[error("enrolment state file {path}: {source}")]
+    StateFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Kernel(#[from] redirect::Error),
 }
@@ -33,25 +59,70 @@ pub struct Workloads {
     root: PathBuf,
     redirect: Arc<Redirect>,
     by_cgroup: Arc<RwLock<HashMap<u64, Pod>>>,
+    state_file: Option<PathBuf>,
 }
 
 impl Workloads {
-    pub fn new(root: PathBuf, redirect: Arc<Redirect>) -> Self {
+    /// `state_file`: where enrolment is kept across restarts, if anywhere.
+    pub fn new(root: PathBuf, redirect: Arc<Redirect>, state_file: Option<PathBuf>) -> Self {
         Self {
             root,
             redirect,
             by_cgroup: Arc::default(),
+            state_file,
         }
     }
 
-    /// Enrolls a pod: its next connect is redirected. Re-enrolling under a new
-    /// cgroup replaces the old one.
-    pub fn enroll(&self, name: &str, cgroup: &Path) -> Result<Pod, Error> {
+    /// Enrolls again every pod of the state file whose cgroup still exists;
+    /// returns how many.
+    pub fn restore(&self) -> Result<usize, Error> {
+        let Some(path) = &self.state_file else {
+            return Ok(0);
+        };
+        let saved: Vec<Pod> = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::StateFile {
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => {
+                return Err(Error::StateFile {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        };
+        let mut restored = 0;
+        for pod in saved {
+            match self.enroll(&pod.namespace, &pod.name, &pod.cgroup) {
+                Ok(_) => restored += 1,
+                Err(e) => warn!(pod = %pod.name, error = %e, "not restoring an enrolled pod"),
+            }
+        }
+        info!(restored, "enrolment restored");
+        Ok(restored)
+    }
+
+    /// Enrolls a pod: its next connect (from any process in its cgroup's
+    /// subtree) is redirected. Enrolling the same pod with the same cgroup
+    /// again changes nothing.
+    pub fn enroll(&self, namespace: &str, name: &str, cgroup: &Path) -> Result<Pod, Error> {
         if name.trim().is_empty() {
             return Err(Error::EmptyName);
         }
-        if !cgroup.starts_with(&self.root) || cgroup == self.root {
-            return Err(Error::OutsideRoot {
+        if namespace.trim().is_empty() {
+            return Err(Error::EmptyNamespace);
+        }
+        let below = cgroup
+            .strip_prefix(&self.root)
+            .ok()
+            .filter(|rel| rel.components().count() > 0)
+            .ok_or_else(|| Error::OutsideRoot {
+                path: cgroup.to_owned(),
+                root: self.root.clone(),
+            })?;
+        if below.components().count() > MAX_POD_DEPTH as usize {
+            return Err(Error::TooDeep {
                 path: cgroup.to_owned(),
                 root: self.root.clone(),
             });
@@ -61,43 +132,84 @@ impl Workloads {
             source,
         })?;
         let pod = Pod {
+            namespace: namespace.to_owned(),
             name: name.to_owned(),
             cgroup: cgroup.to_owned(),
             cgroup_id,
         };
+        let id = PodId::of(&pod);
         let mut map = self.by_cgroup.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = map.values().find(|p| p.name == name).cloned()
-            && old.cgroup_id != cgroup_id
+        if let Some(held) = map.values().find(|p| PodId::of(p) == id)
+            && held.cgroup_id != cgroup_id
         {
-            self.redirect.unenroll(old.cgroup_id)?;
-            map.remove(&old.cgroup_id);
+            return Err(Error::NameTaken {
+                pod: id,
+                cgroup: held.cgroup.clone(),
+            });
+        }
+        if let Some(other) = map.get(&cgroup_id)
+            && PodId::of(other) != id
+        {
+            return Err(Error::CgroupTaken {
+                cgroup: cgroup.to_owned(),
+                pod: PodId::of(other),
+            });
         }
         self.redirect.enroll(cgroup_id)?;
         map.insert(cgroup_id, pod.clone());
+        self.save(&map);
         Ok(pod)
     }
 
-    pub fn unenroll(&self, name: &str) -> Result<Pod, Error> {
+    pub fn unenroll(&self, namespace: &str, name: &str) -> Result<Pod, Error> {
+        let id = PodId {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
         let mut map = self.by_cgroup.write().unwrap_or_else(|e| e.into_inner());
         let pod = map
             .values()
-            .find(|p| p.name == name)
+            .find(|p| PodId::of(p) == id)
             .cloned()
-            .ok_or_else(|| Error::NotEnrolled(name.to_owned()))?;
+            .ok_or(Error::NotEnrolled(id))?;
         self.redirect.unenroll(pod.cgroup_id)?;
         map.remove(&pod.cgroup_id);
+        self.save(&map);
         Ok(pod)
     }
 
-    pub fn by_cgroup(&self, cgroup_id: u64) -> Option<String> {
+    /// The pod whose cgroup the kernel recorded for a connection.
+    pub fn by_cgroup(&self, cgroup_id: u64) -> Option<PodId> {
         let map = self.by_cgroup.read().unwrap_or_else(|e| e.into_inner());
-        map.get(&cgroup_id).map(|p| p.name.clone())
+        map.get(&cgroup_id).map(PodId::of)
     }
 
     pub fn list(&self) -> Vec<Pod> {
         let map = self.by_cgroup.read().unwrap_or_else(|e| e.into_inner());
         let mut pods: Vec<Pod> = map.values().cloned().collect();
-        pods.sort_by(|a, b| a.name.cmp(&b.name));
+        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         pods
+    }
+
+    /// Writes the state file (atomically: a whole file or the previous one).
+    fn save(&self, map: &HashMap<u64, Pod>) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let mut pods: Vec<&Pod> = map.values().collect();
+        pods.sort_by_key(|p| p.cgroup_id);
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec(&pods).map_err(std::io::Error::other)?)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        if let Err(e) = write() {
+            warn!(path = %path.display(), error = %e, "cannot save enrolment");
+        }
     }
 }

@@ -115,17 +115,24 @@ impl AdminClient {
         self.typed("GET", paths::CONNECTIONS, None::<&()>)
     }
 
-    pub fn enroll(&self, pod: &str, cgroup: &Path) -> Result<EnrolledPod, AdminError> {
+    pub fn enroll(
+        &self,
+        namespace: &str,
+        pod: &str,
+        cgroup: &Path,
+    ) -> Result<EnrolledPod, AdminError> {
         let req = EnrollRequest {
             pod: pod.to_owned(),
+            namespace: namespace.to_owned(),
             cgroup: cgroup.to_owned(),
         };
         self.typed("POST", paths::ENROLL, Some(&req))
     }
 
-    pub fn unenroll(&self, pod: &str) -> Result<EnrolledPod, AdminError> {
+    pub fn unenroll(&self, namespace: &str, pod: &str) -> Result<EnrolledPod, AdminError> {
         let req = UnenrollRequest {
             pod: pod.to_owned(),
+            namespace: namespace.to_owned(),
         };
         self.typed("POST", paths::UNENROLL, Some(&req))
     }
@@ -397,7 +404,9 @@ mod tests {
         let (sock, server) = fake_server("err", |_, _, _| {
             json_answer("404 Not Found", r#"{"error":"no pod node9-pod9"}"#)
         });
-        let err = AdminClient::new(&sock).unenroll("node9-pod9").unwrap_err();
+        let err = AdminClient::new(&sock)
+            .unenroll("default", "node9-pod9")
+            .unwrap_err();
         server.join().unwrap();
         std::fs::remove_file(&sock).unwrap();
         let AdminError::Http(http) = &err else {
