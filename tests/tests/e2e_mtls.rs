@@ -358,7 +358,9 @@ fn certificates_rotate_under_continuous_traffic_without_a_failure() {
         .args([
             "pingpong", "--addr", &dst, "--count", "600000", "--warmup", "0",
         ])
-        .args(["--timeout-secs", "150"])
+        // Bounded by rounds, not time: it ends when they are done (2 minutes
+        // or so), and the deadline only stops a hung run.
+        .args(["--timeout-secs", "400"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -34,6 +34,20 @@ struct LinkUpdateAttr {
     old_prog_fd: u32,
 }
 
+/// `bpf(cmd, attr, sizeof attr)`.
+///
+/// # Safety
+/// `attr` must be the attribute layout the kernel expects for `cmd`, and any
+/// pointer or descriptor in it valid for the duration of the call.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: the caller vouches for `attr`; the kernel reads at most its size.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>() as u32) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
 /// Opens the BPF object pinned at `path` (a link, for us).
 pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
     let pathname = CString::new(path.as_os_str().as_bytes())?;
@@ -42,19 +56,8 @@ pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
         bpf_fd: 0,
         file_flags: 0,
     };
-    // SAFETY: `attr` is a valid BPF_OBJ_GET attribute of the size we pass,
-    // and `pathname` outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw const attr,
-            size_of::<ObjGetAttr>() as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: a BPF_OBJ_GET attribute whose path outlives the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &attr)? };
     // SAFETY: the kernel returned a new descriptor, which nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -67,18 +70,7 @@ pub fn update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
         flags: 0,
         old_prog_fd: 0,
     };
-    // SAFETY: `attr` is a valid BPF_LINK_UPDATE attribute of the size we
-    // pass; both descriptors are open for the duration of the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &raw const attr,
-            size_of::<LinkUpdateAttr>() as u32,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    // SAFETY: a BPF_LINK_UPDATE attribute; both descriptors are borrowed, so
+    // open for the duration of the call.
+    unsafe { bpf(BPF_LINK_UPDATE, &attr) }.map(drop)
 }
