@@ -119,6 +119,27 @@ impl Decision {
     }
 }
 
+/// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`),
+/// as it lies in memory (network order).
+pub const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The IPv4 address (network order) an IPv6 address (four network-order
+/// words, as the kernel hands them) maps, if it is IPv4-mapped.
+#[inline(always)]
+pub const fn v4_mapped(ip6: [u32; 4]) -> Option<u32> {
+    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_PREFIX {
+        Some(ip6[3])
+    } else {
+        None
+    }
+}
+
+/// Whether an IPv6 address (as above) is `::1`.
+#[inline(always)]
+pub const fn is_v6_loopback(ip6: [u32; 4]) -> bool {
+    ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::from_ne_bytes([0, 0, 0, 1])
+}
+
 /// Agent settings the kernel programs need; element 0 of the `CONFIG` array.
 /// Addresses and ports are in network byte order, as the kernel hands them.
 #[repr(C)]
@@ -190,4 +211,44 @@ mod user {
     unsafe impl aya::Pod for super::TupleKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::VipPort {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    /// An address as the kernel hands it: four words in network order.
+    fn words(ip: Ipv6Addr) -> [u32; 4] {
+        let o = ip.octets();
+        core::array::from_fn(|i| {
+            u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+        })
+    }
+
+    #[test]
+    fn v4_mapped_addresses_yield_their_ipv4_in_network_order() {
+        for v4 in [
+            Ipv4Addr::new(198, 19, 2, 12),
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::UNSPECIFIED,
+        ] {
+            let got = v4_mapped(words(v4.to_ipv6_mapped())).expect("mapped");
+            assert_eq!(got, u32::from_ne_bytes(v4.octets()), "{v4}");
+        }
+        for not in [
+            Ipv6Addr::LOCALHOST,
+            "fd00::1".parse().unwrap(),
+            "::198.19.2.12".parse().unwrap(),
+            "64:ff9b::c613:20c".parse().unwrap(),
+            "::fffe:c613:20c".parse().unwrap(),
+        ] {
+            assert_eq!(v4_mapped(words(not)), None, "{not}");
+        }
+        assert!(is_v6_loopback(words(Ipv6Addr::LOCALHOST)));
+        assert!(!is_v6_loopback(words(Ipv6Addr::UNSPECIFIED)));
+        assert!(!is_v6_loopback(words(Ipv4Addr::LOCALHOST.to_ipv6_mapped())));
+    }
 }

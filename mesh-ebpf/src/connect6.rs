@@ -7,19 +7,13 @@ use aya_ebpf::{
     EbpfContext, bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use mesh_common::Decision;
+use mesh_common::{Decision, V4_MAPPED_PREFIX, is_v6_loopback, v4_mapped};
 
 use crate::{
     capture::{self, Verdict},
     connect4::{IPPROTO_TCP, SOCK_STREAM, apply, sock_addr},
     maps,
 };
-
-/// The third word of an IPv4-mapped address, `0000:ffff`, as it lies in
-/// memory (network order).
-const MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-/// `::1`, last word.
-const LOOPBACK_LAST: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
 
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
@@ -34,7 +28,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     Ok(apply(verdict, |ip4, port| {
         sa.user_ip6[0] = 0;
         sa.user_ip6[1] = 0;
-        sa.user_ip6[2] = MAPPED;
+        sa.user_ip6[2] = V4_MAPPED_PREFIX;
         sa.user_ip6[3] = ip4;
         sa.user_port = port;
     }))
@@ -52,12 +46,12 @@ fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Verdict {
         Err(d) => return Verdict::Pass(d),
     };
     let ip6 = sa.user_ip6;
-    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == MAPPED {
+    if let Some(ip4) = v4_mapped(ip6) {
         // SAFETY: the context pointer is the one the kernel handed this program.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        return capture::plan_v4(&cfg, pod, cookie, ip6[3], sa.user_port);
+        return capture::plan_v4(&cfg, pod, cookie, ip4, sa.user_port);
     }
-    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == LOOPBACK_LAST {
+    if is_v6_loopback(ip6) {
         return Verdict::Pass(Decision::Loopback);
     }
     Verdict::Reject(Decision::Ipv6Refused)

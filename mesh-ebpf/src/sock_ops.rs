@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use core::ptr::read_volatile;
-use mesh_common::{Decision, TupleKey};
+use mesh_common::{Decision, TupleKey, v4_mapped};
 
 use crate::maps::{self, ORIG_BY_COOKIE, ORIG_BY_TUPLE};
 
@@ -17,8 +17,6 @@ use crate::maps::{self, ORIG_BY_COOKIE, ORIG_BY_TUPLE};
 const DONE: u32 = 1;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-/// The third word of an IPv4-mapped IPv6 address, as it lies in memory.
-const MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// The connection's local and remote IPv4 addresses (network order): of an
 /// AF_INET socket, or of an AF_INET6 socket connected IPv4-mapped.
@@ -51,10 +49,9 @@ fn ipv4_addresses(ctx: &SockOpsContext) -> Option<(u32, u32)> {
             ],
         )
     };
-    let mapped = |a: [u32; 4]| a[0] == 0 && a[1] == 0 && a[2] == MAPPED;
     match family {
         AF_INET => Some((local4, remote4)),
-        AF_INET6 if mapped(local6) && mapped(remote6) => Some((local6[3], remote6[3])),
+        AF_INET6 => Some((v4_mapped(local6)?, v4_mapped(remote6)?)),
         _ => None,
     }
 }

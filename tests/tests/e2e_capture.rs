@@ -424,3 +424,38 @@ fn killing_and_restarting_agents_lets_nothing_through_unmediated() {
         .expect("readiness");
     assert_eq!(String::from_utf8_lossy(&ready.stdout), "ready\n");
 }
+
+#[test]
+fn a_pod_name_and_a_cgroup_are_bound_to_each_other() {
+    let Some(cluster) = cluster() else { return };
+    let (pod1, pod2) = (cluster.pod("node1-pod1"), cluster.pod("node1-pod2"));
+    let enroll = |name: &str, cgroup: &std::path::Path| {
+        cluster.admin_post(
+            "node1",
+            "/enroll",
+            &serde_json::json!({"pod": name, "namespace": "default", "cgroup": cgroup}),
+        )
+    };
+    // node1-pod2's cgroup cannot take node1-pod1's name (and identity)...
+    let err = enroll("node1-pod1", &pod2.cgroup).expect_err("a taken name");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("default/node1-pod1 is already enrolled with cgroup")
+            && msg.contains(&pod1.cgroup.display().to_string()),
+        "{msg}"
+    );
+    // ...nor be enrolled a second time under another name.
+    let err = enroll("impostor", &pod2.cgroup).expect_err("a taken cgroup");
+    assert!(
+        format!("{err:#}").contains("is already enrolled as pod default/node1-pod2"),
+        "{err:#}"
+    );
+    // Enrolling the same pod with its own cgroup again changes nothing.
+    enroll("node1-pod1", &pod1.cgroup).expect("idempotent");
+    let status = cluster.admin_get("node1", "/status").expect("status");
+    assert_eq!(
+        status["enrolled"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
+}

@@ -194,7 +194,12 @@ async fn a_server_with_the_wrong_identity_is_refused() {
         peer: peer.addr,
         dst: id("default", "echo"),
     };
-    match client.connect(&key, target).await {
+    match client
+        .connect(&key, target)
+        .await
+        .as_ref()
+        .map_err(Error::cause)
+    {
         Err(Error::Handshake { .. }) => {}
         Err(e) => panic!("expected a refused handshake, got {e}"),
         Ok(_) => panic!("a server without the expected identity must be refused"),

@@ -176,6 +176,14 @@ impl BpfLinker {
         self.root.join("bin")
     }
 
+    /// `PATH` with our bin directory first.
+    pub fn path_with_bin(&self) -> anyhow::Result<std::ffi::OsString> {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        Ok(std::env::join_paths(
+            std::iter::once(self.bin_dir()).chain(std::env::split_paths(&path)),
+        )?)
+    }
+
     fn binary(&self) -> PathBuf {
         self.bin_dir().join("bpf-linker")
     }
@@ -253,6 +261,9 @@ impl BpfLinker {
             .args(["--no-default-features", "--features", &feature, "--root"])
             .arg(&self.root)
             .env("LLVM_PREFIX", self.llvm_prefix())
+            // Only so that cargo does not advise adding our root to PATH:
+            // the eBPF build puts it there itself.
+            .env("PATH", self.path_with_bin()?)
             // The outer `cargo xtask` may have set these for its own build.
             .env_remove("CARGO_TARGET_DIR")
             .env_remove("RUSTUP_TOOLCHAIN")
@@ -322,8 +333,8 @@ fn trial_link(bpf_linker: &Path, nightly: &Nightly) -> anyhow::Result<()> {
 }
 
 /// Everything `build-ebpf` needs: nightly rust-src and a bpf-linker that
-/// links this nightly's bitcode. Returns the directory holding bpf-linker.
-pub fn ensure_ebpf_toolchain() -> anyhow::Result<PathBuf> {
+/// links this nightly's bitcode.
+pub fn ensure_ebpf_toolchain() -> anyhow::Result<BpfLinker> {
     let nightly = Nightly::detect()?;
     ensure_rust_src()?;
     let linker = BpfLinker::default();
@@ -338,7 +349,7 @@ pub fn ensure_ebpf_toolchain() -> anyhow::Result<PathBuf> {
             bail!("bpf-linker was just built for this nightly and still cannot link: {why}");
         }
     }
-    Ok(linker.bin_dir())
+    Ok(linker)
 }
 
 fn ensure_rust_src() -> anyhow::Result<()> {

@@ -9,12 +9,10 @@ use crate::deps;
 pub use crate::cluster::workspace_root;
 
 pub fn build() -> anyhow::Result<PathBuf> {
-    let linker_dir = deps::ensure_ebpf_toolchain()?;
+    let linker = deps::ensure_ebpf_toolchain()?;
     let root = workspace_root();
     // rustc finds `bpf-linker` on PATH: ours first.
-    let path = std::env::join_paths(std::iter::once(linker_dir).chain(std::env::split_paths(
-        &std::env::var_os("PATH").unwrap_or_default(),
-    )))?;
+    let path = linker.path_with_bin()?;
     deps::run(
         deps::nightly_command("cargo")
             .current_dir(&root)

@@ -66,6 +66,16 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// The error itself, through the sharing of a pooled attempt's outcome.
+    pub fn cause(&self) -> &Error {
+        match self {
+            Error::Shared(e) => e.cause(),
+            e => e,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct PoolKey {
     pub src: SpiffeId,
