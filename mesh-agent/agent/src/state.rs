@@ -125,6 +125,16 @@ impl State {
             ..State::default()
         };
         state.own_addresses.insert(ctx.agent_ip);
+        // This node's own tunnel address counts as its own before any
+        // Workload is read.
+        for r in resources.values() {
+            if let Some(Body::Node(n)) = &r.body
+                && n.name == ctx.node
+                && let Ok(addr) = n.tunnel_address.parse::<SocketAddrV4>()
+            {
+                state.own_addresses.insert(*addr.ip());
+            }
+        }
         for r in resources.values() {
             match &r.body {
                 Some(Body::Node(n)) => match n.tunnel_address.parse() {
@@ -136,6 +146,12 @@ impl State {
                     }
                 },
                 Some(Body::Workload(w)) => match Workload::from_pb(w, &ctx.trust_domain) {
+                    // The control server cannot know a node's own addresses
+                    // (its pod gateway, its interfaces): a Workload claiming
+                    // one would make the agent connect to itself.
+                    Ok(w) if w.node == ctx.node && state.own_addresses.contains(&w.ip) => {
+                        warn!(key = %r.key, ip = %w.ip, "ignoring a Workload whose IP is an address of this node")
+                    }
                     Ok(w) => state.insert(w),
                     Err(why) => warn!(key = %r.key, "ignoring a Workload: {why}"),
                 },
@@ -144,9 +160,6 @@ impl State {
                 }
                 _ => {}
             }
-        }
-        if let Some(tunnel) = state.nodes.get(&ctx.node) {
-            state.own_addresses.insert(*tunnel.ip());
         }
         state.resources = resources;
         Ok(state)
@@ -392,6 +405,20 @@ mod tests {
                 .to_string(),
             "spiffe://cluster.local/ns/default/sa/a"
         );
+    }
+
+    #[test]
+    fn a_local_workload_on_an_address_of_the_node_is_left_out() {
+        let s = state(
+            "node1",
+            vec![
+                workload("gateway", "node1", "198.19.1.1", MtlsMode::Strict),
+                workload("fabric", "node1", "198.18.0.11", MtlsMode::Strict),
+                workload("fine", "node1", "198.19.1.10", MtlsMode::Strict),
+            ],
+        );
+        let names: Vec<&str> = s.workloads().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["fine"]);
     }
 
     #[test]
