@@ -10,6 +10,10 @@ pub enum Kind {
     Service,
     Node,
     MtlsPolicy,
+    /// `gateway.networking.k8s.io/v1` HTTPRoute.
+    HttpRoute,
+    /// `gateway.networking.k8s.io/v1` GRPCRoute.
+    GrpcRoute,
 }
 
 impl Kind {
@@ -19,6 +23,8 @@ impl Kind {
             Kind::Service => "Service",
             Kind::Node => "Node",
             Kind::MtlsPolicy => "MtlsPolicy",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
         }
     }
 
@@ -29,7 +35,17 @@ impl Kind {
             "service" | "services" | "svc" => Some(Kind::Service),
             "node" | "nodes" | "no" => Some(Kind::Node),
             "mtlspolicy" | "mtlspolicies" => Some(Kind::MtlsPolicy),
+            "httproute" | "httproutes" => Some(Kind::HttpRoute),
+            "grpcroute" | "grpcroutes" => Some(Kind::GrpcRoute),
             _ => None,
+        }
+    }
+
+    /// The apiVersion of its documents.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::HttpRoute | Kind::GrpcRoute => crate::gateway::GATEWAY_API_VERSION,
+            _ => crate::names::API_VERSION,
         }
     }
 
@@ -160,7 +176,14 @@ mod tests {
             assert_eq!(AppProtocol::from_loose(p.as_str()), Some(p));
         }
         assert_eq!(AppProtocol::from_loose("smtp"), None);
-        for k in [Kind::Workload, Kind::Service, Kind::Node, Kind::MtlsPolicy] {
+        for k in [
+            Kind::Workload,
+            Kind::Service,
+            Kind::Node,
+            Kind::MtlsPolicy,
+            Kind::HttpRoute,
+            Kind::GrpcRoute,
+        ] {
             assert_eq!(Kind::from_loose(k.as_str()), Some(k));
         }
     }

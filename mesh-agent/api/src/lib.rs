@@ -4,6 +4,8 @@
 //! agent free of server code.
 //!
 //! - [`pb`]: the generated control-plane gRPC API;
+//! - [`gateway`]: the Gateway API route kinds (HTTPRoute, GRPCRoute) and
+//!   their own checks;
 //! - [`kinds`], [`names`]: resource kinds and enums, well-known names, keys
 //!   and ports;
 //! - [`identity`]: SPIFFE IDs, the CA, CSRs, the certificate store and the
@@ -14,6 +16,7 @@
 pub mod admin;
 #[cfg(feature = "grpc")]
 pub mod client;
+pub mod gateway;
 #[cfg(feature = "grpc")]
 pub mod identity;
 pub mod kinds;

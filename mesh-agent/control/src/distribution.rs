@@ -266,7 +266,7 @@ impl View {
                                 changed.push(key);
                             }
                         }
-                        Kind::Node => {
+                        Kind::Node | Kind::HttpRoute | Kind::GrpcRoute => {
                             if self.others.remove(&key).is_some() {
                                 changed.push(key);
                             }

@@ -597,6 +597,25 @@ fn render_documents(
                         })
                         .collect(),
                 ),
+                Kind::HttpRoute | Kind::GrpcRoute => (
+                    &["NAME", "PARENTS", "RULES"],
+                    documents
+                        .iter()
+                        .map(|d| {
+                            vec![
+                                text(&d["metadata"]["name"]),
+                                joined(&d["spec"]["parentRefs"], |p| match &p["port"] {
+                                    Value::Null => text(&p["name"]),
+                                    port => format!("{}:{port}", text(&p["name"])),
+                                }),
+                                d["spec"]["rules"]
+                                    .as_array()
+                                    .map_or(0, Vec::len)
+                                    .to_string(),
+                            ]
+                        })
+                        .collect(),
+                ),
                 Kind::MtlsPolicy => (
                     &["NAME", "MODE"],
                     documents

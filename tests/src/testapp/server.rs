@@ -1,5 +1,9 @@
 //! `mesh-testapp serve`: the servers a test pod runs.
 
+mod http_echo;
+
+pub use http_echo::websocket_accept;
+
 use std::{
     fs::{File, OpenOptions},
     io::{self, Write},
@@ -22,6 +26,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, server::conn, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
     service::TowerToHyperService,
 };
 use serde::Serialize;
@@ -31,6 +36,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+use self::http_echo::HttpEcho;
 use super::proto::{
     EchoReply, EchoRequest, WhoamiReply, WhoamiRequest,
     test_app_server::{TestApp, TestAppServer},
@@ -66,6 +72,11 @@ pub struct ServeArgs {
     /// gRPC service `mesh.testapp.TestApp`.
     #[arg(long, value_name = "PORT")]
     pub grpc: Option<u16>,
+    /// HTTP/1.1 and h2c on one port, answering with a JSON description of the
+    /// request; `/_/status/N`, `/_/delay/MS`, `/_/upload`, `/_/download/N`,
+    /// `/_/trailers`, `/_/ws` (WebSocket, echoed).
+    #[arg(long, value_name = "PORT")]
+    pub http_echo: Option<u16>,
     /// Append one JSON line per finished connection to this file.
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
@@ -79,6 +90,8 @@ enum Proto {
     Http,
     H2c,
     Grpc,
+    #[serde(rename = "http_echo")]
+    HttpEcho,
 }
 
 /// The ports actually bound (a requested port 0 becomes a free one).
@@ -94,6 +107,8 @@ struct Ports {
     h2c: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     grpc: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_echo: Option<u16>,
 }
 
 #[derive(Serialize)]
@@ -131,6 +146,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         grpc: TestAppServer::new(Grpc {
             name: args.name.clone(),
         }),
+        http_echo: HttpEcho::new(args.name.clone(), served_by.clone()),
         served_by,
         log,
     });
@@ -142,6 +158,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (Proto::Http, args.http, &mut ports.http),
         (Proto::H2c, args.h2c, &mut ports.h2c),
         (Proto::Grpc, args.grpc, &mut ports.grpc),
+        (Proto::HttpEcho, args.http_echo, &mut ports.http_echo),
     ];
     for (proto, port, bound) in wanted {
         let Some(port) = port else { continue };
@@ -199,6 +216,7 @@ struct Server {
     greeting: Bytes,
     served_by: HeaderValue,
     grpc: TestAppServer<Grpc>,
+    http_echo: HttpEcho,
     log: Option<Mutex<File>>,
 }
 
@@ -259,6 +277,18 @@ impl Server {
                 conn::http2::Builder::new(TokioExecutor::new())
                     .serve_connection(io, TowerToHyperService::new(self.grpc.clone()))
                     .await?;
+            }
+            Proto::HttpEcho => {
+                let io = TokioIo::new(Counted::new(stream, traffic.clone()));
+                let server = self.clone();
+                let echo = service_fn(move |request| {
+                    let server = server.clone();
+                    async move { server.http_echo.respond(request).await }
+                });
+                auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(io, echo)
+                    .await
+                    .map_err(|err| anyhow::anyhow!(err))?;
             }
         }
         Ok(())
