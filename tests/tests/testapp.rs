@@ -293,7 +293,13 @@ const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
 /// A request for the echo server at `addr`: origin form with a `Host` header
 /// for HTTP/1.1, an absolute URI (`:scheme`, `:authority`) for HTTP/2.
-fn echo_request(addr: &str, h2: bool, method: Method, path: &str, body: Bytes) -> Request<Full<Bytes>> {
+fn echo_request(
+    addr: &str,
+    h2: bool,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> Request<Full<Bytes>> {
     let builder = Request::builder().method(method);
     let builder = if h2 {
         builder.uri(format!("http://{addr}{path}"))
@@ -327,7 +333,10 @@ async fn send(addr: &str, h2: bool, request: Request<Full<Bytes>>) -> Response<I
                 .await
                 .expect("HTTP/1.1 handshake");
             tokio::spawn(conn);
-            sender.send_request(request).await.expect("HTTP/1.1 request")
+            sender
+                .send_request(request)
+                .await
+                .expect("HTTP/1.1 request")
         }
     };
     tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
@@ -357,7 +366,9 @@ fn raw_exchange(addr: &str, raw: &str) -> String {
         .expect("setting a read timeout");
     stream.write_all(raw.as_bytes()).expect("sending");
     let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("reading the answer");
+    stream
+        .read_to_string(&mut answer)
+        .expect("reading the answer");
     answer
 }
 
@@ -391,7 +402,11 @@ async fn http_echo_describes_h1_and_h2c_requests() {
         assert_eq!(echo["body_bytes"], 5, "{echo}");
         let headers = echo["headers"].as_array().expect("headers");
         let x_test: Vec<&Value> = headers.iter().filter(|h| h[0] == "x-test").collect();
-        assert_eq!(x_test, [&json!(["x-test", "a"]), &json!(["x-test", "b"])], "{echo}");
+        assert_eq!(
+            x_test,
+            [&json!(["x-test", "a"]), &json!(["x-test", "b"])],
+            "{echo}"
+        );
     }
 }
 
@@ -469,7 +484,11 @@ async fn http_echo_counts_downloads_and_uploads() {
         let response = send(&addr, h2, request).await;
         assert_eq!(response.status(), StatusCode::OK);
         let echo = echo_json(response, "echo-d").await;
-        assert_eq!(echo, json!({"pod": "echo-d", "body_bytes": bytes}), "h2: {h2}");
+        assert_eq!(
+            echo,
+            json!({"pod": "echo-d", "body_bytes": bytes}),
+            "h2: {h2}"
+        );
     }
 }
 
@@ -517,15 +536,20 @@ fn http_echo_upgrades_websocket_and_echoes_bytes() {
             stream.read_exact(&mut byte).expect("reading the 101");
             head.push(byte[0]);
         }
-        let head = String::from_utf8(head).expect("an ASCII head").to_lowercase();
-        assert!(head.starts_with("http/1.1 101 switching protocols\r\n"), "{head}");
+        let head = String::from_utf8(head)
+            .expect("an ASCII head")
+            .to_lowercase();
+        assert!(
+            head.starts_with("http/1.1 101 switching protocols\r\n"),
+            "{head}"
+        );
         assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
         assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
         assert!(head.contains("\r\nx-served-by: echo-f\r\n"), "{head}");
         let accept = format!("\r\nsec-websocket-accept: {}\r\n", WS_ACCEPT.to_lowercase());
         assert!(head.contains(&accept), "{head}");
 
-        // A masked text frame "hello", as a browser sends it: echoed verbatim.
+        // The masked text frame "Hello" of RFC 6455 (5.7): echoed verbatim.
         let frame = [
             0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
         ];
@@ -559,7 +583,10 @@ fn curl(args: &[&str]) -> (String, String) {
 fn http_echo_answers_curl_h2c_and_100_continue() {
     let server = Server::start("echo-g");
     let addr = server.addr("http_echo");
-    let (stdout, _) = curl(&["--http2-prior-knowledge", &format!("http://{addr}/curl?h=2")]);
+    let (stdout, _) = curl(&[
+        "--http2-prior-knowledge",
+        &format!("http://{addr}/curl?h=2"),
+    ]);
     let echo: Value = serde_json::from_str(&stdout).expect("JSON");
     assert_eq!(echo["version"], "HTTP/2.0", "{echo}");
     assert_eq!(echo["path"], "/curl?h=2", "{echo}");

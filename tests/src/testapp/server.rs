@@ -2,8 +2,6 @@
 
 mod http_echo;
 
-pub use http_echo::websocket_accept;
-
 use std::{
     fs::{File, OpenOptions},
     io::{self, Write},

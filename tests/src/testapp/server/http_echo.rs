@@ -260,10 +260,7 @@ impl HttpEcho {
             );
         }
         if !wants_websocket(request.headers()) {
-            return self.refuse(
-                StatusCode::BAD_REQUEST,
-                "/_/ws needs `Upgrade: websocket`",
-            );
+            return self.refuse(StatusCode::BAD_REQUEST, "/_/ws needs `Upgrade: websocket`");
         }
         let Some(key) = request.headers().get(SEC_WEBSOCKET_KEY) else {
             return self.refuse(StatusCode::BAD_REQUEST, "no Sec-WebSocket-Key");
@@ -324,7 +321,7 @@ impl HttpEcho {
 }
 
 /// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key`: base64(SHA-1(key + GUID)).
-pub fn websocket_accept(key: &[u8]) -> String {
+fn websocket_accept(key: &[u8]) -> String {
     let mut sha1 = sha1_smol::Sha1::new();
     sha1.update(key);
     sha1.update(WEBSOCKET_GUID.as_bytes());
@@ -333,9 +330,10 @@ pub fn websocket_accept(key: &[u8]) -> String {
 
 fn wants_websocket(headers: &HeaderMap) -> bool {
     headers.get_all(UPGRADE).iter().any(|value| {
-        value
-            .to_str()
-            .is_ok_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket")))
+        value.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+        })
     })
 }
 
