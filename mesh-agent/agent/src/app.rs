@@ -23,7 +23,15 @@ use mesh_api::{
 use crate::{
     admin,
     certs::{self, Manager, TlsMaterial},
-    proxy::{inbound::Inbound, outbound::Outbound, tunnel::TunnelClient},
+    proxy::{
+        http::{
+            proxy::{Forwarder, HttpProxy},
+            upstream::Upstreams,
+        },
+        inbound::Inbound,
+        outbound::Outbound,
+        tunnel::TunnelClient,
+    },
     redirect::{self, Redirect, enrolment::Workloads},
     state::{
         Context as StateContext, State,
@@ -215,6 +223,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let tunnel = tls_material
         .clone()
         .map(|m| Arc::new(TunnelClient::new(m, metrics.clone(), connect_timeout)));
+    let upstreams = Arc::new(Upstreams::new(connect_timeout));
     let inbound = match tls_material {
         Some(creds) => {
             let listener =
@@ -226,6 +235,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     state: config.clone(),
                     connect_timeout,
                     max_connections: args.max_connections,
+                    upstreams: upstreams.clone(),
                 }),
                 listener,
             ))
@@ -240,8 +250,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         connections: connections.clone(),
         connect_timeout,
         state: config.clone(),
-        tunnel,
+        tunnel: tunnel.clone(),
         max_connections: args.max_connections,
+        http: Arc::new(HttpProxy {
+            state: config.clone(),
+            forward: Forwarder { tunnel, upstreams },
+            metrics: metrics.clone(),
+        }),
     });
     let state = Arc::new(admin::State {
         node: args.node.clone(),

@@ -26,6 +26,8 @@ use tracing::warn;
 
 pub use services::{Backend, Endpoint, Lookup, ServiceTable};
 
+use crate::proxy::http::routes::RouteTable;
+
 /// The data path's handle on the newest state.
 pub type StateRx = watch::Receiver<Arc<State>>;
 
@@ -89,6 +91,8 @@ pub struct State {
     /// and what a resubscription reports.
     pub resources: BTreeMap<String, pb::Resource>,
     pub services: ServiceTable,
+    /// HTTPRoutes and GRPCRoutes, compiled, by the Service they attach to.
+    pub routes: RouteTable,
     node: String,
     workloads: Vec<Workload>,
     by_ip: HashMap<Ipv4Addr, usize>,
@@ -117,9 +121,20 @@ impl State {
             }),
             ctx.agent_ip,
         )?;
+        let (routes, bad_routes) =
+            RouteTable::build(resources.values().filter_map(|r| match &r.body {
+                Some(Body::Route(route)) => Some(route),
+                _ => None,
+            }));
+        for e in bad_routes {
+            // The control server checked it: only one of another version
+            // could send this.
+            warn!(error = %e, "ignoring a route that does not compile");
+        }
         let mut state = State {
             version,
             services,
+            routes,
             node: ctx.node.clone(),
             own_addresses: ctx.node_addresses.clone(),
             ..State::default()
@@ -309,6 +324,7 @@ pub(crate) mod testing {
                     port: 80,
                     target_port: 7000,
                     app_protocol: "tcp".into(),
+                    detect_timeout_ms: 0,
                 }],
                 selector: Default::default(),
                 endpoints: endpoints

@@ -14,7 +14,12 @@ use std::{
 use mesh_api::admin::{ConnectionState, ConnectionView};
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 
@@ -115,8 +120,56 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// One HTTP request or gRPC call served by the outbound proxy. Every label
+/// is bounded: workloads and Services of the mesh, routes by name, status
+/// codes, flags; never a raw path.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `namespace/name` of the calling pod's Workload, or `unknown`.
+    pub source_workload: String,
+    /// `namespace/name` of the Service the client dialled.
+    pub destination_service: String,
+    /// `namespace/name` of the route that served it; empty when none
+    /// applied.
+    pub route: String,
+    pub code: u16,
+    /// For gRPC calls, the `grpc-status` the client saw when it came in the
+    /// response headers (trailers-only answers); empty otherwise.
+    pub grpc_status: String,
+    /// The mesh's response flag, or `-`.
+    pub flags: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub destination_service: String,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectLabels {
+    /// `http1`, `http2`, `declared`, or why it is opaque (`tls`, `unknown`,
+    /// `timeout`, `closed`, `tcp`).
+    pub protocol: &'static str,
+}
+
+/// A histogram family of request latencies (seconds, 0.1 ms to ~13 s).
+pub struct LatencyFamily(pub Family<LatencyLabels, Histogram, fn() -> Histogram>);
+
+impl Default for LatencyFamily {
+    fn default() -> Self {
+        fn buckets() -> Histogram {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        }
+        LatencyFamily(Family::new_with_constructor(buckets))
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
+    pub http_requests: Family<RequestLabels, Counter>,
+    pub http_request_duration: LatencyFamily,
+    pub protocol_detections: Family<DetectLabels, Counter>,
     pub outbound_connections: Family<ResultLabels, Counter>,
     pub outbound_active: Gauge,
     pub outbound_bytes: Family<DirectionLabels, Counter>,
@@ -152,6 +205,21 @@ impl Metrics {
             "inbound_streams",
             "CONNECT streams received on the tunnel listener, by result",
             self.inbound_streams.clone(),
+        );
+        r.register(
+            "http_requests",
+            "HTTP requests and gRPC calls through the outbound proxy, by source workload, destination Service, route, status code, gRPC status and mesh response flag",
+            self.http_requests.clone(),
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "Time from a request's arrival to its response's headers, by destination Service and route",
+            self.http_request_duration.0.clone(),
+        );
+        r.register(
+            "protocol_detections",
+            "Connections to Service ports by the protocol detected (or declared) on them",
+            self.protocol_detections.clone(),
         );
         r.register(
             "redirect_decisions",

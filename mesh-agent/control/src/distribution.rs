@@ -4,7 +4,9 @@
 //!
 //! Every agent gets every Workload (the tunnel needs the identity and node of
 //! any destination), every Service with its endpoints resolved from the
-//! selector, every Node (where its tunnel listens) and the CA's trust bundle.
+//! selector, every Node (where its tunnel listens), every HTTPRoute and
+//! GRPCRoute (a route applies wherever its Service's callers run) and the
+//! CA's trust bundle.
 //! MtlsPolicies are not distributed themselves: each Workload carries its
 //! effective mTLS mode (its own, else its namespace's policy, else STRICT),
 //! so a policy change re-sends the workloads whose mode it changes.
@@ -28,7 +30,9 @@ use std::{
 use bytes::Bytes;
 use prost::Message;
 
-use super::resources::{Change, Kind, MtlsMode, Node, Resource, ResourceId, Service, Workload};
+use super::resources::{
+    Change, Kind, MtlsMode, Node, Resource, ResourceId, Route, RouteSpec, Service, Workload,
+};
 use mesh_api::{names::TRUST_BUNDLE_KEY, pb};
 
 /// Responses are cut at about this size: a full sync of a large mesh stays
@@ -141,6 +145,9 @@ pub struct View {
     workloads: BTreeMap<Key, WorkloadEntry>,
     /// Nodes and the trust bundle.
     others: BTreeMap<Key, Distributed>,
+    /// HTTPRoutes and GRPCRoutes; sent last in a first sync, after the
+    /// Services they name.
+    routes: BTreeMap<Key, Distributed>,
     /// Which node runs which workloads: what a node may get certificates for.
     node_workloads: HashMap<String, BTreeSet<Key>>,
     /// `(namespace, label, value)` -> workloads carrying it.
@@ -166,6 +173,7 @@ impl View {
             services: BTreeMap::new(),
             workloads: BTreeMap::new(),
             others: BTreeMap::new(),
+            routes: BTreeMap::new(),
             node_workloads: HashMap::new(),
             workloads_by_label: HashMap::new(),
             services_by_label: HashMap::new(),
@@ -248,6 +256,8 @@ impl View {
                         changed.push(key);
                     }
                 }
+                Change::Put(Resource::HttpRoute(r)) => self.put_route(r, &mut changed),
+                Change::Put(Resource::GrpcRoute(r)) => self.put_route(r, &mut changed),
                 Change::Put(Resource::MtlsPolicy(p)) => {
                     self.mtls_policies
                         .entry(p.namespace.clone())
@@ -266,8 +276,13 @@ impl View {
                                 changed.push(key);
                             }
                         }
-                        Kind::Node | Kind::HttpRoute | Kind::GrpcRoute => {
+                        Kind::Node => {
                             if self.others.remove(&key).is_some() {
+                                changed.push(key);
+                            }
+                        }
+                        Kind::HttpRoute | Kind::GrpcRoute => {
+                            if self.routes.remove(&key).is_some() {
                                 changed.push(key);
                             }
                         }
@@ -292,6 +307,19 @@ impl View {
         }
         self.revision = revision;
         self.log.push(revision, changed);
+    }
+
+    fn put_route<S: RouteSpec>(&mut self, r: &Route<S>, changed: &mut Vec<Changed>) {
+        let key = key_of(&ResourceId {
+            kind: S::KIND,
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+        });
+        let distributed = Distributed::new(route_resource(&key, r));
+        let old = self.routes.insert(key.clone(), distributed);
+        if old.is_none_or(|o| o.version() != self.routes[&key].version()) {
+            changed.push(key);
+        }
     }
 
     fn put_workload(
@@ -489,6 +517,8 @@ impl View {
             self.services.get(key).map(|e| &e.distributed)
         } else if key.starts_with("Workload/") {
             self.workloads.get(key).map(|e| &e.distributed)
+        } else if key.starts_with("HTTPRoute/") || key.starts_with("GRPCRoute/") {
+            self.routes.get(key)
         } else {
             self.others.get(key)
         }
@@ -571,6 +601,29 @@ fn node_resource(key: &str, n: &Node) -> pb::Resource {
     }
 }
 
+fn route_resource<S: RouteSpec>(key: &str, r: &Route<S>) -> pb::Resource {
+    let spec_json = serde_json::to_string(&r.spec).expect("a route spec serializes");
+    // Labels are not distributed, so they are not in the version.
+    let content = (
+        S::KIND,
+        &r.namespace,
+        &r.name,
+        r.created_revision,
+        &spec_json,
+    );
+    pb::Resource {
+        key: key.to_owned(),
+        version: version_of(&content),
+        body: Some(pb::resource::Body::Route(pb::Route {
+            kind: S::KIND.as_str().to_owned(),
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            created_revision: r.created_revision,
+            spec_json,
+        })),
+    }
+}
+
 fn service_resource(key: &str, s: &Service, endpoints: &[&Workload]) -> pb::Resource {
     // Metadata labels are not distributed, so they are not in the version.
     let content = (
@@ -595,6 +648,7 @@ fn service_resource(key: &str, s: &Service, endpoints: &[&Workload]) -> pb::Reso
                     port: u32::from(p.port),
                     target_port: u32::from(p.target_port),
                     app_protocol: p.app_protocol.as_str().to_owned(),
+                    detect_timeout_ms: 0,
                 })
                 .collect(),
             selector: s.selector.clone().into_iter().collect(),
@@ -671,7 +725,7 @@ struct InitialSync {
     have: HashMap<String, String>,
     removed: Vec<String>,
     /// Which ordered map is being sent: 0 the trust bundle and Nodes, 1
-    /// Workloads, 2 Services; keys up to `after` in it are done.
+    /// Workloads, 2 Services, 3 routes; keys up to `after` in it are done.
     part: usize,
     after: Option<Key>,
 }
@@ -685,7 +739,7 @@ impl InitialSync {
             }
             self.removed.pop();
         }
-        while self.part < 3 {
+        while self.part < 4 {
             let start = self
                 .after
                 .as_deref()
@@ -698,11 +752,12 @@ impl InitialSync {
                         .range::<str, _>(range)
                         .map(|(k, e)| (k, &e.distributed)),
                 ),
-                _ => Box::new(
+                2 => Box::new(
                     view.services
                         .range::<str, _>(range)
                         .map(|(k, e)| (k, &e.distributed)),
                 ),
+                _ => Box::new(view.routes.range::<str, _>(range)),
             };
             for (key, d) in entries {
                 if self.have.get(&**key).map(String::as_str) != Some(d.version())
@@ -1341,6 +1396,126 @@ mod tests {
             "{:?}",
             keys(&first)
         );
+    }
+
+    fn http_route(name: &str, backend: &str, created: u64) -> Resource {
+        let mut r = parse_documents(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: a, port: 80}}]\n  rules: [{{backendRefs: [{{name: {backend}, port: 80}}]}}]\n"
+        ))
+        .expect("valid")
+        .remove(0);
+        r.set_created_revision(created);
+        r
+    }
+
+    fn route_body(delta: &Delta, key: &str) -> pb::Route {
+        let r = decode(delta)
+            .resources
+            .into_iter()
+            .find(|r| r.key == key)
+            .unwrap_or_else(|| panic!("{key} not in {:?}", keys(delta)));
+        let Some(pb::resource::Body::Route(route)) = r.body else {
+            panic!("not a route: {r:?}")
+        };
+        route
+    }
+
+    #[test]
+    fn routes_reach_every_agent_after_the_services_they_name() {
+        let mut resources = base();
+        resources.push(http_route("web", "b", 3));
+        let grpc = parse_documents(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: rpc}\nspec: {parentRefs: [{group: '', kind: Service, name: b}]}\n",
+        )
+        .expect("valid")
+        .remove(0);
+        resources.push(grpc);
+        let view = View::new(5, &resources, 100);
+        for node in ["n1", "n2", "n3"] {
+            let mut sub = Subscription::new(node, HashMap::new(), &view);
+            let first = sub.next(&view).unwrap().unwrap();
+            let got = keys(&first);
+            assert_eq!(
+                got[got.len() - 2..],
+                ["GRPCRoute/default/rpc", "HTTPRoute/default/web"]
+            );
+            let route = route_body(&first, "HTTPRoute/default/web");
+            assert_eq!(
+                (
+                    route.kind.as_str(),
+                    route.namespace.as_str(),
+                    route.name.as_str()
+                ),
+                ("HTTPRoute", "default", "web")
+            );
+            assert_eq!(route.created_revision, 3);
+            let Resource::HttpRoute(want) = http_route("web", "b", 3) else {
+                unreachable!()
+            };
+            let spec: mesh_api::gateway::HttpRouteSpec =
+                serde_json::from_str(&route.spec_json).expect("the spec as JSON");
+            assert_eq!(spec, want.spec);
+            assert_eq!(
+                route_body(&first, "GRPCRoute/default/rpc").kind,
+                "GRPCRoute"
+            );
+            // Rebuilt after a restart, the view sends the same versions.
+            let rebuilt = View::new(5, &resources, 100);
+            let mut again = Subscription::new(node, versions(&first), &rebuilt);
+            let first = again.next(&rebuilt).unwrap().unwrap();
+            assert!(first.resources.is_empty() && first.removed_resources.is_empty());
+        }
+    }
+
+    #[test]
+    fn route_changes_and_deletes_reach_every_agent() {
+        let mut resources = base();
+        resources.push(http_route("web", "b", 3));
+        let mut view = View::new(5, &resources, 100);
+        let mut n1 = Subscription::new("n1", HashMap::new(), &view);
+        let mut n2 = Subscription::new("n2", HashMap::new(), &view);
+        let before = versions(&n1.next(&view).unwrap().unwrap());
+        n2.next(&view).unwrap();
+
+        // An update keeps the creation revision the store gave it.
+        view.apply(6, &[Change::Put(http_route("web", "a", 3))]);
+        for sub in [&mut n1, &mut n2] {
+            let d = sub.next(&view).unwrap().expect("the route");
+            assert_eq!(keys(&d), ["HTTPRoute/default/web"]);
+            assert_ne!(
+                versions(&d)["HTTPRoute/default/web"],
+                before["HTTPRoute/default/web"]
+            );
+            let route = route_body(&d, "HTTPRoute/default/web");
+            assert_eq!(route.created_revision, 3);
+            assert!(
+                route.spec_json.contains(r#""name":"a""#),
+                "{}",
+                route.spec_json
+            );
+            assert_eq!(sub.next(&view).unwrap(), None);
+        }
+        // The same content, or other labels, send nothing.
+        let mut relabelled = http_route("web", "a", 3);
+        if let Resource::HttpRoute(r) = &mut relabelled {
+            r.labels.insert("team".into(), "x".into());
+        }
+        view.apply(7, &[Change::Put(relabelled)]);
+        assert_eq!(n1.next(&view).unwrap(), None);
+
+        view.apply(8, &[Change::Delete(http_route("web", "a", 3).id())]);
+        for sub in [&mut n1, &mut n2] {
+            let d = sub.next(&view).unwrap().expect("the removal");
+            assert_eq!(d.removed_resources, ["HTTPRoute/default/web"]);
+            assert!(d.resources.is_empty());
+        }
+        // An agent that still holds it after a restart of mesh-control is
+        // told to drop it.
+        let rebuilt = View::new(8, &base(), 100);
+        let mut again = Subscription::new("n1", before, &rebuilt);
+        let first = again.next(&rebuilt).unwrap().unwrap();
+        assert_eq!(first.removed_resources, ["HTTPRoute/default/web"]);
+        assert!(first.resources.is_empty());
     }
 
     #[test]

@@ -3,9 +3,7 @@
 //! identity is the source of every stream on the connection.
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
+use ::http::{Method, Request, Response, StatusCode};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_api::{
@@ -16,7 +14,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::{
-    proxy::{Locked, tunnel::Credentials},
+    proxy::{
+        Locked,
+        http::{self, Body, upstream::Upstreams},
+        tunnel::Credentials,
+    },
     state::StateRx,
     telemetry::{InboundResult, Metrics, TunnelSide},
 };
@@ -36,6 +38,8 @@ pub struct Inbound {
     pub connect_timeout: Duration,
     /// Tunnel connections served at once (each carries many streams).
     pub max_connections: usize,
+    /// Connections to local workloads for tunnelled HTTP requests.
+    pub upstreams: Arc<Upstreams>,
 }
 
 impl Inbound {
@@ -130,10 +134,13 @@ impl Inbound {
         }
     }
 
-    /// One CONNECT stream: dial the local workload, then pump bytes.
-    async fn connect(&self, req: Request<Incoming>, source: SpiffeId) -> Response<Empty<Bytes>> {
+    /// One stream: a CONNECT (dial the local workload, then pump bytes), or
+    /// an HTTP request for a local workload.
+    async fn connect(&self, req: Request<Incoming>, source: SpiffeId) -> Response<Body> {
         if req.method() != Method::CONNECT {
-            return status(StatusCode::METHOD_NOT_ALLOWED);
+            let state = self.state.borrow().clone();
+            return http::inbound::forward(req, &state, &self.upstreams, &self.metrics, &source)
+                .await;
         }
         let Some(target) = req
             .uri()
@@ -191,9 +198,9 @@ impl Inbound {
     }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+fn status(code: StatusCode) -> Response<Body> {
     Response::builder()
         .status(code)
-        .body(Empty::new())
+        .body(http::empty())
         .expect("static response")
 }

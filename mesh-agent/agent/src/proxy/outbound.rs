@@ -12,15 +12,24 @@ use mesh_api::serve::accept_loop;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info_span};
 
+use mesh_api::kinds::AppProtocol;
+
 use crate::{
     proxy::{
         Locked, copy_bidirectional,
+        http::{
+            detect::{self, Protocol},
+            proxy::{Client, HttpProxy},
+            upstream::Wire,
+        },
         route::{self, Route, Via},
         tunnel::{self, TunnelClient},
     },
     redirect::{Recorded, Redirect, enrolment::Workloads},
-    state::StateRx,
-    telemetry::{ConnectionResult, ConnectionTable, Direction, DirectionLabels, Metrics},
+    state::{Lookup, PodId, StateRx},
+    telemetry::{
+        ConnectionResult, ConnectionTable, DetectLabels, Direction, DirectionLabels, Metrics,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +61,8 @@ pub struct Outbound {
     pub tunnel: Option<Arc<TunnelClient>>,
     /// Pods' connections carried at once; more are reset.
     pub max_connections: usize,
+    /// Serves connections to Service ports that speak HTTP.
+    pub http: Arc<HttpProxy>,
 }
 
 impl Outbound {
@@ -83,6 +94,17 @@ impl Outbound {
             SocketAddr::V4(recorded.orig_dst),
         );
         debug!(src_pod = ?src_pod.as_ref().map(ToString::to_string), dst = %recorded.orig_dst, "accepted");
+        if let Some(client) = self.http_client(&socket, recorded.orig_dst, &src_pod).await {
+            tracked.set_upstream(
+                Some(client.service.clone()),
+                SocketAddr::V4(recorded.orig_dst),
+            );
+            self.metrics.outbound_active.inc();
+            self.http.clone().serve(socket, client).await;
+            self.metrics.outbound_active.dec();
+            self.metrics.connection(ConnectionResult::Forwarded);
+            return;
+        }
         let planned = {
             let state = self.state.borrow().clone();
             route::plan(
@@ -144,6 +166,56 @@ impl Outbound {
                 tracked.error = Some(e.to_string());
             }
         }
+    }
+
+    /// Whether a connection to a Service port is served as HTTP: its
+    /// declared `appProtocol`, else what the client's first bytes say.
+    /// Connections to a pod's own address, or outside the mesh, stay L4:
+    /// routes apply to a Service's traffic.
+    async fn http_client(
+        &self,
+        socket: &TcpStream,
+        orig_dst: SocketAddrV4,
+        src_pod: &Option<PodId>,
+    ) -> Option<Client> {
+        let (service, port, declared, timeout) = {
+            let state = self.state.borrow();
+            let Lookup::Service(b) = state.services.lookup(orig_dst) else {
+                return None;
+            };
+            (
+                b.service.clone(),
+                b.port,
+                b.app_protocol,
+                b.detect_timeout.unwrap_or(detect::DEFAULT_TIMEOUT),
+            )
+        };
+        let (wire, label) = match declared {
+            Some(AppProtocol::Tcp) => (None, "tcp"),
+            Some(AppProtocol::Http) => (Some(Wire::Http1), "declared"),
+            // Prior knowledge; an HTTP/1 client is still served (below).
+            Some(AppProtocol::Http2 | AppProtocol::Grpc) => {
+                match detect::detect(socket, timeout).await {
+                    Protocol::Http1 => (Some(Wire::Http1), "declared"),
+                    _ => (Some(Wire::Http2), "declared"),
+                }
+            }
+            None => match detect::detect(socket, timeout).await {
+                Protocol::Http1 => (Some(Wire::Http1), "http1"),
+                Protocol::Http2 => (Some(Wire::Http2), "http2"),
+                Protocol::Opaque(why) => (None, why.as_str()),
+            },
+        };
+        self.metrics
+            .protocol_detections
+            .get_or_create(&DetectLabels { protocol: label })
+            .inc();
+        Some(Client {
+            src_pod: src_pod.clone(),
+            service,
+            port,
+            wire: wire?,
+        })
     }
 
     async fn open(&self, route: Route) -> Result<Upstream, Error> {

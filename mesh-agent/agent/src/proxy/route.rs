@@ -93,6 +93,20 @@ pub fn plan(
             }
         },
     };
+    to_endpoint(state, src_pod, service, dst, has_tunnel)
+}
+
+/// How `src_pod` reaches `dst`, an address already chosen (a Service's
+/// endpoint, or a pod's own address): straight, or through the tunnel as
+/// which identities. HTTP requests, each with its own endpoint, come here
+/// one by one.
+pub fn to_endpoint(
+    state: &State,
+    src_pod: Option<&PodId>,
+    service: Option<String>,
+    dst: SocketAddrV4,
+    has_tunnel: bool,
+) -> Result<Route, Refusal> {
     if let Some(what) = forbidden(state, *dst.ip()) {
         return Err(Refusal::ForbiddenDestination(dst, what));
     }

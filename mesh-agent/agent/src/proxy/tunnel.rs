@@ -11,17 +11,18 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
+use ::http::{Method, Request, Response, StatusCode};
+use hyper::{body::Incoming, client::conn::http2::SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{net::TcpStream, time::Instant};
 use tracing::{debug, info, warn};
 
 use mesh_api::identity::{self, SpiffeId};
 
-use super::pool::{self, Pool};
+use super::{
+    http::{self, Body},
+    pool::{self, Pool},
+};
 pub use crate::certs::TlsMaterial as Credentials;
 use crate::telemetry::{Metrics, TunnelSide};
 
@@ -95,7 +96,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Sender {
     id: u64,
-    inner: SendRequest<Empty<Bytes>>,
+    inner: SendRequest<Body>,
 }
 
 impl pool::Conn for Sender {
@@ -143,7 +144,7 @@ impl TunnelClient {
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .body(Empty::<Bytes>::new())
+            .body(http::empty())
             .expect("static request");
         let mut inner = sender.inner.clone();
         let answer = tokio::time::timeout(self.connect_timeout, async {
@@ -188,6 +189,28 @@ impl TunnelClient {
         }
     }
 
+    /// Sends an HTTP request (already in HTTP/2 form, naming its endpoint
+    /// in [`http::TARGET_HEADER`]) as a stream of the pooled connection for
+    /// `key`: requests are multiplexed, with no CONNECT per request. The
+    /// outer error is the connection's; the inner one the request's.
+    pub async fn send_http(
+        &self,
+        key: &PoolKey,
+        req: Request<Body>,
+    ) -> Result<Result<Response<Incoming>, hyper::Error>, Error> {
+        let sender = self
+            .pool
+            .get(key, || self.open(key.clone()))
+            .await
+            .map_err(Error::Shared)?;
+        let mut inner = sender.inner.clone();
+        let sent = inner.send_request(req).await;
+        if sent.is_err() && inner.is_closed() {
+            self.pool.evict(key, |c| c.id == sender.id);
+        }
+        Ok(sent)
+    }
+
     /// A new connection for `key`, as a future the pool runs on its own
     /// task: TCP, TLS and the HTTP/2 handshake within one connect timeout.
     /// Yields it with the instant until which it may carry new streams: the
@@ -222,7 +245,7 @@ impl TunnelClient {
 async fn handshake(
     creds: &Credentials,
     key: &PoolKey,
-) -> Result<(SendRequest<Empty<Bytes>>, Instant), Error> {
+) -> Result<(SendRequest<Body>, Instant), Error> {
     let bundle = creds.bundle.borrow().clone().ok_or(Error::NoTrustBundle)?;
     let config = identity::client_config(&creds.store, &key.src, &bundle, key.dst.clone())?;
     let tcp = TcpStream::connect(key.peer)

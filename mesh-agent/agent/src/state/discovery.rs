@@ -398,6 +398,7 @@ mod tests {
                     port: 80,
                     target_port: 7000,
                     app_protocol: "tcp".into(),
+                    detect_timeout_ms: 0,
                 }],
                 ..pb::Service::default()
             })),

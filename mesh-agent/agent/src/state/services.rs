@@ -4,9 +4,10 @@ use std::{
     collections::{BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
     sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
 };
 
-use mesh_api::pb as api;
+use mesh_api::{kinds::AppProtocol, pb as api};
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -35,6 +36,13 @@ pub enum Error {
 pub struct Backend {
     /// `namespace/name`
     pub service: String,
+    /// The Service port (on the VIP).
+    pub port: u16,
+    /// Declared application protocol; `None`: detect per connection.
+    pub app_protocol: Option<AppProtocol>,
+    /// Protocol detection's wait for the client's first bytes, if the
+    /// Service port sets one.
+    pub detect_timeout: Option<Duration>,
     pub endpoints: Vec<Endpoint>,
     next: AtomicUsize,
 }
@@ -71,6 +79,9 @@ pub enum Lookup<'a> {
 #[derive(Debug, Default)]
 pub struct ServiceTable {
     by_addr: HashMap<SocketAddrV4, Backend>,
+    /// (`namespace/name`, port) -> its first VIP's address: how routes name
+    /// backends.
+    by_name: HashMap<(String, u16), SocketAddrV4>,
     vips: BTreeSet<Ipv4Addr>,
 }
 
@@ -132,10 +143,20 @@ impl ServiceTable {
                             ready: *ready,
                         })
                         .collect();
+                    table.by_name.entry((id.clone(), p)).or_insert(addr);
                     table.by_addr.insert(
                         addr,
                         Backend {
                             service: id.clone(),
+                            port: p,
+                            app_protocol: match port.app_protocol.as_str() {
+                                "" => None,
+                                other => {
+                                    Some(AppProtocol::from_loose(other).unwrap_or(AppProtocol::Tcp))
+                                }
+                            },
+                            detect_timeout: (port.detect_timeout_ms > 0)
+                                .then(|| Duration::from_millis(u64::from(port.detect_timeout_ms))),
                             endpoints,
                             next: AtomicUsize::new(0),
                         },
@@ -152,6 +173,14 @@ impl ServiceTable {
             None if self.vips.contains(dst.ip()) => Lookup::UnknownPort,
             None => Lookup::Passthrough,
         }
+    }
+
+    /// Port `port` of Service `service` (`namespace/name`), as a route's
+    /// backend names it.
+    pub fn by_name(&self, service: &str, port: u16) -> Option<&Backend> {
+        self.by_name
+            .get(&(service.to_owned(), port))
+            .and_then(|a| self.by_addr.get(a))
     }
 
     /// Every (VIP, port) some Service owns: what the kernel must know.
@@ -182,6 +211,7 @@ mod tests {
                 port,
                 target_port: 7000,
                 app_protocol: "tcp".into(),
+                detect_timeout_ms: 0,
             }],
             selector: Default::default(),
             endpoints: eps

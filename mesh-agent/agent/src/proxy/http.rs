@@ -1,0 +1,109 @@
+//! L7 in the hop that captured the connection. A connection to a Service
+//! port that speaks HTTP ([`detect`], or the port's `appProtocol`) is served
+//! by hyper; each request is routed on its own ([`routes`]: logical route ->
+//! weighted backend Service -> endpoint picked per request), and sent to the
+//! endpoint directly ([`upstream`]) or, on another node, as a stream of the
+//! pooled HTTP/2 tunnel connection to that node's agent, which restores the
+//! client's HTTP/1 and delivers it ([`inbound`]).
+//!
+//! Answers the mesh produces itself carry [`FLAGS_HEADER`] with a short
+//! flag naming the condition, as Envoy's response flags do.
+pub mod detect;
+pub mod inbound;
+pub mod mirror;
+pub mod proxy;
+pub mod respond;
+pub mod routes;
+pub mod upstream;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, combinators::UnsyncBoxBody};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body of every request and response the agent forwards: streamed,
+/// never buffered whole.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn boxed<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    boxed(http_body_util::Empty::<Bytes>::new())
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    boxed(http_body_util::Full::new(bytes.into()))
+}
+
+/// Response header naming the mesh condition that produced an answer.
+pub const FLAGS_HEADER: &str = "x-mesh-flags";
+/// Between agents: the endpoint (`ip:port`) a tunnelled request is for.
+pub const TARGET_HEADER: &str = "x-mesh-target";
+/// Between agents: the client spoke HTTP/1 — its version (`1.0`, `1.1`), and
+/// `;absolute` when its request target was in absolute form.
+pub const H1_HEADER: &str = "x-mesh-h1";
+/// Headers only agents may set: removed from every request a pod sends.
+pub const INTERNAL_HEADERS: [&str; 2] = [TARGET_HEADER, H1_HEADER];
+
+/// Conditions the mesh answers for itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Flag {
+    /// No route rule matches (404; gRPC UNIMPLEMENTED).
+    NoRoute,
+    /// The route's backend Service does not exist, or it has no backend
+    /// with weight (500).
+    NoBackend,
+    /// The backend has no ready endpoint (503; gRPC UNAVAILABLE).
+    NoHealthyUpstream,
+    /// Connecting to the endpoint (or its node's agent) failed (503).
+    UpstreamConnectFailure,
+    /// The request or attempt timed out (504; gRPC DEADLINE_EXCEEDED).
+    UpstreamTimeout,
+    /// The endpoint reset the stream or answered something unparseable
+    /// (502; gRPC UNAVAILABLE).
+    UpstreamReset,
+    /// A RequestRedirect filter answered.
+    Redirect,
+}
+
+impl Flag {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flag::NoRoute => "NR",
+            Flag::NoBackend => "NC",
+            Flag::NoHealthyUpstream => "UH",
+            Flag::UpstreamConnectFailure => "UF",
+            Flag::UpstreamTimeout => "UT",
+            Flag::UpstreamReset => "UR",
+            Flag::Redirect => "RD",
+        }
+    }
+
+    /// The HTTP status of the mesh's own answer.
+    pub fn status(self) -> http::StatusCode {
+        use http::StatusCode as S;
+        match self {
+            Flag::NoRoute => S::NOT_FOUND,
+            Flag::NoBackend => S::INTERNAL_SERVER_ERROR,
+            Flag::NoHealthyUpstream | Flag::UpstreamConnectFailure => S::SERVICE_UNAVAILABLE,
+            Flag::UpstreamTimeout => S::GATEWAY_TIMEOUT,
+            Flag::UpstreamReset => S::BAD_GATEWAY,
+            Flag::Redirect => S::FOUND,
+        }
+    }
+
+    /// The gRPC status of the mesh's own answer to a gRPC call.
+    pub fn grpc_status(self) -> u16 {
+        match self {
+            Flag::NoRoute => 12,        // UNIMPLEMENTED
+            Flag::UpstreamTimeout => 4, // DEADLINE_EXCEEDED
+            Flag::NoBackend => 13,      // INTERNAL
+            _ => 14,                    // UNAVAILABLE
+        }
+    }
+}

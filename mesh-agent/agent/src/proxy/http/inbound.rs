@@ -1,0 +1,76 @@
+//! The destination side of a tunnelled HTTP request: a stream of a tunnel
+//! connection that is not a CONNECT carries one request for a workload of
+//! this node, named in [`TARGET_HEADER`]. The agent sends it on as the client
+//! wrote it: HTTP/1 (its version, its request-target form, from
+//! [`H1_HEADER`]) or HTTP/2.
+use std::net::SocketAddrV4;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use mesh_api::identity::SpiffeId;
+use tracing::{debug, warn};
+
+use super::{
+    Body, Flag, H1_HEADER, TARGET_HEADER, boxed,
+    respond::{self, H1Form, is_grpc, local_reply},
+    upstream::{Upstreams, Wire},
+};
+use crate::{
+    state::State,
+    telemetry::{InboundResult, Metrics},
+};
+
+pub async fn forward(
+    mut req: Request<Incoming>,
+    state: &State,
+    upstreams: &Upstreams,
+    metrics: &Metrics,
+    source: &SpiffeId,
+) -> Response<Body> {
+    let grpc = is_grpc(req.headers());
+    let target = req
+        .headers_mut()
+        .remove(TARGET_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse::<SocketAddrV4>().ok());
+    let Some(target) = target else {
+        return local_reply(
+            Flag::NoRoute,
+            grpc,
+            &format!("a tunnelled request needs {TARGET_HEADER}: ip:port"),
+        );
+    };
+    if !state.is_local(*target.ip()) {
+        metrics.inbound_stream(InboundResult::NotLocalWorkload);
+        warn!(%source, %target, "request for an address that is not a workload of this node");
+        let mut r = local_reply(Flag::NoRoute, grpc, "not a workload of this node");
+        *r.status_mut() = http::StatusCode::FORBIDDEN;
+        return r;
+    }
+    let h1 = req.headers_mut().remove(H1_HEADER);
+    let wire = match h1.as_ref().and_then(H1Form::decode) {
+        Some(form) => {
+            respond::to_h1(&mut req, form);
+            Wire::Http1
+        }
+        None => {
+            respond::to_h2(&mut req);
+            Wire::Http2
+        }
+    };
+    let req = req.map(boxed);
+    match upstreams.send(target, wire, req).await {
+        Ok(Ok(resp)) => {
+            metrics.inbound_stream(InboundResult::Forwarded);
+            resp.map(boxed)
+        }
+        Ok(Err(e)) => {
+            debug!(%target, error = %e, "workload's answer failed");
+            local_reply(Flag::UpstreamReset, grpc, &format!("{target}: {e}"))
+        }
+        Err(e) => {
+            metrics.inbound_stream(InboundResult::ConnectFailed);
+            debug!(%target, error = %e, "workload connect failed");
+            local_reply(Flag::UpstreamConnectFailure, grpc, &e.to_string())
+        }
+    }
+}
