@@ -17,6 +17,16 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, in the order documents list them.
+    pub const ALL: [Kind; 6] = [
+        Kind::Workload,
+        Kind::Service,
+        Kind::Node,
+        Kind::MtlsPolicy,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Workload => "Workload",
@@ -176,14 +186,7 @@ mod tests {
             assert_eq!(AppProtocol::from_loose(p.as_str()), Some(p));
         }
         assert_eq!(AppProtocol::from_loose("smtp"), None);
-        for k in [
-            Kind::Workload,
-            Kind::Service,
-            Kind::Node,
-            Kind::MtlsPolicy,
-            Kind::HttpRoute,
-            Kind::GrpcRoute,
-        ] {
+        for k in Kind::ALL {
             assert_eq!(Kind::from_loose(k.as_str()), Some(k));
         }
     }

@@ -263,7 +263,9 @@ impl ControlPlane {
         let revision = if dry_run || plan.changes.is_empty() {
             store.state().revision()
         } else {
-            self.commit(&mut store, &plan.changes)?
+            let revision = self.commit(&mut store, &plan.changes)?;
+            debug_assert_eq!(revision, plan.revision, "the plan commits as planned");
+            revision
         };
         Ok(Applied {
             outcomes: plan.outcomes,

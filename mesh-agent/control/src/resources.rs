@@ -1,6 +1,8 @@
 //! Configuration resources: Kubernetes-style YAML documents (`Workload`,
-//! `Service`, `Node`, `MtlsPolicy`) turned into validated internal types before anything is locked
-//! or stored, and rendered back into the same shape for `meshctl get`.
+//! `Service`, `Node`, `MtlsPolicy` of `mesh.dev/v1alpha1`; `HTTPRoute`,
+//! `GRPCRoute` of `gateway.networking.k8s.io/v1`) turned into validated
+//! internal types before anything is locked or stored, and rendered back into
+//! the same shape for `meshctl get`.
 //!
 //! A bad document rejects the whole batch with an error that names the
 //! document (its 1-based index, and `Kind/namespace/name` once known), the
@@ -11,11 +13,12 @@ use std::{
     net::Ipv4Addr,
 };
 
+use mesh_api::gateway::{self, BackendObjectRef, GrpcRouteSpec, HttpRouteSpec, ParentRef};
 use mesh_api::names::{
-    API_VERSION, CONTROL_SERVICE_ACCOUNT, DEFAULT_NAMESPACE, DEFAULT_SERVICE_ACCOUNT,
-    DEFAULT_TUNNEL_PORT, NODE_SERVICE_ACCOUNT_PREFIX, SYSTEM_NAMESPACE,
+    CONTROL_SERVICE_ACCOUNT, DEFAULT_NAMESPACE, DEFAULT_SERVICE_ACCOUNT, DEFAULT_TUNNEL_PORT,
+    NODE_SERVICE_ACCOUNT_PREFIX, SYSTEM_NAMESPACE,
 };
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::json;
 use serde_yaml_ng::{Mapping, Value};
 
@@ -112,6 +115,67 @@ pub struct MtlsPolicy {
     pub mode: MtlsMode,
 }
 
+/// A Gateway API route (GAMMA: attached to Services through its
+/// `parentRefs`), with its spec as the typed values of [`mesh_api::gateway`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Route<S> {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    /// The store revision at which this route's key was first created (the
+    /// Gateway API's "oldest route wins" tie-break): set by the store when it
+    /// plans an apply and kept by later updates; 0 in a freshly parsed route.
+    #[serde(default)]
+    pub created_revision: u64,
+    pub spec: S,
+}
+
+pub type HttpRoute = Route<HttpRouteSpec>;
+pub type GrpcRoute = Route<GrpcRouteSpec>;
+
+/// What the server does with a route spec, whatever its kind.
+pub trait RouteSpec: Serialize + DeserializeOwned {
+    const KIND: Kind;
+    fn parent_refs(&self) -> &[ParentRef];
+    /// Every Service the rules send to, with the field that names it.
+    fn backend_refs(&self) -> Vec<(String, BackendObjectRef)>;
+    /// The checks the spec must pass on its own.
+    fn validate(&self) -> Result<(), gateway::Invalid>;
+}
+
+impl RouteSpec for HttpRouteSpec {
+    const KIND: Kind = Kind::HttpRoute;
+
+    fn parent_refs(&self) -> &[ParentRef] {
+        &self.parent_refs
+    }
+
+    fn backend_refs(&self) -> Vec<(String, BackendObjectRef)> {
+        HttpRouteSpec::backend_refs(self)
+    }
+
+    fn validate(&self) -> Result<(), gateway::Invalid> {
+        HttpRouteSpec::validate(self)
+    }
+}
+
+impl RouteSpec for GrpcRouteSpec {
+    const KIND: Kind = Kind::GrpcRoute;
+
+    fn parent_refs(&self) -> &[ParentRef] {
+        &self.parent_refs
+    }
+
+    fn backend_refs(&self) -> Vec<(String, BackendObjectRef)> {
+        GrpcRouteSpec::backend_refs(self)
+    }
+
+    fn validate(&self) -> Result<(), gateway::Invalid> {
+        GrpcRouteSpec::validate(self)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind")]
 pub enum Resource {
@@ -119,6 +183,8 @@ pub enum Resource {
     Service(Service),
     Node(Node),
     MtlsPolicy(MtlsPolicy),
+    HttpRoute(HttpRoute),
+    GrpcRoute(GrpcRoute),
 }
 
 /// One step of a transaction on the configuration.
@@ -143,6 +209,8 @@ impl Resource {
             Resource::Service(s) => (Kind::Service, s.namespace.as_str(), &s.name),
             Resource::Node(n) => (Kind::Node, "", &n.name),
             Resource::MtlsPolicy(p) => (Kind::MtlsPolicy, p.namespace.as_str(), &p.name),
+            Resource::HttpRoute(r) => (Kind::HttpRoute, r.namespace.as_str(), &r.name),
+            Resource::GrpcRoute(r) => (Kind::GrpcRoute, r.namespace.as_str(), &r.name),
         };
         ResourceId {
             kind,
@@ -175,7 +243,42 @@ impl Resource {
                 address: n.address,
                 field: "spec.address".into(),
             }],
-            Resource::MtlsPolicy(_) => Vec::new(),
+            Resource::MtlsPolicy(_) | Resource::HttpRoute(_) | Resource::GrpcRoute(_) => Vec::new(),
+        }
+    }
+
+    /// A route's parents and the Services its rules send to, each with the
+    /// field that names it; `None` for other kinds.
+    fn route_references(&self) -> Option<RouteReferences<'_>> {
+        fn of<S: RouteSpec>(r: &Route<S>) -> RouteReferences<'_> {
+            RouteReferences {
+                namespace: &r.namespace,
+                parents: r.spec.parent_refs(),
+                backends: r.spec.backend_refs(),
+            }
+        }
+        match self {
+            Resource::HttpRoute(r) => Some(of(r)),
+            Resource::GrpcRoute(r) => Some(of(r)),
+            _ => None,
+        }
+    }
+
+    /// The revision a route's key was first created at; `None` for other kinds.
+    pub fn created_revision(&self) -> Option<u64> {
+        match self {
+            Resource::HttpRoute(r) => Some(r.created_revision),
+            Resource::GrpcRoute(r) => Some(r.created_revision),
+            _ => None,
+        }
+    }
+
+    /// Sets a route's creation revision (other kinds have none).
+    pub fn set_created_revision(&mut self, revision: u64) {
+        match self {
+            Resource::HttpRoute(r) => r.created_revision = revision,
+            Resource::GrpcRoute(r) => r.created_revision = revision,
+            _ => {}
         }
     }
 
@@ -222,6 +325,20 @@ impl Resource {
                     "selector": s.selector,
                 }),
             ),
+            Resource::HttpRoute(r) => (
+                Kind::HttpRoute,
+                &r.name,
+                &r.namespace,
+                &r.labels,
+                route_spec_document(&r.spec),
+            ),
+            Resource::GrpcRoute(r) => (
+                Kind::GrpcRoute,
+                &r.name,
+                &r.namespace,
+                &r.labels,
+                route_spec_document(&r.spec),
+            ),
         };
         let mut metadata = json!({
             "name": name,
@@ -234,12 +351,29 @@ impl Resource {
             metadata["labels"] = json!(labels);
         }
         json!({
-            "apiVersion": API_VERSION,
+            "apiVersion": kind.api_version(),
             "kind": kind.as_str(),
             "metadata": metadata,
             "spec": spec,
         })
     }
+}
+
+/// A route's spec as its serde JSON, without the nulls and empty lists that
+/// stand for unset fields (they parse back to the same spec).
+fn route_spec_document(spec: &impl Serialize) -> serde_json::Value {
+    fn prune(value: serde_json::Value) -> serde_json::Value {
+        match value {
+            serde_json::Value::Object(map) => map
+                .into_iter()
+                .filter(|(_, v)| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+                .map(|(k, v)| (k, prune(v)))
+                .collect(),
+            serde_json::Value::Array(items) => items.into_iter().map(prune).collect(),
+            other => other,
+        }
+    }
+    prune(serde_json::to_value(spec).expect("a route spec serializes"))
 }
 
 /// A Workload's spec, with `mtlsMode` only when it sets one.
@@ -297,10 +431,12 @@ pub enum Problem {
         expected: &'static str,
         found: String,
     },
-    #[error("unknown apiVersion {0:?} (expected {API_VERSION:?})")]
-    UnknownApiVersion(String),
-    #[error("unknown kind {0:?} (expected \"Workload\", \"Service\", \"Node\" or \"MtlsPolicy\")")]
-    UnknownKind(String),
+    #[error("unknown apiVersion {found:?} (expected {expected})")]
+    UnknownApiVersion { found: String, expected: String },
+    #[error("unknown kind {found:?} (expected {expected})")]
+    UnknownKind { found: String, expected: String },
+    #[error("{kind} is a kind of apiVersion {:?}, not {found:?}", kind.api_version())]
+    WrongApiVersion { kind: Kind, found: String },
     #[error("{kind} is cluster-scoped: it has no namespace (found {found:?})")]
     ClusterScoped { kind: Kind, found: String },
     #[error(
@@ -315,6 +451,10 @@ pub enum Problem {
         "{0:?} is not a valid node name (lowercase letters, digits, '-' and '.', at most 253 characters)"
     )]
     InvalidNodeName(String),
+    #[error(
+        "{0:?} is not a valid name (a DNS subdomain: lowercase letters, digits, '-' and '.', at most 253 characters)"
+    )]
+    InvalidSubdomainName(String),
     #[error("{0:?} is not a valid label key")]
     InvalidLabelKey(String),
     #[error(
@@ -341,6 +481,13 @@ pub enum Problem {
     InvalidMtlsMode(String),
     #[error("at least one entry is required")]
     Empty,
+    /// A route spec that does not parse: an unknown field, a wrong type, a
+    /// missing field (serde's words).
+    #[error("{0}")]
+    Schema(String),
+    /// A route spec that parses but fails its own checks.
+    #[error("{0}")]
+    Route(String),
 }
 
 /// A document with a bad field.
@@ -370,6 +517,55 @@ pub struct MtlsPolicyConflict {
     pub owner: ResourceId,
 }
 
+/// What a route names that the configuration does not have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Missing {
+    Service {
+        namespace: String,
+        name: String,
+    },
+    Port {
+        namespace: String,
+        name: String,
+        port: u16,
+        /// The ports it has.
+        ports: Vec<u16>,
+    },
+}
+
+impl fmt::Display for Missing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Missing::Service { namespace, name } => {
+                write!(f, "Service {namespace}/{name} does not exist")
+            }
+            Missing::Port {
+                namespace,
+                name,
+                port,
+                ports,
+            } => {
+                let has: Vec<String> = ports.iter().map(u16::to_string).collect();
+                write!(
+                    f,
+                    "Service {namespace}/{name} has no port {port} (it has {})",
+                    has.join(", ")
+                )
+            }
+        }
+    }
+}
+
+/// A route whose parent or backend is not in the configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{route}: {field}: {missing}")]
+pub struct BrokenReference {
+    pub route: ResourceId,
+    /// E.g. `spec.parentRefs[0].port`, `spec.rules[1].backendRefs[0]`.
+    pub field: String,
+    pub missing: Missing,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("document {index}: malformed YAML: {reason}")]
@@ -384,6 +580,8 @@ pub enum Error {
     AddressConflict(Box<AddressConflict>),
     #[error(transparent)]
     MtlsPolicyConflict(Box<MtlsPolicyConflict>),
+    #[error(transparent)]
+    BrokenReference(Box<BrokenReference>),
 }
 
 impl Error {
@@ -393,7 +591,10 @@ impl Error {
             Error::MalformedYaml { index, .. } => Some(*index),
             Error::InvalidDocument(invalid) => Some(invalid.document.index),
             Error::DuplicateDocument { document, .. } => Some(document.index),
-            Error::NoDocuments | Error::AddressConflict(_) | Error::MtlsPolicyConflict(_) => None,
+            Error::NoDocuments
+            | Error::AddressConflict(_)
+            | Error::MtlsPolicyConflict(_)
+            | Error::BrokenReference(_) => None,
         }
     }
 }
@@ -493,6 +694,86 @@ pub fn check_mtls_policies(
             })));
         }
         claimed.insert(&p.namespace, id);
+    }
+    Ok(())
+}
+
+/// A route's references, as [`check_route_references`] reads them.
+struct RouteReferences<'a> {
+    namespace: &'a str,
+    parents: &'a [ParentRef],
+    backends: Vec<(String, BackendObjectRef)>,
+}
+
+/// Checks that every route of `batch` attaches to Services, and sends to
+/// Services and ports, that exist: in the batch or among those that stay
+/// (`stored` answers for the current configuration, by namespace and name).
+/// A reference without a namespace is to the route's own. Only the routes
+/// of the batch are checked: deleting or changing a Service that stored
+/// routes name is allowed, as in Kubernetes.
+pub fn check_route_references<'a>(
+    batch: &[Resource],
+    stored: impl Fn(&str, &str) -> Option<&'a Service>,
+) -> Result<(), Error> {
+    let in_batch: HashMap<(&str, &str), &Service> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Service(s) => Some(((s.namespace.as_str(), s.name.as_str()), s)),
+            _ => None,
+        })
+        .collect();
+    for resource in batch {
+        let Some(refs) = resource.route_references() else {
+            continue;
+        };
+        let check = |field: String, namespace: Option<&str>, name: &str, port: Option<u16>| {
+            let namespace = namespace.unwrap_or(refs.namespace);
+            let service = match in_batch.get(&(namespace, name)) {
+                Some(s) => Some(*s),
+                None => stored(namespace, name),
+            };
+            let missing = match service {
+                None => Some((
+                    field,
+                    Missing::Service {
+                        namespace: namespace.to_owned(),
+                        name: name.to_owned(),
+                    },
+                )),
+                Some(s) => port
+                    .filter(|&port| !s.ports.iter().any(|p| p.port == port))
+                    .map(|port| {
+                        (
+                            format!("{field}.port"),
+                            Missing::Port {
+                                namespace: namespace.to_owned(),
+                                name: name.to_owned(),
+                                port,
+                                ports: s.ports.iter().map(|p| p.port).collect(),
+                            },
+                        )
+                    }),
+            };
+            match missing {
+                None => Ok(()),
+                Some((field, missing)) => Err(Error::BrokenReference(Box::new(BrokenReference {
+                    route: resource.id(),
+                    field,
+                    missing,
+                }))),
+            }
+        };
+        for (i, p) in refs.parents.iter().enumerate() {
+            check(
+                format!("spec.parentRefs[{i}]"),
+                p.namespace.as_deref(),
+                &p.name,
+                p.port,
+            )?;
+        }
+        for (field, b) in &refs.backends {
+            check(field.clone(), b.namespace.as_deref(), &b.name, b.port)?;
+        }
     }
     Ok(())
 }
@@ -728,26 +1009,23 @@ fn parse_document(index: usize, value: &Value) -> Result<Resource, Error> {
     let api_version = top.required("apiVersion")?;
     let kind_field = top.required("kind")?;
     let kind_text = kind_field.str()?;
-    let kind = match kind_text {
-        "Workload" => Kind::Workload,
-        "Service" => Kind::Service,
-        "Node" => Kind::Node,
-        "MtlsPolicy" => Kind::MtlsPolicy,
-        // Parsed by kind name once their apiVersion is accepted (not yet).
-        other => return kind_field.reject(Problem::UnknownKind(other.to_owned())),
-    };
     let api_text = api_version.str()?;
-    if api_text != API_VERSION {
-        return api_version.reject(Problem::UnknownApiVersion(api_text.to_owned()));
-    }
+    let kind = document_kind(&api_version, api_text, &kind_field, kind_text)?;
     let metadata =
         top.required("metadata")?
             .object(&["name", "namespace", "labels", "resourceVersion"])?;
     let name_field = metadata.required("name")?;
-    let name = if kind == Kind::Node {
-        node_name(&name_field)?
-    } else {
-        name_field.name()?
+    let name = match kind {
+        Kind::Node => node_name(&name_field)?,
+        // Kubernetes names custom resources as DNS subdomains.
+        Kind::HttpRoute | Kind::GrpcRoute => {
+            let text = name_field.str()?;
+            if !is_dns_subdomain(text) {
+                return name_field.reject(Problem::InvalidSubdomainName(text.to_owned()));
+            }
+            text.to_owned()
+        }
+        _ => name_field.name()?,
     };
     let namespace = match (metadata.get("namespace"), kind.is_cluster_scoped()) {
         (None, true) => String::new(),
@@ -785,7 +1063,85 @@ fn parse_document(index: usize, value: &Value) -> Result<Resource, Error> {
                 mode: spec.required("mode")?.mtls_mode()?,
             })
         }
-        Kind::HttpRoute | Kind::GrpcRoute => unreachable!("not parsed yet"),
+        Kind::HttpRoute => Resource::HttpRoute(parse_route(&spec, name, namespace, labels)?),
+        Kind::GrpcRoute => Resource::GrpcRoute(parse_route(&spec, name, namespace, labels)?),
+    })
+}
+
+/// The kind of a document, checked against its apiVersion: each kind
+/// belongs to one API group, and the error says which.
+fn document_kind(
+    api_field: &Field<'_>,
+    api_version: &str,
+    kind_field: &Field<'_>,
+    kind_text: &str,
+) -> Result<Kind, Error> {
+    let named = Kind::ALL.into_iter().find(|k| k.as_str() == kind_text);
+    let of_api: Vec<Kind> = Kind::ALL
+        .into_iter()
+        .filter(|k| k.api_version() == api_version)
+        .collect();
+    match named {
+        Some(kind) if of_api.contains(&kind) => Ok(kind),
+        Some(kind) if of_api.is_empty() => api_field.reject(Problem::UnknownApiVersion {
+            found: api_version.to_owned(),
+            expected: format!("{:?}", kind.api_version()),
+        }),
+        Some(kind) => api_field.reject(Problem::WrongApiVersion {
+            kind,
+            found: api_version.to_owned(),
+        }),
+        None => {
+            let expected = if of_api.is_empty() {
+                Kind::ALL.to_vec()
+            } else {
+                of_api
+            };
+            kind_field.reject(Problem::UnknownKind {
+                found: kind_text.to_owned(),
+                expected: one_of(expected.iter().map(|k| k.as_str())),
+            })
+        }
+    }
+}
+
+/// `"a"`, `"a" or "b"`, `"a", "b" or "c"`.
+fn one_of<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
+    let quoted: Vec<String> = items.into_iter().map(|s| format!("{s:?}")).collect();
+    match quoted.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+    }
+}
+
+/// A route's spec, parsed into its typed form (an unknown field or a wrong
+/// type is refused with its path) and checked on its own.
+fn parse_route<S: RouteSpec>(
+    spec: &Field<'_>,
+    name: String,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+) -> Result<Route<S>, Error> {
+    let typed: S = serde_path_to_error::deserialize(spec.value).or_else(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            spec.path.clone()
+        } else {
+            spec.join(&path)
+        };
+        spec.child(field, &NULL)
+            .reject(Problem::Schema(e.into_inner().to_string()))
+    })?;
+    typed
+        .validate()
+        .or_else(|e| spec.child(e.field, &NULL).reject(Problem::Route(e.problem)))?;
+    Ok(Route {
+        name,
+        namespace,
+        labels,
+        created_revision: 0,
+        spec: typed,
     })
 }
 
@@ -1551,6 +1907,318 @@ spec: {mode: permissive}
         check_mtls_policies(&a, stored).expect("same policy");
         check_mtls_policies(&[a[0].clone(), elsewhere[0].clone()], stored)
             .expect("one per namespace");
+    }
+
+    const ROUTE: &str = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, labels: {team: a}}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v2}}]
+    backendRefs: [{name: echo-v2, port: 8080, weight: 90}, {name: echo, port: 80, weight: 10}]
+    timeouts: {request: 10s}
+";
+
+    const GRPC_ROUTE: &str = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: rpc, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: grpc}]
+  rules:
+  - matches: [{method: {service: mesh.test.Echo, method: Unary}}]
+    backendRefs: [{name: grpc-v2, port: 50051}]
+";
+
+    #[test]
+    fn parses_routes_and_renders_them_back() {
+        let r = parse_documents(ROUTE).expect("valid").remove(0);
+        assert_eq!(r.id().to_string(), "HTTPRoute/default/web");
+        let Resource::HttpRoute(route) = &r else {
+            panic!("not an HTTPRoute: {r:?}")
+        };
+        assert_eq!(route.created_revision, 0, "the store sets it");
+        assert_eq!(route.labels["team"], "a");
+        assert_eq!(route.spec.rules[0].backend_refs[0].weight, 90);
+        assert!(r.addresses().is_empty());
+        let doc = r.to_document(4);
+        assert_eq!(doc["apiVersion"], mesh_api::gateway::GATEWAY_API_VERSION);
+        assert_eq!(doc["kind"], "HTTPRoute");
+        assert_eq!(doc["metadata"]["namespace"], "default");
+        assert_eq!(doc["spec"]["parentRefs"][0]["port"], 80);
+        // Unset fields are left out, not rendered as null or [].
+        assert!(doc["spec"].get("hostnames").is_none(), "{doc}");
+        assert!(doc["spec"]["parentRefs"][0].get("namespace").is_none());
+        let again = serde_yaml_ng::to_string(&doc).expect("yaml");
+        assert_eq!(parse_documents(&again).expect("round trip")[0], r);
+
+        let g = parse_documents(GRPC_ROUTE).expect("valid").remove(0);
+        assert_eq!(g.id().to_string(), "GRPCRoute/shop/rpc");
+        let doc = g.to_document(1);
+        assert_eq!(doc["kind"], "GRPCRoute");
+        let again = serde_yaml_ng::to_string(&doc).expect("yaml");
+        assert_eq!(parse_documents(&again).expect("round trip")[0], g);
+
+        // What a server adds is tolerated; dotted names are fine.
+        let with_status =
+            format!("{ROUTE}status: {{parents: []}}\n").replace("name: web", "name: web.v2");
+        let r = parse_documents(&with_status)
+            .expect("status ignored")
+            .remove(0);
+        assert_eq!(r.id().to_string(), "HTTPRoute/default/web.v2");
+    }
+
+    #[test]
+    fn a_full_route_survives_get_and_apply_unchanged() {
+        let yaml = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: full}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo}]
+  rules:
+  - matches:
+    - path: {type: RegularExpression, value: '/v[0-9]+/.*'}
+      headers: [{name: x-version, value: two}]
+      queryParams: [{type: RegularExpression, name: a, value: 'b.*'}]
+      method: GET
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-a, value: b}], remove: [x-c]}
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: shadow, port: 80}, fraction: {numerator: 1}}
+    backendRefs:
+    - name: echo
+      port: 80
+      filters:
+      - type: ResponseHeaderModifier
+        responseHeaderModifier: {add: [{name: x-b, value: c}]}
+    timeouts: {request: 10s, backendRequest: 2s}
+  - filters:
+    - type: RequestRedirect
+      requestRedirect: {scheme: https, statusCode: 301, path: {type: ReplaceFullPath, replaceFullPath: /new}}
+";
+        let r = parse_documents(yaml).expect("valid").remove(0);
+        let doc = serde_yaml_ng::to_string(&r.to_document(9)).expect("yaml");
+        assert_eq!(parse_documents(&doc).expect("round trip")[0], r, "{doc}");
+    }
+
+    #[test]
+    fn bad_routes_are_refused_naming_document_and_field() {
+        let cases = [
+            (
+                with(ROUTE, "- matches:", "- matchez:"),
+                "document 1 (HTTPRoute/default/web): spec.rules[0].matchez: unknown field `matchez`, expected one of `name`, `matches`, `filters`, `backendRefs`, `timeouts`",
+            ),
+            (
+                with(
+                    ROUTE,
+                    "type: PathPrefix, value: /v2",
+                    "type: RegularExpression, value: '(['",
+                ),
+                "document 1 (HTTPRoute/default/web): spec.rules[0].matches[0].path.value: \"([\" is not a valid regular expression: ",
+            ),
+            (
+                with(ROUTE, "port: 80}]\n", "port: '80'}]\n"),
+                "document 1 (HTTPRoute/default/web): spec.parentRefs[0].port: invalid type: string \"80\"",
+            ),
+            (
+                with(ROUTE, "port: 80}]\n", "port: 70000}]\n"),
+                "document 1 (HTTPRoute/default/web): spec.parentRefs[0].port: invalid value: integer `70000`",
+            ),
+            (
+                with(
+                    ROUTE,
+                    "weight: 90}, {name: echo, port: 80, weight: 10}",
+                    "weight: 0}, {name: echo, port: 80, weight: 0}",
+                ),
+                "document 1 (HTTPRoute/default/web): spec.rules[0].backendRefs: every backend has weight 0",
+            ),
+            (
+                with(ROUTE, "{request: 10s}", "{request: 1s, backendRequest: 2s}"),
+                "document 1 (HTTPRoute/default/web): spec.rules[0].timeouts.backendRequest: 2s is longer than the request timeout 1s",
+            ),
+            (
+                with(
+                    ROUTE,
+                    "    backendRefs: [{name: echo-v2, port: 8080, weight: 90}, {name: echo, port: 80, weight: 10}]\n",
+                    "    filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301}}, {type: URLRewrite, urlRewrite: {hostname: x}}]\n",
+                ),
+                "document 1 (HTTPRoute/default/web): spec.rules[0].filters: RequestRedirect and URLRewrite cannot be used together in one rule",
+            ),
+            (
+                with(ROUTE, "name: echo-v2, port: 8080", "name: echo-v2"),
+                "document 1 (HTTPRoute/default/web): spec.rules[0].backendRefs[0].port: required field is missing",
+            ),
+            (
+                with(
+                    ROUTE,
+                    "  parentRefs: [{group: '', kind: Service, name: echo, port: 80}]\n",
+                    "",
+                ),
+                "document 1 (HTTPRoute/default/web): spec.parentRefs: at least one entry is required",
+            ),
+            (
+                with(ROUTE, "name: web,", "name: Web,"),
+                "document 1: metadata.name: \"Web\" is not a valid name (a DNS subdomain",
+            ),
+            (
+                with(GRPC_ROUTE, "method: Unary", "method: 'Un ary'"),
+                "document 1 (GRPCRoute/shop/rpc): spec.rules[0].matches[0].method.method: \"Un ary\" is not a gRPC method name",
+            ),
+            (
+                with(
+                    GRPC_ROUTE,
+                    "name: grpc-v2, port: 50051",
+                    "name: grpc-v2, port: 50051, weight: -1",
+                ),
+                "document 1 (GRPCRoute/shop/rpc): spec.rules[0].backendRefs[0].weight: invalid value: integer `-1`",
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let e = rejected(&yaml);
+            assert!(e.starts_with(expected), "{e}\nexpected: {expected}");
+        }
+        // A filter's own fields are read as a whole (serde buffers a
+        // tagged enum), so the path stops at the filter.
+        let e = rejected(&with(
+            ROUTE,
+            "    timeouts: {request: 10s}\n",
+            "    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {sett: []}}]\n",
+        ));
+        assert!(e.contains(": spec.rules[0].filters[0]"), "{e}");
+        assert!(e.contains("unknown field `sett`"), "{e}");
+        // Later documents are named by their index.
+        let e = rejected(&format!(
+            "{SERVICE}---\n{}",
+            with(ROUTE, "- matches:", "- matchez:")
+        ));
+        assert!(
+            e.starts_with("document 2 (HTTPRoute/default/web): spec.rules[0].matchez: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn each_kind_belongs_to_its_api_version() {
+        let e = rejected(&with(
+            ROUTE,
+            "gateway.networking.k8s.io/v1",
+            "mesh.dev/v1alpha1",
+        ));
+        assert_eq!(
+            e,
+            "document 1: apiVersion: HTTPRoute is a kind of apiVersion \"gateway.networking.k8s.io/v1\", not \"mesh.dev/v1alpha1\""
+        );
+        let e = rejected(&with(
+            SERVICE,
+            "mesh.dev/v1alpha1",
+            "gateway.networking.k8s.io/v1",
+        ));
+        assert_eq!(
+            e,
+            "document 1: apiVersion: Service is a kind of apiVersion \"mesh.dev/v1alpha1\", not \"gateway.networking.k8s.io/v1\""
+        );
+        let e = rejected(&with(ROUTE, "kind: HTTPRoute", "kind: Gateway"));
+        assert_eq!(
+            e,
+            "document 1: kind: unknown kind \"Gateway\" (expected \"HTTPRoute\" or \"GRPCRoute\")"
+        );
+        let e = rejected(&with(ROUTE, "kind: HTTPRoute", "kind: HttpRoute"));
+        assert!(
+            e.starts_with("document 1: kind: unknown kind \"HttpRoute\""),
+            "{e}"
+        );
+        let e = rejected(&with(
+            ROUTE,
+            "gateway.networking.k8s.io/v1",
+            "gateway.networking.k8s.io/v1beta1",
+        ));
+        assert_eq!(
+            e,
+            "document 1: apiVersion: unknown apiVersion \"gateway.networking.k8s.io/v1beta1\" (expected \"gateway.networking.k8s.io/v1\")"
+        );
+    }
+
+    fn route_check(batch: &[Resource], stored: &[Resource]) -> Result<(), Error> {
+        check_route_references(batch, |namespace, name| {
+            stored.iter().find_map(|r| match r {
+                Resource::Service(s) if s.namespace == namespace && s.name == name => Some(s),
+                _ => None,
+            })
+        })
+    }
+
+    fn echo_services() -> Vec<Resource> {
+        parse_documents(
+            "
+apiVersion: mesh.dev/v1alpha1
+kind: Service
+metadata: {name: echo}
+spec: {vips: [198.19.0.1], ports: [{port: 80}, {port: 8080}], selector: {app: echo}}
+---
+apiVersion: mesh.dev/v1alpha1
+kind: Service
+metadata: {name: echo-v2}
+spec: {vips: [198.19.0.2], ports: [{port: 8080}], selector: {app: echo-v2}}
+",
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn routes_name_services_and_ports_that_exist() {
+        let services = echo_services();
+        let route = parse_documents(ROUTE).expect("valid");
+        route_check(&route, &services).expect("parents and backends exist");
+        // The Services may come in the same batch.
+        let mut batch = route.clone();
+        batch.extend(services.iter().cloned());
+        route_check(&batch, &[]).expect("in the batch");
+
+        let cases = [
+            (
+                ROUTE.replace("name: echo, port: 80}]", "name: echo, port: 81}]"),
+                "HTTPRoute/default/web: spec.parentRefs[0].port: Service default/echo has no port 81 (it has 80, 8080)",
+            ),
+            (
+                ROUTE.replace("name: echo, port: 80}]", "name: gone}]"),
+                "HTTPRoute/default/web: spec.parentRefs[0]: Service default/gone does not exist",
+            ),
+            (
+                ROUTE.replace("name: echo, port: 80}]", "name: echo, namespace: shop}]"),
+                "HTTPRoute/default/web: spec.parentRefs[0]: Service shop/echo does not exist",
+            ),
+            (
+                ROUTE.replace("{name: echo-v2, port: 8080, weight: 90}", "{name: echo-v3, port: 8080, weight: 90}"),
+                "HTTPRoute/default/web: spec.rules[0].backendRefs[0]: Service default/echo-v3 does not exist",
+            ),
+            (
+                ROUTE.replace("{name: echo-v2, port: 8080, weight: 90}", "{name: echo-v2, port: 80, weight: 90}"),
+                "HTTPRoute/default/web: spec.rules[0].backendRefs[0].port: Service default/echo-v2 has no port 80 (it has 8080)",
+            ),
+            (
+                ROUTE.replace(
+                    "    timeouts: {request: 10s}\n",
+                    "    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}]\n",
+                ),
+                "HTTPRoute/default/web: spec.rules[0].filters[0].requestMirror.backendRef: Service default/shadow does not exist",
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let batch = parse_documents(&yaml).expect("valid on its own");
+            let e = route_check(&batch, &services).expect_err("broken reference");
+            assert_eq!(e.to_string(), expected);
+            assert_eq!(e.document_index(), None);
+        }
+        let grpc = parse_documents(GRPC_ROUTE).expect("valid");
+        let e = route_check(&grpc, &services).expect_err("nothing in shop");
+        assert_eq!(
+            e.to_string(),
+            "GRPCRoute/shop/rpc: spec.parentRefs[0]: Service shop/grpc does not exist"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::resources::{self, Change, Kind, Resource, ResourceId};
+use super::resources::{self, Change, Kind, Resource, ResourceId, Service};
 
 const SNAPSHOT: &str = "snapshot.json";
 const SNAPSHOT_TMP: &str = "snapshot.json.tmp";
@@ -96,6 +96,10 @@ pub struct Plan {
     pub outcomes: Vec<(ResourceId, Outcome)>,
     /// Only what actually changes.
     pub changes: Vec<Change>,
+    /// The revision the changes commit as: the next one. Routes created by
+    /// the plan carry it as their creation revision, so the plan must be
+    /// committed before anything else is.
+    pub revision: u64,
 }
 
 /// The configuration in memory, with the index the cross-resource checks need.
@@ -133,14 +137,24 @@ impl State {
     }
 
     /// What applying `batch` would do, or why the result would be invalid.
+    /// A route keeps the creation revision of the route it replaces; a new
+    /// one gets the revision the plan commits as.
     pub fn plan_apply(&self, batch: Vec<Resource>) -> Result<Plan, resources::Error> {
         resources::check_addresses(&batch, |ip| self.addresses.get(&ip))?;
         resources::check_mtls_policies(&batch, |namespace| self.mtls_policy(namespace))?;
+        resources::check_route_references(&batch, |namespace, name| self.service(namespace, name))?;
+        let revision = self.revision + 1;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut changes = Vec::new();
-        for resource in batch {
+        for mut resource in batch {
             let id = resource.id();
-            let outcome = match self.resources.get(&id) {
+            let stored = self.resources.get(&id);
+            resource.set_created_revision(
+                stored
+                    .and_then(|s| s.resource.created_revision())
+                    .unwrap_or(revision),
+            );
+            let outcome = match stored {
                 None => Outcome::Created,
                 Some(s) if s.resource == resource => Outcome::Unchanged,
                 Some(_) => Outcome::Configured,
@@ -150,7 +164,24 @@ impl State {
             }
             outcomes.push((id, outcome));
         }
-        Ok(Plan { outcomes, changes })
+        Ok(Plan {
+            outcomes,
+            changes,
+            revision,
+        })
+    }
+
+    /// A stored Service.
+    fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        let id = ResourceId {
+            kind: Kind::Service,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        match self.resources.get(&id).map(|s| &s.resource) {
+            Some(Resource::Service(s)) => Some(s),
+            _ => None,
+        }
     }
 
     /// The MtlsPolicy of `namespace`, if it has one.
@@ -564,6 +595,117 @@ mod tests {
         let id = mtls_policy("a", "shop").id();
         store.commit(&[Change::Delete(id)]).expect("delete");
         put(&mut store, vec![mtls_policy("b", "shop")]);
+    }
+
+    fn service(name: &str, vip: &str) -> Resource {
+        parse_documents(&format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{vips: [{vip}], ports: [{{port: 80}}, {{port: 8080}}], selector: {{app: {name}}}}}\n"
+        ))
+        .expect("valid")
+        .remove(0)
+    }
+
+    fn route(name: &str, parent_port: u16, backend: &str) -> Resource {
+        parse_documents(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: echo, port: {parent_port}}}]\n  rules: [{{backendRefs: [{{name: {backend}, port: 8080}}]}}]\n"
+        ))
+        .expect("valid")
+        .remove(0)
+    }
+
+    fn created(state: &State, resource: &Resource) -> (u64, u64) {
+        let stored = state.get(&resource.id()).expect("stored");
+        (
+            stored.resource.created_revision().expect("a route"),
+            stored.version,
+        )
+    }
+
+    #[test]
+    fn a_route_must_name_services_and_ports_that_exist() {
+        let dir = TempDir::new("route-refs");
+        let mut store = Store::open(&dir.0, 100).expect("open");
+        put(&mut store, vec![service("echo", "198.19.0.1")]);
+        let e = store
+            .state()
+            .plan_apply(vec![workload("w", "198.18.0.1"), route("web", 81, "echo")])
+            .expect_err("no port 81");
+        assert_eq!(
+            e.to_string(),
+            "HTTPRoute/default/web: spec.parentRefs[0].port: Service default/echo has no port 81 (it has 80, 8080)"
+        );
+        let e = store
+            .state()
+            .plan_apply(vec![route("web", 80, "echo-v2")])
+            .expect_err("no echo-v2");
+        assert_eq!(
+            e.to_string(),
+            "HTTPRoute/default/web: spec.rules[0].backendRefs[0]: Service default/echo-v2 does not exist"
+        );
+        assert_eq!(store.state().revision(), 1, "nothing applied");
+        // The backend may come with the route.
+        put(
+            &mut store,
+            vec![
+                route("web", 80, "echo-v2"),
+                service("echo-v2", "198.19.0.2"),
+            ],
+        );
+        // Deleting a Service a route names is allowed, as in Kubernetes.
+        let id = service("echo-v2", "198.19.0.2").id();
+        store.commit(&[Change::Delete(id)]).expect("delete");
+        assert!(store.state().get(&route("web", 80, "echo").id()).is_some());
+    }
+
+    #[test]
+    fn a_route_keeps_its_creation_revision_until_it_is_deleted() {
+        let dir = TempDir::new("route-created");
+        let mut store = Store::open(&dir.0, 100).expect("open");
+        put(
+            &mut store,
+            vec![service("echo", "198.19.0.1"), service("v2", "198.19.0.2")],
+        );
+        let web = route("web", 80, "echo");
+        assert_eq!(put(&mut store, vec![web.clone()]), 2);
+        assert_eq!(created(store.state(), &web), (2, 2));
+        put(&mut store, vec![workload("w", "198.18.0.1")]);
+        // An update changes the version, not the creation revision.
+        let changed = route("web", 80, "v2");
+        let plan = store
+            .state()
+            .plan_apply(vec![changed.clone()])
+            .expect("plan");
+        assert_eq!(plan.outcomes[0].1, Outcome::Configured);
+        assert_eq!(plan.revision, 4);
+        assert_eq!(store.commit(&plan.changes).expect("commit"), 4);
+        assert_eq!(created(store.state(), &changed), (2, 4));
+        // The same again, or the document `get` shows, changes nothing.
+        let stored = store.state().get(&web.id()).expect("stored");
+        let doc =
+            serde_yaml_ng::to_string(&stored.resource.to_document(stored.version)).expect("yaml");
+        for again in [
+            changed.clone(),
+            parse_documents(&doc).expect("valid").remove(0),
+        ] {
+            let plan = store.state().plan_apply(vec![again]).expect("plan");
+            assert_eq!(plan.outcomes[0].1, Outcome::Unchanged);
+            assert!(plan.changes.is_empty());
+        }
+        // A route created in a later revision is younger.
+        put(&mut store, vec![route("other", 80, "echo")]);
+        assert_eq!(created(store.state(), &route("other", 80, "echo")), (5, 5));
+        // Kept across a restart, from the log and from a snapshot.
+        drop(store);
+        let mut store = Store::open(&dir.0, 1).expect("reopen");
+        assert_eq!(created(store.state(), &web), (2, 4));
+        // Deleted and created again, it is a new route.
+        store.commit(&[Change::Delete(web.id())]).expect("delete");
+        assert_eq!(put(&mut store, vec![web.clone()]), 7);
+        assert_eq!(created(store.state(), &web), (7, 7));
+        assert!(dir.0.join(SNAPSHOT).exists(), "compacted");
+        drop(store);
+        let store = Store::open(&dir.0, 100).expect("reopen");
+        assert_eq!(created(store.state(), &web), (7, 7));
     }
 
     #[test]

@@ -110,7 +110,8 @@ pub enum Command {
     },
     /// Show resources, as a table or as documents.
     Get {
-        /// workload (wl), service (svc), node (no) or mtlspolicy.
+        /// workload (wl), service (svc), node (no), mtlspolicy, httproute or
+        /// grpcroute.
         kind: String,
         /// One resource; all of the kind when omitted.
         name: Option<String>,
@@ -125,7 +126,8 @@ pub enum Command {
     },
     /// Delete a resource.
     Delete {
-        /// workload (wl), service (svc), node (no) or mtlspolicy.
+        /// workload (wl), service (svc), node (no), mtlspolicy, httproute or
+        /// grpcroute.
         kind: String,
         name: String,
         #[arg(short = 'n', long, default_value = DEFAULT_NAMESPACE)]
@@ -315,7 +317,7 @@ async fn control(args: &Args) -> anyhow::Result<String> {
             }
             let kind = Kind::from_loose(kind).with_context(|| {
                 format!(
-                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no or mtlspolicy)"
+                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no, mtlspolicy, httproute or grpcroute)"
                 )
             })?;
             let response = client
@@ -357,7 +359,7 @@ async fn control(args: &Args) -> anyhow::Result<String> {
         } => {
             let kind = Kind::from_loose(kind).with_context(|| {
                 format!(
-                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no or mtlspolicy)"
+                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no, mtlspolicy, httproute or grpcroute)"
                 )
             })?;
             client
@@ -604,9 +606,15 @@ fn render_documents(
                         .map(|d| {
                             vec![
                                 text(&d["metadata"]["name"]),
-                                joined(&d["spec"]["parentRefs"], |p| match &p["port"] {
-                                    Value::Null => text(&p["name"]),
-                                    port => format!("{}:{port}", text(&p["name"])),
+                                joined(&d["spec"]["parentRefs"], |p| {
+                                    let name = match &p["namespace"] {
+                                        Value::Null => text(&p["name"]),
+                                        ns => format!("{}/{}", text(ns), text(&p["name"])),
+                                    };
+                                    match &p["port"] {
+                                        Value::Null => name,
+                                        port => format!("{name}:{port}"),
+                                    }
                                 }),
                                 d["spec"]["rules"]
                                     .as_array()
