@@ -878,3 +878,158 @@ async fn mtls_modes_reach_agents_as_each_workloads_effective_mode() {
         "the same content has the same version"
     );
 }
+
+#[tokio::test]
+async fn routes_are_checked_stored_and_reach_every_agent() {
+    let dir = TempDir::new("routes");
+    let server = start(&dir.0);
+    server.apply(&base()).await.expect("apply");
+    let route = |weight: u32| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: web}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: echo, port: 80}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /v2}}}}]
+    backendRefs: [{{name: other, port: 80, weight: {weight}}}, {{name: echo, port: 80}}]
+"
+        )
+    };
+    let mut agents = Vec::new();
+    for (node, token) in [("n1", "token-1"), ("n2", "token-2")] {
+        let mut agent = server
+            .subscribe(node, token, HashMap::new())
+            .await
+            .expect("subscribe");
+        agent.recv_and_ack().await;
+        agents.push(agent);
+    }
+    let meshctl = |args: &[&str]| {
+        let out = Command::new(bin("meshctl"))
+            .args(["--control", &format!("unix://{}", server.socket.display())])
+            .args(args)
+            .output()
+            .expect("meshctl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let file = dir.0.join("route.yaml");
+    let file_arg = file.to_str().expect("utf-8 path");
+    let apply_file = |yaml: &str| {
+        std::fs::write(&file, yaml).expect("write");
+        meshctl(&["apply", "-f", file_arg])
+    };
+
+    let (code, out, err) = apply_file(&route(90));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "HTTPRoute/default/web created\n");
+    let route_of = |r: &DeltaResponse| {
+        let resource = r
+            .resources
+            .iter()
+            .find(|r| r.key == "HTTPRoute/default/web")
+            .unwrap_or_else(|| panic!("no route in {:?}", keys(r)));
+        let Some(Body::Route(route)) = &resource.body else {
+            panic!("not a route: {resource:?}")
+        };
+        (resource.version.clone(), route.clone())
+    };
+    let mut first = Vec::new();
+    for agent in &mut agents {
+        let change = agent.recv_and_ack().await;
+        assert_eq!(keys(&change), ["HTTPRoute/default/web"]);
+        let (version, route) = route_of(&change);
+        assert_eq!(
+            (
+                route.kind.as_str(),
+                route.namespace.as_str(),
+                route.name.as_str()
+            ),
+            ("HTTPRoute", "default", "web")
+        );
+        assert_eq!(route.created_revision, 2);
+        let spec: serde_json::Value = serde_json::from_str(&route.spec_json).expect("JSON");
+        assert_eq!(spec["rules"][0]["backendRefs"][0]["weight"], 90);
+        first.push(version);
+    }
+
+    // Refusals name the document, the field and the value; nothing changes.
+    let bad_regex = route(90).replace(
+        "type: PathPrefix, value: /v2",
+        "type: RegularExpression, value: '(['",
+    );
+    let (code, _, err) = apply_file(&format!(
+        "{}---\n{bad_regex}",
+        service("third", "198.19.0.12", "third")
+    ));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.starts_with("meshctl: document 2 (HTTPRoute/default/web): spec.rules[0].matches[0].path.value: \"([\" is not a valid regular expression"),
+        "{err}"
+    );
+    let (_, _, err) = apply_file(&route(90).replace("- matches:", "- matchez:"));
+    assert!(
+        err.starts_with("meshctl: document 1 (HTTPRoute/default/web): spec.rules[0].matchez: unknown field `matchez`"),
+        "{err}"
+    );
+    let (_, _, err) =
+        apply_file(&route(90).replace("name: echo, port: 80}]\n", "name: echo, port: 81}]\n"));
+    assert_eq!(
+        err,
+        "meshctl: HTTPRoute/default/web: spec.parentRefs[0].port: Service default/echo has no port 81 (it has 80)\n"
+    );
+    let (_, _, err) =
+        apply_file(&route(90).replace("{name: other, port: 80", "{name: gone, port: 80"));
+    assert_eq!(
+        err,
+        "meshctl: HTTPRoute/default/web: spec.rules[0].backendRefs[0]: Service default/gone does not exist\n"
+    );
+    for agent in &mut agents {
+        agent.expect_silence().await;
+    }
+
+    let (code, out, _) = meshctl(&["get", "httproutes"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(out, "NAME   PARENTS   RULES\nweb    echo:80   1\n");
+    // What get -o yaml prints applies again, unchanged.
+    let (code, yaml, _) = meshctl(&["get", "httproute", "web", "-o", "yaml"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        yaml.starts_with("apiVersion: gateway.networking.k8s.io/v1\n"),
+        "{yaml}"
+    );
+    let (code, out, err) = apply_file(&yaml);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "HTTPRoute/default/web unchanged\n");
+
+    // An update keeps the creation revision; a delete is a removal.
+    let (code, out, _) = apply_file(&route(50));
+    assert_eq!(code, Some(0));
+    assert_eq!(out, "HTTPRoute/default/web configured\n");
+    for (agent, before) in agents.iter_mut().zip(&first) {
+        let change = agent.recv_and_ack().await;
+        let (version, route) = route_of(&change);
+        assert_ne!(&version, before);
+        assert_eq!(route.created_revision, 2);
+        assert!(
+            route.spec_json.contains(r#""weight":50"#),
+            "{}",
+            route.spec_json
+        );
+    }
+    let (code, out, _) = meshctl(&["delete", "httproute", "web"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(out, "HTTPRoute/default/web deleted\n");
+    for agent in &mut agents {
+        let removal = agent.recv_and_ack().await;
+        assert_eq!(removal.removed_resources, ["HTTPRoute/default/web"]);
+    }
+    let (code, out, err) = meshctl(&["get", "grpcroutes"]);
+    assert_eq!((code, out.as_str()), (Some(0), ""));
+    assert_eq!(err, "No resources found in default namespace.\n");
+}
