@@ -1,8 +1,9 @@
-//! `cargo xtask bench ...`: benchmarks of the data path (`l4`, on a local
-//! cluster) and of the control plane (`control`, on loopback), and what they
-//! share: processes stopped on drop, and a process's CPU time and memory
-//! from /proc.
+//! `cargo xtask bench ...`: benchmarks of the data path (`l4` and `http`, on
+//! a local cluster) and of the control plane (`control`, on loopback), and
+//! what they share: processes stopped on drop, a process's CPU time and
+//! memory from /proc, wrk's report, aims.
 mod control;
+mod http;
 mod l4;
 
 use std::{
@@ -15,8 +16,10 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Subcommand;
+use serde::Serialize;
 
 pub use control::ControlArgs;
+pub use http::HttpArgs;
 pub use l4::L4Args;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,6 +31,8 @@ const LOG_TAIL_LINES: usize = 20;
 pub enum BenchCmd {
     /// Ping-pong latency, bulk throughput and HTTP/1.1 req/s: direct, via the node agent, via haproxy.
     L4(L4Args),
+    /// HTTP/1.1 and h2c req/s and latency at saturation and at 1,000 req/s: direct, through the mesh (both agents, mTLS), through nginx.
+    Http(HttpArgs),
     /// mesh-control with many simulated agents: first full sync, endpoint change latency, bytes per change, server CPU and RSS.
     Control(ControlArgs),
 }
@@ -36,6 +41,7 @@ impl BenchCmd {
     pub fn run(self) -> Result<()> {
         match self {
             BenchCmd::L4(args) => l4::run(&args),
+            BenchCmd::Http(args) => http::run(&args),
             BenchCmd::Control(args) => control::run(&args),
         }
     }
@@ -203,9 +209,146 @@ fn process_kb(pid: u32, key: &str) -> Result<u64> {
     status_kb(&status, key).with_context(|| format!("no {key} in {path}"))
 }
 
+/// A figure against the limit it aims for.
+#[derive(Debug, Serialize)]
+struct Aim {
+    aim: String,
+    measured: f64,
+    /// What `measured` counts; a ratio unless said otherwise.
+    unit: &'static str,
+    met: bool,
+}
+
+impl Aim {
+    fn at_most(aim: String, measured: f64, limit: f64) -> Aim {
+        let met = measured <= limit;
+        Aim {
+            aim,
+            measured,
+            unit: "x",
+            met,
+        }
+    }
+
+    fn at_least(aim: String, measured: f64, limit: f64) -> Aim {
+        let met = measured >= limit;
+        Aim {
+            aim,
+            measured,
+            unit: "x",
+            met,
+        }
+    }
+
+    fn in_unit(self, unit: &'static str) -> Aim {
+        Aim { unit, ..self }
+    }
+}
+
+/// What the bench needs from `wrk --latency`.
+#[derive(Debug, PartialEq)]
+struct WrkRun {
+    requests_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests: u64,
+    errors: u64,
+}
+
+fn parse_wrk(out: &str) -> Result<WrkRun> {
+    let mut requests_per_s = None;
+    let mut p50_us = None;
+    let mut p99_us = None;
+    let mut requests = None;
+    let mut errors = 0;
+    for line in out.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", value] => requests_per_s = value.parse().ok(),
+            ["50%", value] => p50_us = wrk_duration_us(value),
+            ["99%", value] => p99_us = wrk_duration_us(value),
+            [count, "requests", "in", ..] => requests = count.parse().ok(),
+            ["Non-2xx", "or", "3xx", "responses:", count] => errors += count.parse::<u64>()?,
+            _ if line.starts_with("Socket errors:") => {
+                // "Socket errors: connect 0, read 0, write 0, timeout 0"
+                for count in words.iter().skip(3).step_by(2) {
+                    errors += count.trim_end_matches(',').parse::<u64>()?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(WrkRun {
+        requests_per_s: requests_per_s.context("no Requests/sec")?,
+        p50_us: p50_us.context("no 50% latency")?,
+        p99_us: p99_us.context("no 99% latency")?,
+        requests: requests.context("no request count")?,
+        errors,
+    })
+}
+
+/// wrk's `215.00us`, `1.23ms`, `2.00s`, `1.50m` in microseconds.
+fn wrk_duration_us(text: &str) -> Option<f64> {
+    let units = [
+        ("us", 1.0),
+        ("ms", 1e3),
+        ("s", 1e6),
+        ("m", 60e6),
+        ("h", 3600e6),
+    ];
+    units.iter().find_map(|(unit, us)| {
+        let number: f64 = text.strip_suffix(unit)?.parse().ok()?;
+        Some(number * us)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const WRK: &str = "Running 10s test @ http://198.19.2.12:80/
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.62ms  310.44us   9.87ms   91.23%
+    Req/Sec    39.61k     1.23k   41.02k    80.00%
+  Latency Distribution
+     50%    1.58ms
+     75%    1.70ms
+     90%    1.85ms
+     99%    2.48ms
+  394211 requests in 10.00s, 61.28MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  39420.06
+Transfer/sec:      6.13MB
+";
+
+    #[test]
+    fn reads_wrk_output() {
+        assert_eq!(
+            parse_wrk(WRK).unwrap(),
+            WrkRun {
+                requests_per_s: 39420.06,
+                p50_us: 1580.0,
+                p99_us: 2480.0,
+                requests: 394211,
+                errors: 7,
+            }
+        );
+    }
+
+    #[test]
+    fn wrk_output_without_figures_is_an_error() {
+        assert!(parse_wrk("unable to connect to 198.19.2.12:80").is_err());
+    }
+
+    #[test]
+    fn reads_wrk_durations() {
+        assert_eq!(wrk_duration_us("215.00us"), Some(215.0));
+        assert_eq!(wrk_duration_us("2.00s"), Some(2e6));
+        assert_eq!(wrk_duration_us("1.50m"), Some(90e6));
+        assert_eq!(wrk_duration_us("fast"), None);
+    }
 
     #[test]
     fn reads_proc_figures() {

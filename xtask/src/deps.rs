@@ -16,10 +16,23 @@ use std::{
 
 use anyhow::{Context, bail};
 
-/// Debian packages the cluster, tests and benchmarks use.
+/// Debian packages the cluster, tests and benchmarks use (`nghttp2-client`:
+/// h2load, the h2c load of `bench http`).
 pub const RUN_PACKAGES: &[&str] = &[
-    "iproute2", "bpftool", "curl", "tcpdump", "nginx", "haproxy", "wrk",
+    "iproute2",
+    "bpftool",
+    "curl",
+    "tcpdump",
+    "nginx",
+    "haproxy",
+    "wrk",
+    "nghttp2-client",
 ];
+
+/// oha, the fixed-rate HTTP load generator of `bench http` (open loop, with
+/// latency correction; HTTP/1.1 and h2c): from crates.io, in a root of ours.
+const OHA_VERSION: &str = "~1.16";
+const OHA_VERSION_PREFIX: &str = "oha 1.16.";
 
 /// PyPI packages the tests use (clients no one here wrote): (package,
 /// module to import).
@@ -277,6 +290,46 @@ impl BpfLinker {
         );
         Ok(())
     }
+}
+
+/// The oha binary, installed (`cargo install --locked`) if it is missing or
+/// another version.
+pub fn ensure_oha() -> anyhow::Result<PathBuf> {
+    let root = cargo_home().join("mesh-oha");
+    let bin = root.join("bin").join("oha");
+    let installed = || {
+        Command::new(&bin).arg("--version").output().is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).starts_with(OHA_VERSION_PREFIX)
+        })
+    };
+    if installed() {
+        return Ok(bin);
+    }
+    eprintln!(
+        "xtask: installing oha {OHA_VERSION} (fixed-rate HTTP load) into {}; a few minutes, once",
+        root.display()
+    );
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "oha",
+            "--locked",
+            "--version",
+            OHA_VERSION,
+            "--root",
+        ])
+        .arg(&root)
+        // The outer `cargo xtask` may have set these for its own build.
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC"))?;
+    if !installed() {
+        bail!(
+            "{} does not report {OHA_VERSION_PREFIX}* after installing it",
+            bin.display()
+        );
+    }
+    Ok(bin)
 }
 
 /// Compiles a tiny `no_std` program to bitcode with the nightly and links it

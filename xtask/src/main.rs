@@ -25,7 +25,7 @@ enum Command {
     },
     /// Bring up a 2-node cluster, send traffic through the agents, show what they carried.
     Demo,
-    /// Benchmarks: the node agent on a local cluster (l4), the control server under many agents (control).
+    /// Benchmarks: the node agents on a local cluster (l4, http), the control server under many agents (control).
     Bench {
         #[command(subcommand)]
         bench: BenchCmd,

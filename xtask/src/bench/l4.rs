@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use super::{POLL, READY_TIMEOUT, Server, cpu_ticks, status_kb, write_file};
+use super::{Aim, POLL, READY_TIMEOUT, Server, cpu_ticks, parse_wrk, status_kb, write_file};
 use crate::{
     cluster::{self, Cluster, ClusterSpec},
     deps,
@@ -173,25 +173,6 @@ struct ProxyCost {
     cpu_us_per_request: f64,
     vm_rss_kb: u64,
     vm_hwm_kb: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct Aim {
-    aim: String,
-    measured: f64,
-    met: bool,
-}
-
-impl Aim {
-    fn at_most(aim: String, measured: f64, limit: f64) -> Aim {
-        let met = measured <= limit;
-        Aim { aim, measured, met }
-    }
-
-    fn at_least(aim: String, measured: f64, limit: f64) -> Aim {
-        let met = measured >= limit;
-        Aim { aim, measured, met }
-    }
 }
 
 /// Cross-node through the agents: the plaintext agent path (no control
@@ -662,63 +643,6 @@ fn proxy_cost(pid: u32, ticks_before: u64, requests: u64) -> Result<ProxyCost> {
     })
 }
 
-/// What the bench needs from `wrk --latency`.
-#[derive(Debug, PartialEq)]
-struct WrkRun {
-    requests_per_s: f64,
-    p50_us: f64,
-    p99_us: f64,
-    requests: u64,
-    errors: u64,
-}
-
-fn parse_wrk(out: &str) -> Result<WrkRun> {
-    let mut requests_per_s = None;
-    let mut p50_us = None;
-    let mut p99_us = None;
-    let mut requests = None;
-    let mut errors = 0;
-    for line in out.lines().map(str::trim) {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["Requests/sec:", value] => requests_per_s = value.parse().ok(),
-            ["50%", value] => p50_us = wrk_duration_us(value),
-            ["99%", value] => p99_us = wrk_duration_us(value),
-            [count, "requests", "in", ..] => requests = count.parse().ok(),
-            ["Non-2xx", "or", "3xx", "responses:", count] => errors += count.parse::<u64>()?,
-            _ if line.starts_with("Socket errors:") => {
-                // "Socket errors: connect 0, read 0, write 0, timeout 0"
-                for count in words.iter().skip(3).step_by(2) {
-                    errors += count.trim_end_matches(',').parse::<u64>()?;
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(WrkRun {
-        requests_per_s: requests_per_s.context("no Requests/sec")?,
-        p50_us: p50_us.context("no 50% latency")?,
-        p99_us: p99_us.context("no 99% latency")?,
-        requests: requests.context("no request count")?,
-        errors,
-    })
-}
-
-/// wrk's `215.00us`, `1.23ms`, `2.00s`, `1.50m` in microseconds.
-fn wrk_duration_us(text: &str) -> Option<f64> {
-    let units = [
-        ("us", 1.0),
-        ("ms", 1e3),
-        ("s", 1e6),
-        ("m", 60e6),
-        ("h", 3600e6),
-    ];
-    units.iter().find_map(|(unit, us)| {
-        let number: f64 = text.strip_suffix(unit)?.parse().ok()?;
-        Some(number * us)
-    })
-}
-
 fn aims(
     latency: &[Comparison<Latency>],
     throughput: &[Comparison<Throughput>],
@@ -849,54 +773,5 @@ fn print_report(report: &Report) {
     for aim in &report.aims {
         let verdict = if aim.met { "met" } else { "MISSED" };
         println!("  {verdict:<7} {} (measured {:.2}x)", aim.aim, aim.measured);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const WRK: &str = "Running 10s test @ http://198.19.2.12:80/
-  1 threads and 64 connections
-  Thread Stats   Avg      Stdev     Max   +/- Stdev
-    Latency     1.62ms  310.44us   9.87ms   91.23%
-    Req/Sec    39.61k     1.23k   41.02k    80.00%
-  Latency Distribution
-     50%    1.58ms
-     75%    1.70ms
-     90%    1.85ms
-     99%    2.48ms
-  394211 requests in 10.00s, 61.28MB read
-  Socket errors: connect 0, read 2, write 0, timeout 1
-  Non-2xx or 3xx responses: 4
-Requests/sec:  39420.06
-Transfer/sec:      6.13MB
-";
-
-    #[test]
-    fn reads_wrk_output() {
-        assert_eq!(
-            parse_wrk(WRK).unwrap(),
-            WrkRun {
-                requests_per_s: 39420.06,
-                p50_us: 1580.0,
-                p99_us: 2480.0,
-                requests: 394211,
-                errors: 7,
-            }
-        );
-    }
-
-    #[test]
-    fn wrk_output_without_figures_is_an_error() {
-        assert!(parse_wrk("unable to connect to 198.19.2.12:80").is_err());
-    }
-
-    #[test]
-    fn reads_wrk_durations() {
-        assert_eq!(wrk_duration_us("215.00us"), Some(215.0));
-        assert_eq!(wrk_duration_us("2.00s"), Some(2e6));
-        assert_eq!(wrk_duration_us("1.50m"), Some(90e6));
-        assert_eq!(wrk_duration_us("fast"), None);
     }
 }
