@@ -17,7 +17,8 @@ use std::{
 use anyhow::{Context, bail};
 
 /// Debian packages the cluster, tests and benchmarks use (`nghttp2-client`:
-/// h2load, the h2c load of `bench http`).
+/// h2load, the h2c load of `bench http`; `postgresql`: a server and pgbench,
+/// a binary protocol no one here wrote).
 pub const RUN_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -27,6 +28,7 @@ pub const RUN_PACKAGES: &[&str] = &[
     "haproxy",
     "wrk",
     "nghttp2-client",
+    "postgresql",
 ];
 
 /// oha, the fixed-rate HTTP load generator of `bench http` (open loop, with
