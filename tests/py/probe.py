@@ -157,6 +157,132 @@ def loop(args):
     print(json.dumps({"ok": ok, "failed": failed}), flush=True)
 
 
+def http_requests(args):
+    """HTTP/1.1 requests on one keep-alive connection (Python's http.client),
+    each {"method", "path", "headers", "body"}; --repeat sends the list that
+    many times and reports only counts by answering pod and status."""
+    import http.client
+
+    requests = json.loads(args.requests)
+    conn = http.client.HTTPConnection(args.addr, args.port, timeout=args.timeout)
+    results = []
+    pods = {}
+    statuses = {}
+    for _ in range(args.repeat):
+        for r in requests:
+            try:
+                conn.request(
+                    r.get("method", "GET"),
+                    r.get("path", "/"),
+                    body=r.get("body"),
+                    headers=r.get("headers", {}),
+                )
+                resp = conn.getresponse()
+                raw = resp.read()
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = raw.decode(errors="replace")
+                out = {
+                    "status": resp.status,
+                    "headers": {k.lower(): v for k, v in resp.getheaders()},
+                    "body": body,
+                }
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                conn = http.client.HTTPConnection(args.addr, args.port, timeout=args.timeout)
+                out = {"status": 0, "error": repr(e), "headers": {}, "body": None}
+            if args.repeat > 1:
+                pod = out["body"].get("pod") if isinstance(out["body"], dict) else None
+                pods[str(pod)] = pods.get(str(pod), 0) + 1
+                statuses[str(out["status"])] = statuses.get(str(out["status"]), 0) + 1
+            else:
+                results.append(out)
+    if args.repeat > 1:
+        print(json.dumps({"pods": pods, "statuses": statuses}), flush=True)
+    else:
+        print(json.dumps(results), flush=True)
+
+
+def grpc_many(args):
+    """--count unary calls of --method on one channel; counts answers by the
+    name of the server that gave them, and failures by status code."""
+    import grpc
+
+    options = [("grpc.enable_http_proxy", 0), ("grpc.enable_retries", 0)]
+    names = {}
+    codes = {}
+    with grpc.insecure_channel(args.addr, options=options) as channel:
+        call = channel.unary_unary(args.method)
+        for i in range(args.count):
+            try:
+                reply = call(b"hi", timeout=args.timeout).decode()
+                name = reply.split(":", 1)[0]
+                names[name] = names.get(name, 0) + 1
+            except grpc.RpcError as e:
+                code = str(e.code()).split(".")[-1]
+                codes[code] = codes.get(code, 0) + 1
+    print(json.dumps({"names": names, "codes": codes}), flush=True)
+
+
+def ws(args):
+    """A WebSocket upgrade by hand: the request, the 101, then raw bytes
+    echoed back by the server."""
+    import base64
+    import os
+
+    key = base64.b64encode(os.urandom(16)).decode()
+    s = socket.create_connection((args.addr, args.port), timeout=args.timeout)
+    s.sendall(
+        (
+            f"GET /_/ws HTTP/1.1\r\nHost: {args.addr}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    head, _, rest = head.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1]) if head.startswith(b"HTTP/1.1 ") else 0
+    echo = rest
+    if status == 101:
+        s.sendall(args.payload.encode())
+        while len(echo) < len(args.payload):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            echo += chunk
+    s.close()
+    print(json.dumps({"status": status, "echo": echo.decode(errors="replace")}), flush=True)
+
+
+def banner(args):
+    """A server-first exchange: connect, wait for the server's greeting
+    (timed), then send a line and read it echoed."""
+    s = socket.create_connection((args.addr, args.port), timeout=args.timeout)
+    start = time.monotonic()
+    greeting = b""
+    while not greeting.endswith(b"\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        greeting += chunk
+    waited = (time.monotonic() - start) * 1000
+    s.sendall(b"hello\n")
+    s.shutdown(socket.SHUT_WR)
+    echo = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        echo += chunk
+    s.close()
+    print(json.dumps({"greeting": greeting.decode(errors="replace"), "ms": waited, "echo": echo.decode(errors="replace")}), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -188,6 +314,26 @@ def main():
     g.add_argument("--seconds", type=float, required=True)
     g.add_argument("--timeout", type=float, default=1)
     g.add_argument("--pause", type=float, default=0.02)
+    g = sub.add_parser("http")
+    g.add_argument("--addr", required=True)
+    g.add_argument("--port", type=int, default=80)
+    g.add_argument("--requests", required=True)
+    g.add_argument("--repeat", type=int, default=1)
+    g.add_argument("--timeout", type=float, default=10)
+    g = sub.add_parser("grpc-many")
+    g.add_argument("--addr", required=True)
+    g.add_argument("--method", default=f"/{SERVICE}/Unary")
+    g.add_argument("--count", type=int, default=10)
+    g.add_argument("--timeout", type=float, default=10)
+    g = sub.add_parser("banner")
+    g.add_argument("--addr", required=True)
+    g.add_argument("--port", type=int, required=True)
+    g.add_argument("--timeout", type=float, default=10)
+    g = sub.add_parser("ws")
+    g.add_argument("--addr", required=True)
+    g.add_argument("--port", type=int, default=80)
+    g.add_argument("--payload", required=True)
+    g.add_argument("--timeout", type=float, default=10)
     args = p.parse_args()
     {
         "grpc-serve": grpc_serve,
@@ -196,6 +342,10 @@ def main():
         "listen": listen,
         "hold": hold,
         "loop": loop,
+        "http": http_requests,
+        "grpc-many": grpc_many,
+        "ws": ws,
+        "banner": banner,
     }[args.cmd](args)
 
 

@@ -663,7 +663,7 @@ async fn meshctl_applies_a_directory_gets_and_deletes() {
     let (code, out, _) = meshctl(&["get", "svc"]);
     assert_eq!(code, Some(0));
     assert!(
-        out.contains("echo   198.19.0.10   80:8080/tcp   app=echo"),
+        out.contains("echo   198.19.0.10   80:8080/auto   app=echo"),
         "{out}"
     );
 

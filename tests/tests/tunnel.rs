@@ -6,6 +6,7 @@ use std::{
     time::Duration,
 };
 
+use mesh_agent::proxy::http::upstream::Upstreams;
 use mesh_agent::{
     proxy::{
         inbound::Inbound,
@@ -90,6 +91,7 @@ async fn inbound(store: CertStore, bundle: &str, local: SocketAddrV4) -> Peer {
         state: local_state(local),
         connect_timeout: Duration::from_secs(2),
         max_connections: 1024,
+        upstreams: Arc::new(Upstreams::new(Duration::from_secs(2))),
     });
     tokio::spawn(server.run(l));
     Peer { addr, metrics }

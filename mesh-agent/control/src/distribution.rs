@@ -647,8 +647,11 @@ fn service_resource(key: &str, s: &Service, endpoints: &[&Workload]) -> pb::Reso
                     name: p.name.clone(),
                     port: u32::from(p.port),
                     target_port: u32::from(p.target_port),
-                    app_protocol: p.app_protocol.as_str().to_owned(),
-                    detect_timeout_ms: 0,
+                    app_protocol: p
+                        .app_protocol
+                        .map(|a| a.as_str().to_owned())
+                        .unwrap_or_default(),
+                    detect_timeout_ms: p.detect_timeout_ms.unwrap_or(0),
                 })
                 .collect(),
             selector: s.selector.clone().into_iter().collect(),

@@ -24,6 +24,11 @@ use serde_yaml_ng::{Mapping, Value};
 
 pub use mesh_api::kinds::{AppProtocol, Kind, MtlsMode, Protocol};
 
+/// Bounds of a Service port's `detectTimeout`: long enough for a client's
+/// first segment, short enough that a server-first protocol is not held up.
+const MIN_DETECT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1);
+const MAX_DETECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Identity of a resource; displayed as its distribution key `Kind/ns/name`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ResourceId {
@@ -68,7 +73,13 @@ pub struct ServicePort {
     pub name: String,
     pub port: u16,
     pub target_port: u16,
-    pub app_protocol: AppProtocol,
+    /// `None`: not declared; agents detect HTTP/1 and HTTP/2 per connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<AppProtocol>,
+    /// `spec.ports[].detectTimeout`, milliseconds: how long agents wait for
+    /// a client's first bytes on this port. `None`: the agent's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_timeout_ms: Option<u32>,
 }
 
 /// Virtual IPs and ports in front of the Workloads its selector matches.
@@ -317,11 +328,19 @@ impl Resource {
                 &s.labels,
                 json!({
                     "vips": s.vips.iter().map(Ipv4Addr::to_string).collect::<Vec<_>>(),
-                    "ports": s.ports.iter().map(|p| named(&p.name, json!({
-                        "port": p.port,
-                        "targetPort": p.target_port,
-                        "appProtocol": p.app_protocol.as_str(),
-                    }))).collect::<Vec<_>>(),
+                    "ports": s.ports.iter().map(|p| {
+                        let mut port = json!({
+                            "port": p.port,
+                            "targetPort": p.target_port,
+                        });
+                        if let Some(a) = p.app_protocol {
+                            port["appProtocol"] = json!(a.as_str());
+                        }
+                        if let Some(ms) = p.detect_timeout_ms {
+                            port["detectTimeout"] = json!(format!("{ms}ms"));
+                        }
+                        named(&p.name, port)
+                    }).collect::<Vec<_>>(),
                     "selector": s.selector,
                 }),
             ),
@@ -481,6 +500,8 @@ pub enum Problem {
     InvalidMtlsMode(String),
     #[error("at least one entry is required")]
     Empty,
+    #[error("{0}")]
+    InvalidDuration(String),
     /// A route spec that does not parse: an unknown field, a wrong type, a
     /// missing field (serde's words).
     #[error("{0}")]
@@ -1270,7 +1291,7 @@ fn parse_service(
     let mut seen_ports: HashMap<u16, String> = HashMap::new();
     let mut seen_names: HashMap<String, String> = HashMap::new();
     for item in ports_field.list()? {
-        let entry = item.object(&["name", "port", "targetPort", "appProtocol"])?;
+        let entry = item.object(&["name", "port", "targetPort", "appProtocol", "detectTimeout"])?;
         let port_field = entry.required("port")?;
         let port = port_field.port()?;
         if let Some(first) = seen_ports.insert(port, item.path.clone()) {
@@ -1279,14 +1300,29 @@ fn parse_service(
         let target_port = entry.get("targetPort").map(|f| f.port()).transpose()?;
         let app_field = entry.get("appProtocol");
         let app_protocol = match app_field.as_ref().map(Field::str).transpose()? {
-            None | Some("tcp") => AppProtocol::Tcp,
-            Some("http") => AppProtocol::Http,
-            Some("http2") => AppProtocol::Http2,
-            Some("grpc") => AppProtocol::Grpc,
+            None => None,
+            Some("tcp") => Some(AppProtocol::Tcp),
+            Some("http") => Some(AppProtocol::Http),
+            Some("http2") => Some(AppProtocol::Http2),
+            Some("grpc") => Some(AppProtocol::Grpc),
             Some(other) => {
                 return app_field
                     .expect("appProtocol is set")
                     .reject(Problem::InvalidAppProtocol(other.to_owned()));
+            }
+        };
+        let detect_timeout_ms = match entry.get("detectTimeout") {
+            None => None,
+            Some(f) => {
+                let text = f.str()?;
+                let d = mesh_api::gateway::parse_duration(text)
+                    .or_else(|e| f.reject(Problem::InvalidDuration(e)))?;
+                if d < MIN_DETECT_TIMEOUT || d > MAX_DETECT_TIMEOUT {
+                    return f.reject(Problem::InvalidDuration(format!(
+                        "{text:?} is outside {MIN_DETECT_TIMEOUT:?}..={MAX_DETECT_TIMEOUT:?}"
+                    )));
+                }
+                Some(u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
             }
         };
         let port_name = optional_port_name(&entry)?;
@@ -1303,6 +1339,7 @@ fn parse_service(
             port,
             target_port: target_port.unwrap_or(port),
             app_protocol,
+            detect_timeout_ms,
         });
     }
     if ports.is_empty() {
@@ -1442,15 +1479,46 @@ spec:
     }
 
     #[test]
+    fn a_service_port_declares_its_protocol_or_how_long_to_detect_it() {
+        let doc = |port: &str| {
+            format!(
+                "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: db}}\nspec:\n  vips: [198.19.0.20]\n  ports: [{port}]\n"
+            )
+        };
+        let r = parse_documents(&doc("{port: 5432, detectTimeout: 50ms}")).expect("valid");
+        let Resource::Service(s) = &r[0] else {
+            panic!()
+        };
+        assert_eq!(s.ports[0].detect_timeout_ms, Some(50));
+        assert_eq!(s.ports[0].app_protocol, None);
+        assert_eq!(
+            r[0].to_document(1)["spec"]["ports"][0]["detectTimeout"],
+            "50ms"
+        );
+        assert!(
+            r[0].to_document(1)["spec"]["ports"][0]
+                .get("appProtocol")
+                .is_none()
+        );
+        for bad in [
+            "{port: 5432, detectTimeout: 1h}",
+            "{port: 5432, detectTimeout: soon}",
+        ] {
+            let e = parse_documents(&doc(bad)).unwrap_err().to_string();
+            assert!(e.contains("spec.ports[0].detectTimeout"), "{e}");
+        }
+    }
+
+    #[test]
     fn parses_a_service_with_defaults() {
         let r = parse_documents(SERVICE).expect("valid");
         let Resource::Service(s) = &r[0] else {
             panic!("not a service: {r:?}")
         };
         assert_eq!(s.ports[0].target_port, 8080);
-        assert_eq!(s.ports[0].app_protocol, AppProtocol::Http);
+        assert_eq!(s.ports[0].app_protocol, Some(AppProtocol::Http));
         assert_eq!(s.ports[1].target_port, 9000);
-        assert_eq!(s.ports[1].app_protocol, AppProtocol::Tcp);
+        assert_eq!(s.ports[1].app_protocol, None, "not declared: detected");
         assert_eq!(r[0].id().to_string(), "Service/shop/echo");
     }
 

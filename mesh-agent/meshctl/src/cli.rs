@@ -700,7 +700,9 @@ fn service_row(d: &Value) -> Vec<String> {
             } else {
                 format!(":{}", p["targetPort"])
             };
-            format!("{}{target}/{}", p["port"], text(&p["appProtocol"]))
+            // Undeclared: agents detect the protocol.
+            let proto = p["appProtocol"].as_str().unwrap_or("auto");
+            format!("{}{target}/{proto}", p["port"])
         }),
         if selector.is_empty() {
             "-".into()

@@ -192,12 +192,13 @@ impl Outbound {
         };
         let (wire, label) = match declared {
             Some(AppProtocol::Tcp) => (None, "tcp"),
-            Some(AppProtocol::Http) => (Some(Wire::Http1), "declared"),
-            // Prior knowledge; an HTTP/1 client is still served (below).
-            Some(AppProtocol::Http2 | AppProtocol::Grpc) => {
+            // Declared HTTP: the version is still the client's (h2c prior
+            // knowledge or HTTP/1), and anything else is served as HTTP/1
+            // (which answers 400 to what is not HTTP).
+            Some(AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc) => {
                 match detect::detect(socket, timeout).await {
-                    Protocol::Http1 => (Some(Wire::Http1), "declared"),
-                    _ => (Some(Wire::Http2), "declared"),
+                    Protocol::Http2 => (Some(Wire::Http2), "declared"),
+                    _ => (Some(Wire::Http1), "declared"),
                 }
             }
             None => match detect::detect(socket, timeout).await {
