@@ -1033,3 +1033,154 @@ spec:
     assert_eq!((code, out.as_str()), (Some(0), ""));
     assert_eq!(err, "No resources found in default namespace.\n");
 }
+
+#[tokio::test]
+async fn bad_routes_are_refused_at_apply_with_the_field_named_and_nothing_applied() {
+    let dir = TempDir::new("bad-routes");
+    let server = start(&dir.0);
+    let echo = "apiVersion: mesh.dev/v1alpha1
+kind: Service
+metadata: {name: echo}
+spec:
+  vips: [198.19.0.10]
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: alt, port: 8080}]
+  selector: {app: echo}
+";
+    server
+        .apply(&[workload("echo-1", "n1", "198.18.1.10", "echo"), echo.into()].join("---\n"))
+        .await
+        .expect("apply the Service");
+    let http_route = |name: &str, parent_port: u16, rule: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: echo, port: {parent_port}}}]
+  rules: [{rule}]
+"
+        )
+    };
+    let good = http_route(
+        "web",
+        80,
+        "{matches: [{path: {type: PathPrefix, value: /}}], backendRefs: [{name: echo, port: 8080}]}",
+    );
+    let meshctl = |args: &[&str]| {
+        let out = Command::new(bin("meshctl"))
+            .args(["--control", &format!("unix://{}", server.socket.display())])
+            .args(args)
+            .output()
+            .expect("meshctl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let file = dir.0.join("routes.yaml");
+    let file_arg = file.to_str().expect("utf-8 path");
+
+    // Each bad route comes after a valid one in its batch: the batch is
+    // refused whole. Checks of a spec on its own name the document by its
+    // place in the file; checks against other resources name the route.
+    let grpc_rewrite = "apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: bad}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo, port: 8080}]
+  rules:
+  - filters: [{type: URLRewrite, urlRewrite: {hostname: elsewhere}}]
+    backendRefs: [{name: echo, port: 8080}]
+"
+    .to_owned();
+    let cases = [
+        (
+            "a backend Service that does not exist",
+            http_route("bad", 80, "{backendRefs: [{name: gone, port: 80}]}"),
+            "HTTPRoute/default/bad: spec.rules[0].backendRefs[0]: Service default/gone does not exist",
+        ),
+        (
+            "a parent port the Service does not have",
+            http_route("bad", 81, "{backendRefs: [{name: echo, port: 8080}]}"),
+            "HTTPRoute/default/bad: spec.parentRefs[0].port: Service default/echo has no port 81 (it has 80, 8080)",
+        ),
+        (
+            "a path regex that does not compile",
+            http_route(
+                "bad",
+                80,
+                "{matches: [{path: {type: RegularExpression, value: '(['}}], backendRefs: [{name: echo, port: 8080}]}",
+            ),
+            "document 2 (HTTPRoute/default/bad): spec.rules[0].matches[0].path.value: \"([\" is not a valid regular expression",
+        ),
+        (
+            "every backend of weight 0",
+            http_route(
+                "bad",
+                80,
+                "{backendRefs: [{name: echo, port: 80, weight: 0}, {name: echo, port: 8080, weight: 0}]}",
+            ),
+            "document 2 (HTTPRoute/default/bad): spec.rules[0].backendRefs: every backend has weight 0",
+        ),
+        (
+            "a backendRequest timeout above the request timeout",
+            http_route(
+                "bad",
+                80,
+                "{backendRefs: [{name: echo, port: 8080}], timeouts: {request: 1s, backendRequest: 5s}}",
+            ),
+            "document 2 (HTTPRoute/default/bad): spec.rules[0].timeouts.backendRequest: 5s is longer than the request timeout 1s",
+        ),
+        (
+            "RequestRedirect with URLRewrite in one rule",
+            http_route(
+                "bad",
+                80,
+                "{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301}}, {type: URLRewrite, urlRewrite: {hostname: elsewhere}}]}",
+            ),
+            "document 2 (HTTPRoute/default/bad): spec.rules[0].filters: RequestRedirect and URLRewrite cannot be used together in one rule",
+        ),
+        (
+            "URLRewrite in a GRPCRoute",
+            grpc_rewrite,
+            "document 2 (GRPCRoute/default/bad): spec.rules[0].filters[0].type: URLRewrite is not allowed here (allowed: RequestHeaderModifier, ResponseHeaderModifier, RequestMirror)",
+        ),
+        (
+            "an unknown field",
+            http_route(
+                "bad",
+                80,
+                "{matchez: [{path: {type: PathPrefix, value: /}}], backendRefs: [{name: echo, port: 8080}]}",
+            ),
+            "document 2 (HTTPRoute/default/bad): spec.rules[0].matchez: unknown field `matchez`",
+        ),
+    ];
+    for (what, bad, expected) in cases {
+        std::fs::write(&file, format!("{good}---\n{bad}")).expect("write");
+        let (code, out, err) = meshctl(&["apply", "-f", file_arg]);
+        assert_eq!(code, Some(1), "{what}: applied: {out}");
+        assert_eq!(out, "", "{what}");
+        assert!(
+            err.starts_with(&format!("meshctl: {expected}")),
+            "{what}: {err}"
+        );
+        for kind in ["httproutes", "grpcroutes"] {
+            let (code, out, err) = meshctl(&["get", kind, "-A"]);
+            assert_eq!(code, Some(0), "{what}: {err}");
+            assert_eq!(
+                (out.as_str(), err.as_str()),
+                ("", "No resources found.\n"),
+                "{what}: something of the batch was stored"
+            );
+        }
+    }
+
+    std::fs::write(&file, &good).expect("write");
+    let (code, out, err) = meshctl(&["apply", "-f", file_arg]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "HTTPRoute/default/web created\n");
+    let (code, out, err) = meshctl(&["get", "httproutes"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "NAME   PARENTS   RULES\nweb    echo:80   1\n");
+}
