@@ -538,6 +538,34 @@ fn real_http_clients_h2c_streams_websocket_and_http10() {
         "wrk through the mesh: {text}"
     );
 
+    // curl's WebSocket handshake: 101 with the right accept key (RFC 6455's
+    // example key), through both agents.
+    let out = cluster
+        .command("node1-pod1", "curl")
+        .args([
+            "-si",
+            "--http1.1",
+            "--max-time",
+            "2",
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Upgrade: websocket",
+            "-H",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "-H",
+            "Sec-WebSocket-Version: 13",
+            "http://198.18.200.2/_/ws",
+        ])
+        .output()
+        .expect("running curl");
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "curl upgrade: {head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+
     // WebSocket upgrade across nodes: 101, then bytes both ways.
     let out = probe(
         python_in_pod(&cluster, "node1-pod1"),
