@@ -136,11 +136,7 @@ impl TunnelClient {
     /// by the connect timeout: a peer whose kernel accepts but whose agent
     /// never answers fails this connection, not every later one.
     pub async fn connect(&self, key: &PoolKey, target: SocketAddrV4) -> Result<Stream, Error> {
-        let sender = self
-            .pool
-            .get(key, || self.open(key.clone()))
-            .await
-            .map_err(Error::Shared)?;
+        let sender = self.sender(key).await?;
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
@@ -198,17 +194,21 @@ impl TunnelClient {
         key: &PoolKey,
         req: Request<Body>,
     ) -> Result<Result<Response<Incoming>, hyper::Error>, Error> {
-        let sender = self
-            .pool
-            .get(key, || self.open(key.clone()))
-            .await
-            .map_err(Error::Shared)?;
+        let sender = self.sender(key).await?;
         let mut inner = sender.inner.clone();
         let sent = inner.send_request(req).await;
         if sent.is_err() && inner.is_closed() {
             self.pool.evict(key, |c| c.id == sender.id);
         }
         Ok(sent)
+    }
+
+    /// The pooled connection for `key`, opened if there is none.
+    async fn sender(&self, key: &PoolKey) -> Result<Sender, Error> {
+        self.pool
+            .get(key, || self.open(key.clone()))
+            .await
+            .map_err(Error::Shared)
     }
 
     /// A new connection for `key`, as a future the pool runs on its own

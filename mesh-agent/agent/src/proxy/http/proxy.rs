@@ -247,7 +247,7 @@ impl HttpProxy {
                 response_filters.push(&s.rule.filters);
                 response_filters.push(&chosen.filters);
                 for m in s.rule.filters.mirrors.iter().chain(&chosen.filters.mirrors) {
-                    if let Some(copy) = self.mirror_target(&state, c, m, &parts) {
+                    if let Some(copy) = self.mirror_target(&state, c, m, &parts, form) {
                         mirrors.push(copy);
                     }
                 }
@@ -272,11 +272,7 @@ impl HttpProxy {
                 outcome,
             );
         };
-        let wire = match be.app_protocol {
-            Some(AppProtocol::Http) => Wire::Http1,
-            Some(AppProtocol::Http2 | AppProtocol::Grpc) => Wire::Http2,
-            _ => c.wire,
-        };
+        let wire = wire_to(be.app_protocol, c.wire);
         let planned = match route::to_endpoint(
             &state,
             c.src_pod.as_ref(),
@@ -347,6 +343,7 @@ impl HttpProxy {
         c: &Client,
         m: &Mirror,
         parts: &Parts,
+        form: Option<H1Form>,
     ) -> Option<MirrorCopy> {
         if m.denominator == 0 || rand::random_range(0..m.denominator) >= m.numerator {
             return None;
@@ -368,18 +365,9 @@ impl HttpProxy {
             .body(())
             .ok()?;
         *head.headers_mut() = parts.headers.clone();
-        let wire = match be.app_protocol {
-            Some(AppProtocol::Http2 | AppProtocol::Grpc) => Wire::Http2,
-            Some(AppProtocol::Http) => Wire::Http1,
-            _ => c.wire,
-        };
-        let form = (c.wire == Wire::Http1).then(|| H1Form {
-            version: parts.version,
-            absolute: parts.uri.authority().is_some(),
-        });
         Some(MirrorCopy {
             planned,
-            wire,
+            wire: wire_to(be.app_protocol, c.wire),
             head,
             form,
         })
@@ -503,6 +491,16 @@ impl Forwarder {
             });
         }
         Ok(resp.map(boxed))
+    }
+}
+
+/// The HTTP the agent speaks to a backend port: what it declares, else the
+/// client's own.
+fn wire_to(declared: Option<AppProtocol>, client: Wire) -> Wire {
+    match declared {
+        Some(AppProtocol::Http) => Wire::Http1,
+        Some(AppProtocol::Http2 | AppProtocol::Grpc) => Wire::Http2,
+        _ => client,
     }
 }
 

@@ -48,15 +48,6 @@ pub enum Error {
     Shared(Arc<Error>),
 }
 
-impl Error {
-    pub fn cause(&self) -> &Error {
-        match self {
-            Error::Shared(e) => e.cause(),
-            e => e,
-        }
-    }
-}
-
 /// Which HTTP the agent speaks to an endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Wire {
