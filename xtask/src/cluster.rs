@@ -923,20 +923,12 @@ impl Cluster {
             })
         };
         let (stdout, stderr) = (read(Box::new(stdout)), read(Box::new(stderr)));
-        let deadline = Instant::now() + MESHCTL_TIMEOUT;
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "{what} did not finish within {} s",
-                    MESHCTL_TIMEOUT.as_secs()
-                );
-            }
-            thread::sleep(Duration::from_millis(5));
+        let Some(status) = wait_or_kill(&mut child, MESHCTL_TIMEOUT, Duration::from_millis(5))?
+        else {
+            bail!(
+                "{what} did not finish within {} s",
+                MESHCTL_TIMEOUT.as_secs()
+            );
         };
         Ok(std::process::Output {
             status,
@@ -1195,6 +1187,27 @@ impl Drop for Cluster {
 }
 
 /// The prefix in `/run/mesh-cluster/current`, if any.
+/// Waits for `child` to exit, polling every `poll`; after `limit` kills it
+/// and yields `None`.
+pub fn wait_or_kill(
+    child: &mut std::process::Child,
+    limit: Duration,
+    poll: Duration,
+) -> std::io::Result<Option<std::process::ExitStatus>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        thread::sleep(poll);
+    }
+}
+
 pub fn current_prefix() -> Result<Option<String>> {
     let path = Path::new(STATE_ROOT).join("current");
     match fs::read_to_string(&path) {

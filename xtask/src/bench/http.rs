@@ -612,17 +612,9 @@ fn run_bounded(mut cmd: Command, limit: Duration) -> Result<String> {
             .stderr(fs::File::create(&err_path)?)
             .spawn()
             .context("starting it")?;
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("still running after {} s; killed", limit.as_secs());
-            }
-            thread::sleep(Duration::from_millis(50));
+        let Some(status) = cluster::wait_or_kill(&mut child, limit, Duration::from_millis(50))?
+        else {
+            bail!("still running after {} s; killed", limit.as_secs());
         };
         let stdout = fs::read_to_string(&out_path)?;
         let stderr = fs::read_to_string(&err_path)?;
