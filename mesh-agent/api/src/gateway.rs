@@ -71,6 +71,24 @@ pub struct HttpRouteRule {
     pub backend_refs: Vec<HttpBackendRef>,
     #[serde(default)]
     pub timeouts: Option<Timeouts>,
+    /// GEP-1731 (experimental channel): retries of this rule's requests.
+    #[serde(default)]
+    pub retry: Option<HttpRouteRetry>,
+}
+
+/// GEP-1731 `retry`: retry on these status codes (and on connection
+/// failures and resets), up to `attempts` times, waiting `backoff` (full
+/// jitter) between tries. Overrides a TrafficPolicy's conditions, attempts
+/// and backoff for the rule; the policy's budget still applies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteRetry {
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub backoff: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -424,7 +442,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-fn is_header_name(s: &str) -> bool {
+pub(crate) fn is_header_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 256
         && s.bytes()
@@ -903,6 +921,31 @@ impl HttpRouteSpec {
                             t.request.as_deref().unwrap_or_default()
                         ),
                     );
+                }
+            }
+            if let Some(r) = &rule.retry {
+                let field = format!("{at}.retry");
+                for (i, c) in r.codes.iter().enumerate() {
+                    if !(400..=599).contains(c) {
+                        return invalid(
+                            format!("{field}.codes[{i}]"),
+                            format!("{c} is not an error status (400 to 599)"),
+                        );
+                    }
+                }
+                if let Some(n) = r.attempts
+                    && n > crate::traffic::MAX_RETRY_ATTEMPTS
+                {
+                    return invalid(
+                        format!("{field}.attempts"),
+                        format!(
+                            "{n} is more than the most, {}",
+                            crate::traffic::MAX_RETRY_ATTEMPTS
+                        ),
+                    );
+                }
+                if let Some(b) = &r.backoff {
+                    parse_duration(b).or_else(|e| invalid(format!("{field}.backoff"), e))?;
                 }
             }
         }

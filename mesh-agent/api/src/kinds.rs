@@ -14,17 +14,20 @@ pub enum Kind {
     HttpRoute,
     /// `gateway.networking.k8s.io/v1` GRPCRoute.
     GrpcRoute,
+    /// Ours: resilience settings for a Service ([`crate::traffic`]).
+    TrafficPolicy,
 }
 
 impl Kind {
     /// Every kind, in the order documents list them.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Workload,
         Kind::Service,
         Kind::Node,
         Kind::MtlsPolicy,
         Kind::HttpRoute,
         Kind::GrpcRoute,
+        Kind::TrafficPolicy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -35,6 +38,7 @@ impl Kind {
             Kind::MtlsPolicy => "MtlsPolicy",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::TrafficPolicy => "TrafficPolicy",
         }
     }
 
@@ -47,6 +51,7 @@ impl Kind {
             "mtlspolicy" | "mtlspolicies" => Some(Kind::MtlsPolicy),
             "httproute" | "httproutes" => Some(Kind::HttpRoute),
             "grpcroute" | "grpcroutes" => Some(Kind::GrpcRoute),
+            "trafficpolicy" | "trafficpolicies" | "tp" => Some(Kind::TrafficPolicy),
             _ => None,
         }
     }

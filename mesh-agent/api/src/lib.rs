@@ -5,7 +5,7 @@
 //!
 //! - [`pb`]: the generated control-plane gRPC API;
 //! - [`gateway`]: the Gateway API route kinds (HTTPRoute, GRPCRoute) and
-//!   their own checks;
+//!   their own checks; [`traffic`]: our TrafficPolicy (resilience);
 //! - [`kinds`], [`names`]: resource kinds and enums, well-known names, keys
 //!   and ports;
 //! - [`identity`]: SPIFFE IDs, the CA, CSRs, the certificate store and the
@@ -27,3 +27,4 @@ pub mod names;
 pub mod pb;
 #[cfg(feature = "grpc")]
 pub mod serve;
+pub mod traffic;
