@@ -315,6 +315,18 @@ fn echo_request(
 
 /// Sends one request on a new connection, HTTP/1.1 or h2c with prior knowledge.
 async fn send(addr: &str, h2: bool, request: Request<Full<Bytes>>) -> Response<Incoming> {
+    let version = if h2 { "HTTP/2" } else { "HTTP/1.1" };
+    try_send(addr, h2, request)
+        .await
+        .unwrap_or_else(|err| panic!("{version} request: {err}"))
+}
+
+/// [`send`], but a request that got no response is an error, not a panic.
+async fn try_send(
+    addr: &str,
+    h2: bool,
+    request: Request<Full<Bytes>>,
+) -> hyper::Result<Response<Incoming>> {
     let exchange = async {
         let io = TokioIo::new(
             tokio::net::TcpStream::connect(addr)
@@ -327,16 +339,13 @@ async fn send(addr: &str, h2: bool, request: Request<Full<Bytes>>) -> Response<I
                     .await
                     .expect("HTTP/2 handshake");
             tokio::spawn(conn);
-            sender.send_request(request).await.expect("HTTP/2 request")
+            sender.send_request(request).await
         } else {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
                 .await
                 .expect("HTTP/1.1 handshake");
             tokio::spawn(conn);
-            sender
-                .send_request(request)
-                .await
-                .expect("HTTP/1.1 request")
+            sender.send_request(request).await
         }
     };
     tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
@@ -564,6 +573,105 @@ fn http_echo_upgrades_websocket_and_echoes_bytes() {
         stream.read_to_end(&mut rest).expect("reading to the end");
         assert!(rest.is_empty(), "{rest:?}");
     }
+}
+
+/// A GET of `/` carrying the fault headers `faults`.
+fn faulty_request(addr: &str, h2: bool, faults: &[(&'static str, &str)]) -> Request<Full<Bytes>> {
+    let mut request = echo_request(addr, h2, Method::GET, "/", Bytes::new());
+    for (name, value) in faults {
+        request.headers_mut().insert(
+            *name,
+            http::HeaderValue::from_str(value).expect("a header value"),
+        );
+    }
+    request
+}
+
+#[tokio::test]
+async fn http_echo_fault_headers_fail_and_delay_the_servers_they_name() {
+    let servers = [Server::start("echo-h"), Server::start("echo-i")];
+    let [named, other] = servers
+        .each_ref()
+        .map(|s| (s.addr("http_echo"), s.name.as_str()));
+    for h2 in [false, true] {
+        let fail = [("x-echo-fail", "503@echo-h")];
+        let response = send(&named.0, h2, faulty_request(&named.0, h2, &fail)).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "h2: {h2}"
+        );
+        let echo = echo_json(response, named.1).await;
+        assert_eq!(echo["path"], "/", "{echo}");
+        let response = send(&other.0, h2, faulty_request(&other.0, h2, &fail)).await;
+        assert_eq!(response.status(), StatusCode::OK, "h2: {h2}");
+        echo_json(response, other.1).await;
+
+        let delay = [("x-echo-delay", "200@echo-h")];
+        let started = Instant::now();
+        let response = send(&named.0, h2, faulty_request(&named.0, h2, &delay)).await;
+        assert_eq!(response.status(), StatusCode::OK, "h2: {h2}");
+        assert!(started.elapsed() >= Duration::from_millis(200), "h2: {h2}");
+        let response = send(&other.0, h2, faulty_request(&other.0, h2, &delay)).await;
+        assert_eq!(response.status(), StatusCode::OK, "h2: {h2}");
+
+        let both = [
+            ("x-echo-delay", "200"),
+            ("x-echo-fail", "502@echo-i,echo-h"),
+        ];
+        let started = Instant::now();
+        let response = send(&other.0, h2, faulty_request(&other.0, h2, &both)).await;
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY, "h2: {h2}");
+        assert!(started.elapsed() >= Duration::from_millis(200), "h2: {h2}");
+
+        let reset = [("x-echo-fail", "reset@echo-h")];
+        let answer = try_send(&named.0, h2, faulty_request(&named.0, h2, &reset)).await;
+        assert!(answer.is_err(), "h2: {h2}: {answer:?}");
+        let response = send(&other.0, h2, faulty_request(&other.0, h2, &reset)).await;
+        assert_eq!(response.status(), StatusCode::OK, "h2: {h2}");
+
+        let malformed = [("x-echo-fail", "503/half")];
+        let response = send(&named.0, h2, faulty_request(&named.0, h2, &malformed)).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "h2: {h2}");
+        let refusal = echo_json(response, named.1).await;
+        let error = refusal["error"].as_str().expect("an error");
+        assert!(
+            error.contains("x-echo-fail") && error.contains("503/half"),
+            "{error}"
+        );
+    }
+
+    // Half of 400 requests on one h2c connection: the stream's chance is
+    // drawn per request, and a reset stream leaves the connection usable.
+    let io = TokioIo::new(
+        tokio::net::TcpStream::connect(&named.0)
+            .await
+            .expect("connecting"),
+    );
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    let mut failed = 0;
+    for _ in 0..400 {
+        let request = faulty_request(&named.0, true, &[("x-echo-fail", "503/50")]);
+        let response = tokio::time::timeout(EXCHANGE_TIMEOUT, sender.send_request(request))
+            .await
+            .expect("an answer in time")
+            .expect("a response");
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::SERVICE_UNAVAILABLE => failed += 1,
+            status => panic!("status {status}"),
+        }
+    }
+    assert!((140..=260).contains(&failed), "{failed} of 400 failed");
+    let request = faulty_request(&named.0, true, &[("x-echo-fail", "reset")]);
+    let answer = sender.send_request(request).await;
+    assert!(answer.is_err(), "{answer:?}");
+    let request = faulty_request(&named.0, true, &[]);
+    let response = sender.send_request(request).await.expect("a response");
+    assert_eq!(response.status(), StatusCode::OK);
 }
 
 /// Runs curl with `args` and returns its stdout and stderr.

@@ -12,11 +12,34 @@
 //! | `/_/trailers` | a body, then the trailer `x-trailer: yes` (HTTP/1.1: chunked, when the request says `TE: trailers`) |
 //! | `/_/ws`, or any `Upgrade: websocket` | 101 with `Sec-WebSocket-Accept`, then the raw bytes echoed back (frames verbatim) |
 //!
+//! Two request headers make chosen servers misbehave on any path, so that one
+//! client command (`curl`, `wrk`, `h2load` with `-H`) sent through a load
+//! balancer fails or slows down only some of the pods behind it:
+//!
+//! | header | answer |
+//! | --- | --- |
+//! | `x-echo-delay: MS[/PERCENT][@NAMES]` | after MS more milliseconds (at most 600000) |
+//! | `x-echo-fail: STATUS[/PERCENT][@NAMES]` | status STATUS (200..=599), the usual JSON, whatever the path |
+//! | `x-echo-fail: reset[/PERCENT][@NAMES]` | none: HTTP/1 drops the connection, h2 resets the stream (`INTERNAL_ERROR`) |
+//!
+//! NAMES is `NAME[,NAME...]`: only servers started with one of these names
+//! (exactly, case-sensitive) take part; without `@NAMES`, every server does.
+//! A server that takes part acts on PERCENT percent of requests (0..=100,
+//! default 100), drawn at random per request and per header. MS, STATUS and
+//! PERCENT are plain decimal digits, `reset` is lower case; spaces around
+//! each part are ignored.
+//! With both headers the delay comes first, then the failure; neither
+//! replaces the path's own effect (`/_/delay/MS` adds its delay). Each header
+//! may appear once; a repeated or malformed one is answered 400 by every
+//! server, with the header and its value in `error`.
+//!
 //! Every response carries `x-served-by: NAME`. `Expect: 100-continue` is
 //! answered by hyper when the handler first reads the body.
 
 use std::{
     convert::Infallible,
+    error::Error,
+    fmt,
     pin::Pin,
     task::{Context, Poll},
     time::Duration,
@@ -39,13 +62,51 @@ use super::SERVED_BY_HEADER;
 /// One chunk of a download; every chunk is a slice of this one buffer.
 const DOWNLOAD_CHUNK: usize = 64 * 1024;
 static DOWNLOAD_BYTES: [u8; DOWNLOAD_CHUNK] = [b'x'; DOWNLOAD_CHUNK];
-/// Longest `/_/delay/MS`: tests are bounded, so is the server.
+/// Longest `/_/delay/MS` or `x-echo-delay`: tests are bounded, so is the server.
 const MAX_DELAY: Duration = Duration::from_secs(600);
+/// Request header: answer with a status, or not at all, on the servers it names.
+const FAIL_HEADER: &str = "x-echo-fail";
+/// Request header: answer late on the servers it names.
+const DELAY_HEADER: &str = "x-echo-delay";
 /// RFC 6455, section 1.3.
 const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// What every response body is boxed as: none of them fails once started.
 pub type EchoBody = BoxBody<Bytes, Infallible>;
+
+/// Why a request got no response. Hyper answers a service error by closing
+/// the HTTP/1 connection or resetting the h2 stream.
+#[derive(Debug)]
+pub enum EchoError {
+    /// Reading the request failed.
+    Request(hyper::Error),
+    /// `x-echo-fail` chose `reset` for this request.
+    Reset,
+}
+
+impl fmt::Display for EchoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EchoError::Request(_) => f.write_str("reading the request"),
+            EchoError::Reset => write!(f, "reset as {FAIL_HEADER} asked"),
+        }
+    }
+}
+
+impl Error for EchoError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            EchoError::Request(err) => Some(err),
+            EchoError::Reset => None,
+        }
+    }
+}
+
+impl From<hyper::Error> for EchoError {
+    fn from(err: hyper::Error) -> Self {
+        EchoError::Request(err)
+    }
+}
 
 /// What a request under `/_/` asks for.
 #[derive(Debug, PartialEq, Eq)]
@@ -81,28 +142,20 @@ impl Special {
         };
         let special = match (what, arg) {
             ("status", arg) => number(arg).and_then(|code| {
-                u16::try_from(code)
-                    .ok()
-                    .filter(|code| (200..=599).contains(code))
-                    .and_then(|code| StatusCode::from_u16(code).ok())
-                    .map(Special::Status)
-                    .ok_or_else(|| {
-                        Special::Bad(
-                            StatusCode::BAD_REQUEST,
-                            format!("{path}: a status must be 200..=599"),
-                        )
-                    })
+                status(code).map(Special::Status).ok_or_else(|| {
+                    Special::Bad(
+                        StatusCode::BAD_REQUEST,
+                        format!("{path}: a status must be 200..=599"),
+                    )
+                })
             }),
             ("delay", arg) => number(arg).and_then(|ms| {
-                let delay = Duration::from_millis(ms);
-                if delay <= MAX_DELAY {
-                    Ok(Special::Delay(delay))
-                } else {
-                    Err(Special::Bad(
+                delay(ms).map(Special::Delay).ok_or_else(|| {
+                    Special::Bad(
                         StatusCode::BAD_REQUEST,
                         format!("{path}: at most {} ms", MAX_DELAY.as_millis()),
-                    ))
-                }
+                    )
+                })
             }),
             ("download", arg) => number(arg).map(Special::Download),
             ("upload", None) => Ok(Special::Upload),
@@ -115,6 +168,154 @@ impl Special {
         };
         special.unwrap_or_else(|bad| bad)
     }
+}
+
+/// A status a test may ask for: 200..=599.
+fn status(code: u64) -> Option<StatusCode> {
+    u16::try_from(code)
+        .ok()
+        .filter(|code| (200..=599).contains(code))
+        .and_then(|code| StatusCode::from_u16(code).ok())
+}
+
+/// A delay a test may ask for: at most [`MAX_DELAY`].
+fn delay(ms: u64) -> Option<Duration> {
+    Some(Duration::from_millis(ms)).filter(|delay| *delay <= MAX_DELAY)
+}
+
+/// Decimal digits only: `str::parse` would also take a sign.
+fn decimal(digits: &str) -> Option<u64> {
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// How `x-echo-fail` fails a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    Status(StatusCode),
+    /// No response at all.
+    Reset,
+}
+
+/// One `x-echo-fail` or `x-echo-delay` value: what to do, how often, and
+/// on which servers.
+#[derive(Debug, PartialEq, Eq)]
+struct Fault<A> {
+    action: A,
+    /// The chance, 0..=100, that a chosen server acts on a request.
+    percent: u8,
+    /// The servers chosen; `None`: every server.
+    names: Option<Vec<String>>,
+}
+
+impl<A: Copy> Fault<A> {
+    /// Parses `ACTION[/PERCENT][@NAME[,NAME...]]`; `action` parses ACTION.
+    fn parse(value: &str, action: impl FnOnce(&str) -> Option<A>) -> Option<Self> {
+        let (head, names) = match value.split_once('@') {
+            Some((head, names)) => {
+                let names: Vec<String> = names.split(',').map(|n| n.trim().to_owned()).collect();
+                if names.iter().any(String::is_empty) {
+                    return None;
+                }
+                (head, Some(names))
+            }
+            None => (value, None),
+        };
+        let (act, percent) = match head.split_once('/') {
+            Some((act, percent)) => {
+                let percent = decimal(percent.trim()).filter(|p| *p <= 100)?;
+                (act, u8::try_from(percent).ok()?)
+            }
+            None => (head, 100),
+        };
+        Some(Fault {
+            action: action(act.trim())?,
+            percent,
+            names,
+        })
+    }
+
+    /// The action server `name` takes, if any, given `roll`, uniform in 0..100.
+    fn taken(&self, name: &str, roll: u8) -> Option<A> {
+        let chosen = self
+            .names
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == name));
+        (chosen && roll < self.percent).then_some(self.action)
+    }
+}
+
+/// The fault headers of one request.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Faults {
+    delay: Option<Fault<Duration>>,
+    fail: Option<Fault<Failure>>,
+}
+
+impl Faults {
+    /// Reads both headers; `Err` says which header and value are wrong.
+    fn of(headers: &HeaderMap) -> Result<Faults, String> {
+        let delay = fault_header(
+            headers,
+            DELAY_HEADER,
+            &format!(
+                "MS[/PERCENT][@NAME[,NAME...]], MS at most {}",
+                MAX_DELAY.as_millis()
+            ),
+            |ms| decimal(ms).and_then(delay),
+        )?;
+        let fail = fault_header(
+            headers,
+            FAIL_HEADER,
+            "STATUS[/PERCENT][@NAME[,NAME...]] or reset[/PERCENT][@NAME[,NAME...]], \
+             STATUS 200..=599",
+            |act| match act {
+                "reset" => Some(Failure::Reset),
+                code => decimal(code).and_then(status).map(Failure::Status),
+            },
+        )?;
+        Ok(Faults { delay, fail })
+    }
+
+    /// What server `name` does: wait, then fail. `roll` draws a number in
+    /// 0..100 per header.
+    fn taken(
+        &self,
+        name: &str,
+        mut roll: impl FnMut() -> u8,
+    ) -> (Option<Duration>, Option<Failure>) {
+        let delay = self.delay.as_ref().and_then(|f| f.taken(name, roll()));
+        let failure = self.fail.as_ref().and_then(|f| f.taken(name, roll()));
+        (delay, failure)
+    }
+}
+
+/// The one value of header `name`, parsed as a [`Fault`] by `action`.
+fn fault_header<A: Copy>(
+    headers: &HeaderMap,
+    name: &str,
+    grammar: &str,
+    action: impl FnOnce(&str) -> Option<A>,
+) -> Result<Option<Fault<A>>, String> {
+    let values: Vec<_> = headers
+        .get_all(name)
+        .iter()
+        .map(|value| String::from_utf8_lossy(value.as_bytes()))
+        .collect();
+    match values.as_slice() {
+        [] => Ok(None),
+        [value] => Fault::parse(value, action)
+            .map(Some)
+            .ok_or_else(|| format!("{name}: {value:?}: expected {grammar}")),
+        _ => Err(format!("{name}: {values:?}: at most one value")),
+    }
+}
+
+/// Draws the roll for [`Fault::taken`].
+fn roll() -> u8 {
+    rand::random_range(0..100)
 }
 
 /// The usual answer: the request as the server received it.
@@ -157,8 +358,27 @@ impl HttpEcho {
 
     pub async fn respond(
         &self,
-        mut request: Request<Incoming>,
-    ) -> hyper::Result<Response<EchoBody>> {
+        request: Request<Incoming>,
+    ) -> Result<Response<EchoBody>, EchoError> {
+        let response = match Faults::of(request.headers()) {
+            Err(why) => self.refuse(StatusCode::BAD_REQUEST, &why),
+            Ok(faults) => {
+                let (delay, failure) = faults.taken(&self.name, roll);
+                if let Some(delay) = delay {
+                    tokio::time::sleep(delay).await;
+                }
+                match failure {
+                    Some(Failure::Reset) => return Err(EchoError::Reset),
+                    Some(Failure::Status(status)) => self.echo(request, status).await?,
+                    None => self.special(request).await?,
+                }
+            }
+        };
+        Ok(self.served(response))
+    }
+
+    /// Answers what the path (or `Upgrade`) asks for.
+    async fn special(&self, mut request: Request<Incoming>) -> hyper::Result<Response<EchoBody>> {
         let upgrade = wants_websocket(request.headers());
         let special = match Special::of(request.uri().path()) {
             Special::Echo if upgrade => Special::WebSocket,
@@ -205,7 +425,7 @@ impl HttpEcho {
             Special::WebSocket => self.websocket(&mut request),
             Special::Bad(status, why) => self.refuse(status, &why),
         };
-        Ok(self.served(response))
+        Ok(response)
     }
 
     async fn echo(
@@ -433,6 +653,150 @@ mod tests {
                 Special::of(path)
             );
         }
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    fn fail(value: &str) -> Option<Fault<Failure>> {
+        let mut headers = HeaderMap::new();
+        headers.insert(FAIL_HEADER, HeaderValue::from_str(value).expect("a value"));
+        Faults::of(&headers).expect("a valid x-echo-fail").fail
+    }
+
+    fn names(names: &[&str]) -> Option<Vec<String>> {
+        Some(names.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn fault_headers_are_parsed_with_defaults() {
+        assert_eq!(Faults::of(&HeaderMap::new()), Ok(Faults::default()));
+        assert_eq!(
+            fail("503"),
+            Some(Fault {
+                action: Failure::Status(StatusCode::SERVICE_UNAVAILABLE),
+                percent: 100,
+                names: None,
+            })
+        );
+        assert_eq!(
+            fail("reset/25@echo-a"),
+            Some(Fault {
+                action: Failure::Reset,
+                percent: 25,
+                names: names(&["echo-a"]),
+            })
+        );
+        assert_eq!(
+            fail("200/0@a, b,c"),
+            Some(Fault {
+                action: Failure::Status(StatusCode::OK),
+                percent: 0,
+                names: names(&["a", "b", "c"]),
+            })
+        );
+        let faults = Faults::of(&headers(&[
+            (DELAY_HEADER, "250@echo-b"),
+            (FAIL_HEADER, "599/100"),
+        ]))
+        .expect("valid headers");
+        assert_eq!(
+            faults.delay,
+            Some(Fault {
+                action: Duration::from_millis(250),
+                percent: 100,
+                names: names(&["echo-b"]),
+            })
+        );
+        assert_eq!(
+            faults.fail.map(|f| f.action),
+            Some(Failure::Status(
+                StatusCode::from_u16(599).expect("a status")
+            ))
+        );
+    }
+
+    #[test]
+    fn faults_choose_servers_by_name_and_percent() {
+        let fault = fail("503/30@echo-a,echo-b").expect("a fault");
+        let unavailable = Some(Failure::Status(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(fault.taken("echo-a", 0), unavailable);
+        assert_eq!(fault.taken("echo-b", 29), unavailable);
+        assert_eq!(fault.taken("echo-b", 30), None);
+        assert_eq!(fault.taken("echo-c", 0), None);
+        assert_eq!(fault.taken("echo", 0), None, "names match whole");
+        assert_eq!(fault.taken("ECHO-A", 0), None, "names match case");
+
+        let everyone = fail("reset").expect("a fault");
+        assert_eq!(everyone.taken("anyone", 99), Some(Failure::Reset));
+        let never = fail("reset/0").expect("a fault");
+        assert_eq!(never.taken("anyone", 0), None);
+
+        // Delay and failure roll separately, delay first.
+        let faults = Faults::of(&headers(&[
+            (DELAY_HEADER, "100/50@echo-a"),
+            (FAIL_HEADER, "500/50"),
+        ]))
+        .expect("valid headers");
+        let mut rolls = [10, 90].into_iter();
+        assert_eq!(
+            faults.taken("echo-a", || rolls.next().expect("two rolls")),
+            (Some(Duration::from_millis(100)), None)
+        );
+        let mut rolls = [90, 10].into_iter();
+        assert_eq!(
+            faults.taken("echo-a", || rolls.next().expect("two rolls")),
+            (
+                None,
+                Some(Failure::Status(StatusCode::INTERNAL_SERVER_ERROR))
+            )
+        );
+        assert_eq!(
+            faults.taken("echo-b", || 0),
+            (
+                None,
+                Some(Failure::Status(StatusCode::INTERNAL_SERVER_ERROR))
+            )
+        );
+    }
+
+    #[test]
+    fn malformed_fault_headers_name_the_header_and_value() {
+        for (name, value) in [
+            (FAIL_HEADER, ""),
+            (FAIL_HEADER, "199"),
+            (FAIL_HEADER, "600"),
+            (FAIL_HEADER, "+503"),
+            (FAIL_HEADER, "RESET"),
+            (FAIL_HEADER, "resets"),
+            (FAIL_HEADER, "503/"),
+            (FAIL_HEADER, "503/101"),
+            (FAIL_HEADER, "503/-1"),
+            (FAIL_HEADER, "503/50%"),
+            (FAIL_HEADER, "503@"),
+            (FAIL_HEADER, "503@a,,b"),
+            (FAIL_HEADER, "503@a,"),
+            (FAIL_HEADER, "/50@a"),
+            (DELAY_HEADER, "ten"),
+            (DELAY_HEADER, "600001"),
+            (DELAY_HEADER, "100/50/50"),
+            (DELAY_HEADER, "reset"),
+        ] {
+            let err = Faults::of(&headers(&[(name, value)]))
+                .expect_err(&format!("{name}: {value:?} is malformed"));
+            assert!(
+                err.starts_with(&format!("{name}: {value:?}: expected ")),
+                "{err}"
+            );
+        }
+        let err = Faults::of(&headers(&[(FAIL_HEADER, "503"), (FAIL_HEADER, "reset")]))
+            .expect_err("a repeated header");
+        assert!(err.contains(FAIL_HEADER) && err.contains("reset"), "{err}");
     }
 
     #[test]
