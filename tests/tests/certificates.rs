@@ -674,6 +674,7 @@ async fn an_agent_holds_certificates_for_its_workloads_and_follows_changes() {
                     agent_ip: "198.19.1.1".parse().expect("ip"),
                     trust_domain: TD.into(),
                     node_addresses: Default::default(),
+                    registry: Default::default(),
                 },
                 connector: connector.clone(),
                 cache_dir: Some(cache.clone()),

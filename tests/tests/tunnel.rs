@@ -116,6 +116,7 @@ fn local_state(local: SocketAddrV4) -> StateRx {
         agent_ip: Ipv4Addr::new(198, 19, 1, 1),
         trust_domain: TD.into(),
         node_addresses: Default::default(),
+        registry: Default::default(),
     };
     let state = State::build(
         "1".into(),

@@ -167,6 +167,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         agent_ip: args.agent_ip,
         trust_domain: args.trust_domain.clone(),
         node_addresses,
+        registry: Default::default(),
     };
     let (config, sync, discovery, identity) = match &args.control_addr {
         Some(addr) => {

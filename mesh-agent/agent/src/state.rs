@@ -26,7 +26,10 @@ use tracing::warn;
 
 pub use services::{Backend, Endpoint, Lookup, ServiceTable};
 
-use crate::proxy::http::routes::RouteTable;
+use crate::proxy::http::{
+    policy::{Policy, runtime::Registry},
+    routes::RouteTable,
+};
 
 /// The data path's handle on the newest state.
 pub type StateRx = watch::Receiver<Arc<State>>;
@@ -43,6 +46,9 @@ pub struct Context {
     /// Every address of this node (its interfaces): the agent never opens a
     /// connection to one of them on a pod's behalf.
     pub node_addresses: BTreeSet<Ipv4Addr>,
+    /// The node-wide balancer, breaker and outlier state every state
+    /// attaches to.
+    pub registry: Arc<Registry>,
 }
 
 /// A pod by namespace and name: how an enrolled pod is bound to its
@@ -131,6 +137,22 @@ impl State {
             // could send this.
             warn!(error = %e, "ignoring a route that does not compile");
         }
+        let mut policies: HashMap<String, Vec<Arc<Policy>>> = HashMap::new();
+        for r in resources.values() {
+            if let Some(Body::Policy(p)) = &r.body
+                && p.kind == mesh_api::traffic::TRAFFIC_POLICY_KIND
+            {
+                match Policy::compile(p) {
+                    Ok(p) => policies
+                        .entry(p.service.clone())
+                        .or_default()
+                        .push(Arc::new(p)),
+                    Err(e) => {
+                        warn!(key = %r.key, error = %e, "ignoring a TrafficPolicy that does not compile")
+                    }
+                }
+            }
+        }
         let mut state = State {
             version,
             services,
@@ -176,6 +198,17 @@ impl State {
                 _ => {}
             }
         }
+        let State {
+            services,
+            by_ip,
+            workloads,
+            ..
+        } = &mut state;
+        services.attach(&policies, &ctx.registry, |ip| {
+            by_ip
+                .get(&ip)
+                .is_some_and(|i| workloads[*i].node == ctx.node)
+        });
         state.resources = resources;
         Ok(state)
     }
@@ -279,6 +312,7 @@ pub(crate) mod testing {
             agent_ip: Ipv4Addr::new(198, 19, 1, 1),
             trust_domain: TD.into(),
             node_addresses: [Ipv4Addr::new(198, 18, 0, 11), Ipv4Addr::LOCALHOST].into(),
+            registry: Default::default(),
         }
     }
 

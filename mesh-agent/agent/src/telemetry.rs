@@ -136,8 +136,19 @@ pub struct RequestLabels {
     /// For gRPC calls, the `grpc-status` the client saw when it came in the
     /// response headers (trailers-only answers); empty otherwise.
     pub grpc_status: String,
-    /// The mesh's response flag, or `-`.
-    pub flags: &'static str,
+    /// The mesh's response flags (comma-separated, a fixed order), or `-`.
+    pub flags: String,
+}
+
+/// A resilience decision taken for a request to a Service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub destination_service: String,
+    /// `retried`, `retry_budget_exhausted`, `retry_limit_exceeded`,
+    /// `retry_body_too_large`, `overflow_requests`, `overflow_pending`,
+    /// `overflow_connections`, `ejected`, `fault_delay`, `fault_abort`,
+    /// `rate_limited_outbound`, `rate_limited_inbound`.
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -176,6 +187,7 @@ pub struct Metrics {
     pub redirect_decisions: Family<ReasonLabels, Counter>,
     pub tunnel_handshakes: Family<HandshakeLabels, Counter>,
     pub inbound_streams: Family<InboundLabels, Counter>,
+    pub decisions: Family<DecisionLabels, Counter>,
 }
 
 impl Metrics {
@@ -222,6 +234,11 @@ impl Metrics {
             self.protocol_detections.clone(),
         );
         r.register(
+            "resilience_decisions",
+            "Decisions of the Services' traffic policies (retries, budgets, circuit breakers, outlier ejections, faults, rate limits), by destination Service and reason",
+            self.decisions.clone(),
+        );
+        r.register(
             "redirect_decisions",
             "Decisions of the kernel programs, by reason",
             self.redirect_decisions.clone(),
@@ -231,6 +248,15 @@ impl Metrics {
     pub fn connection(&self, result: ConnectionResult) {
         self.outbound_connections
             .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn decision(&self, service: &str, reason: &'static str) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                destination_service: service.to_owned(),
+                reason,
+            })
             .inc();
     }
 

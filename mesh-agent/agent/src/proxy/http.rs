@@ -11,6 +11,7 @@
 pub mod detect;
 pub mod inbound;
 pub mod mirror;
+pub mod policy;
 pub mod proxy;
 pub mod respond;
 pub mod routes;
@@ -48,7 +49,10 @@ pub const TARGET_HEADER: &str = "x-mesh-target";
 /// `;absolute` when its request target was in absolute form.
 pub const H1_HEADER: &str = "x-mesh-h1";
 /// Headers only agents may set: removed from every request a pod sends.
-pub const INTERNAL_HEADERS: [&str; 2] = [TARGET_HEADER, H1_HEADER];
+pub const INTERNAL_HEADERS: [&str; 3] = [TARGET_HEADER, H1_HEADER, SERVICE_HEADER];
+/// Between agents: the Service (`namespace/name:port`) a tunnelled request
+/// was sent to, for the destination's inbound rate limit.
+pub const SERVICE_HEADER: &str = "x-mesh-service";
 
 /// Conditions the mesh answers for itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -69,6 +73,23 @@ pub enum Flag {
     UpstreamReset,
     /// A RequestRedirect filter answered.
     Redirect,
+    /// A circuit-breaker limit of the Service was reached (503; Envoy's
+    /// `UO`).
+    Overflow,
+    /// Tries ran out and the last failure is the answer (Envoy's `URX`).
+    RetryLimitExceeded,
+    /// The answer came after one or more retries.
+    Retried,
+    /// A retry was wanted but the retry budget (or `maxRetries`) refused
+    /// it; the last failure is the answer.
+    RetryBudgetExhausted,
+    /// Fault injection delayed the request (Envoy's `DI`).
+    DelayInjected,
+    /// Fault injection answered for the backend (Envoy's `FI`).
+    FaultInjected,
+    /// A local rate limit refused the request (429; gRPC
+    /// RESOURCE_EXHAUSTED; Envoy's `RL`).
+    RateLimited,
 }
 
 impl Flag {
@@ -81,6 +102,13 @@ impl Flag {
             Flag::UpstreamTimeout => "UT",
             Flag::UpstreamReset => "UR",
             Flag::Redirect => "RD",
+            Flag::Overflow => "UO",
+            Flag::RetryLimitExceeded => "URX",
+            Flag::Retried => "RT",
+            Flag::RetryBudgetExhausted => "RB",
+            Flag::DelayInjected => "DI",
+            Flag::FaultInjected => "FI",
+            Flag::RateLimited => "RL",
         }
     }
 
@@ -90,10 +118,17 @@ impl Flag {
         match self {
             Flag::NoRoute => S::NOT_FOUND,
             Flag::NoBackend => S::INTERNAL_SERVER_ERROR,
-            Flag::NoHealthyUpstream | Flag::UpstreamConnectFailure => S::SERVICE_UNAVAILABLE,
+            Flag::NoHealthyUpstream
+            | Flag::UpstreamConnectFailure
+            | Flag::Overflow
+            | Flag::RetryLimitExceeded
+            | Flag::RetryBudgetExhausted
+            | Flag::FaultInjected => S::SERVICE_UNAVAILABLE,
             Flag::UpstreamTimeout => S::GATEWAY_TIMEOUT,
             Flag::UpstreamReset => S::BAD_GATEWAY,
             Flag::Redirect => S::FOUND,
+            Flag::RateLimited => S::TOO_MANY_REQUESTS,
+            Flag::Retried | Flag::DelayInjected => S::OK,
         }
     }
 
@@ -103,7 +138,72 @@ impl Flag {
             Flag::NoRoute => 12,        // UNIMPLEMENTED
             Flag::UpstreamTimeout => 4, // DEADLINE_EXCEEDED
             Flag::NoBackend => 13,      // INTERNAL
+            Flag::RateLimited => 8,     // RESOURCE_EXHAUSTED
             _ => 14,                    // UNAVAILABLE
         }
+    }
+
+    const ALL: [Flag; 14] = [
+        Flag::NoRoute,
+        Flag::NoBackend,
+        Flag::NoHealthyUpstream,
+        Flag::UpstreamConnectFailure,
+        Flag::UpstreamTimeout,
+        Flag::UpstreamReset,
+        Flag::Redirect,
+        Flag::Overflow,
+        Flag::RetryLimitExceeded,
+        Flag::Retried,
+        Flag::RetryBudgetExhausted,
+        Flag::DelayInjected,
+        Flag::FaultInjected,
+        Flag::RateLimited,
+    ];
+}
+
+/// The flags one request collected, in a fixed order: what
+/// [`FLAGS_HEADER`] carries, comma-separated as Envoy's
+/// `%RESPONSE_FLAGS%`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Flags(u16);
+
+impl Flags {
+    pub fn insert(&mut self, f: Flag) {
+        self.0 |= 1 << f as u16;
+    }
+
+    pub fn contains(self, f: Flag) -> bool {
+        self.0 & (1 << f as u16) != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn union(self, other: Flags) -> Flags {
+        Flags(self.0 | other.0)
+    }
+
+    /// `-` when empty (the metric label and access-log spelling).
+    pub fn label(self) -> String {
+        if self.is_empty() {
+            return "-".to_owned();
+        }
+        let mut out = String::new();
+        for f in Flag::ALL.into_iter().filter(|f| self.contains(*f)) {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(f.as_str());
+        }
+        out
+    }
+}
+
+impl From<Flag> for Flags {
+    fn from(f: Flag) -> Flags {
+        let mut s = Flags::default();
+        s.insert(f);
+        s
     }
 }

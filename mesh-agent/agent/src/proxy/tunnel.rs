@@ -193,8 +193,11 @@ impl TunnelClient {
         &self,
         key: &PoolKey,
         req: Request<Body>,
+        pending: Option<crate::proxy::http::policy::budget::Held>,
     ) -> Result<Result<Response<Incoming>, hyper::Error>, Error> {
         let sender = self.sender(key).await?;
+        // Pending no more: it has a connection.
+        drop(pending);
         let mut inner = sender.inner.clone();
         let sent = inner.send_request(req).await;
         if sent.is_err() && inner.is_closed() {

@@ -1,13 +1,21 @@
 //! Service virtual IPs and the choice of an endpoint behind them. Pure: built
 //! from the distributed Services, read by the data path, no I/O.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
 use mesh_api::{kinds::AppProtocol, pb as api};
+
+use crate::proxy::http::policy::{
+    self, Policy,
+    runtime::{self as rt, Attached, Candidate, Registry},
+};
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -45,6 +53,12 @@ pub struct Backend {
     pub detect_timeout: Option<Duration>,
     pub endpoints: Vec<Endpoint>,
     next: AtomicUsize,
+    /// Its TrafficPolicy, or the defaults.
+    pub policy: Arc<Policy>,
+    /// The node-wide balancer and breaker state of this Service port.
+    pub attached: Attached,
+    /// For the picks: readiness and locality, index-aligned with endpoints.
+    candidates: Vec<Candidate>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,9 +66,32 @@ pub struct Endpoint {
     pub workload: String,
     pub addr: SocketAddrV4,
     pub ready: bool,
+    /// On this node.
+    pub local: bool,
 }
 
 impl Backend {
+    /// The endpoint for one try of a request, by the policy's balancer:
+    /// `hash` is the request's consistent-hash key, `tried` the endpoints
+    /// earlier tries went to.
+    pub fn pick_for_request(&self, hash: Option<u64>, tried: &[usize]) -> Option<usize> {
+        rt::pick(&self.policy, &self.attached, &self.candidates, hash, tried)
+    }
+
+    fn attach(&mut self, policy: Arc<Policy>, registry: &Registry) {
+        let addrs: Vec<SocketAddrV4> = self.endpoints.iter().map(|e| e.addr).collect();
+        self.attached = registry.attach(&self.service, self.port, &addrs, &policy);
+        self.policy = policy;
+        self.candidates = self
+            .endpoints
+            .iter()
+            .map(|e| Candidate {
+                ready: e.ready,
+                local: e.local,
+            })
+            .collect();
+    }
+
     /// Round robin over ready endpoints; `None` when none is ready.
     pub fn pick(&self) -> Option<&Endpoint> {
         let ready = self.endpoints.iter().filter(|e| e.ready).count();
@@ -141,30 +178,64 @@ impl ServiceTable {
                             workload: workload.clone(),
                             addr: SocketAddrV4::new(*ip, target),
                             ready: *ready,
+                            local: false,
                         })
                         .collect();
                     table.by_name.entry((id.clone(), p)).or_insert(addr);
-                    table.by_addr.insert(
-                        addr,
-                        Backend {
-                            service: id.clone(),
-                            port: p,
-                            app_protocol: match port.app_protocol.as_str() {
-                                "" => None,
-                                other => {
-                                    Some(AppProtocol::from_loose(other).unwrap_or(AppProtocol::Tcp))
-                                }
-                            },
-                            detect_timeout: (port.detect_timeout_ms > 0)
-                                .then(|| Duration::from_millis(u64::from(port.detect_timeout_ms))),
-                            endpoints,
-                            next: AtomicUsize::new(0),
+                    let mut backend = Backend {
+                        service: id.clone(),
+                        port: p,
+                        app_protocol: match port.app_protocol.as_str() {
+                            "" => None,
+                            other => {
+                                Some(AppProtocol::from_loose(other).unwrap_or(AppProtocol::Tcp))
+                            }
                         },
-                    );
+                        detect_timeout: (port.detect_timeout_ms > 0)
+                            .then(|| Duration::from_millis(u64::from(port.detect_timeout_ms))),
+                        endpoints,
+                        next: AtomicUsize::new(0),
+                        policy: Arc::new(Policy::default_for(&id)),
+                        attached: Registry::default().attach(
+                            &id,
+                            p,
+                            &[],
+                            &Policy::default_for(&id),
+                        ),
+                        candidates: Vec::new(),
+                    };
+                    backend.attach(backend.policy.clone(), &Registry::default());
+                    table.by_addr.insert(addr, backend);
                 }
             }
         }
         Ok(table)
+    }
+
+    /// Gives every Service port its policy (the most specific of
+    /// `policies`, by Service) and its node-wide runtime from `registry`,
+    /// marking endpoints on this node by `is_local`; drops the runtimes of
+    /// Service ports gone.
+    pub fn attach(
+        &mut self,
+        policies: &HashMap<String, Vec<Arc<Policy>>>,
+        registry: &Registry,
+        is_local: impl Fn(Ipv4Addr) -> bool,
+    ) {
+        let mut live = HashSet::new();
+        for b in self.by_addr.values_mut() {
+            for e in &mut b.endpoints {
+                e.local = is_local(*e.addr.ip());
+            }
+            let chosen = policies
+                .get(&b.service)
+                .and_then(|list| policy::choose(list, b.port))
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Policy::default_for(&b.service)));
+            b.attach(chosen, registry);
+            live.insert((b.service.clone(), b.port));
+        }
+        registry.retain(&live);
     }
 
     pub fn lookup(&self, dst: SocketAddrV4) -> Lookup<'_> {

@@ -11,7 +11,7 @@ use mesh_api::identity::SpiffeId;
 use tracing::{debug, warn};
 
 use super::{
-    Body, Flag, H1_HEADER, TARGET_HEADER, boxed,
+    Body, Flag, H1_HEADER, SERVICE_HEADER, TARGET_HEADER, boxed,
     respond::{self, H1Form, is_grpc, local_reply},
     upstream::{Upstreams, Wire},
 };
@@ -46,6 +46,20 @@ pub async fn forward(
         *r.status_mut() = http::StatusCode::FORBIDDEN;
         return r;
     }
+    // The destination's rate limit for the Service the caller's agent sent
+    // this to.
+    if let Some(service) = req.headers_mut().remove(SERVICE_HEADER)
+        && let Some((name, port)) = service.to_str().ok().and_then(|s| s.rsplit_once(':'))
+        && let Some(be) = port
+            .parse()
+            .ok()
+            .and_then(|p| state.services.by_name(name, p))
+        && let Some(limit) = &be.attached.inbound_limit
+        && let Err(wait) = limit.check(&source.to_string())
+    {
+        metrics.decision(&be.service, "rate_limited_inbound");
+        return super::proxy::rate_limited(grpc, &be.service, wait);
+    }
     let h1 = req.headers_mut().remove(H1_HEADER);
     let wire = match h1.as_ref().and_then(H1Form::decode) {
         Some(form) => {
@@ -58,7 +72,7 @@ pub async fn forward(
         }
     };
     let req = req.map(boxed);
-    match upstreams.send(target, wire, req).await {
+    match upstreams.send(target, wire, req, None).await {
         Ok(Ok(resp)) => {
             metrics.inbound_stream(InboundResult::Forwarded);
             resp.map(boxed)

@@ -13,10 +13,19 @@ use http::{HeaderValue, Request, Response, Version, header, request::Parts};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::{
-    Body, FLAGS_HEADER, Flag, H1_HEADER, INTERNAL_HEADERS, TARGET_HEADER, boxed, mirror,
+    Body, FLAGS_HEADER, Flag, Flags, H1_HEADER, INTERNAL_HEADERS, SERVICE_HEADER, TARGET_HEADER,
+    boxed, mirror,
+    policy::{
+        self, Abort, HashKey, Lb, RetryPolicy,
+        budget::{self, Held},
+        outlier, ratelimit,
+        replay::Replay,
+        retry::Try,
+        ring, runtime,
+    },
     respond::{self, H1Form, is_grpc, local_reply},
     routes::{Filters, Mirror, RequestView, Selection, ServicePort},
     upstream::{self, Upstreams, Wire},
@@ -27,10 +36,10 @@ use crate::{
         route::{self, Route, Via},
         tunnel::{self, TunnelClient},
     },
-    state::{PodId, State, StateRx},
+    state::{Backend, PodId, State, StateRx},
     telemetry::{LatencyLabels, Metrics, RequestLabels},
 };
-use mesh_api::kinds::AppProtocol;
+use mesh_api::{gateway::HttpRouteRetry, kinds::AppProtocol};
 
 pub struct HttpProxy {
     pub state: StateRx,
@@ -84,7 +93,154 @@ impl SendError {
 /// What the request's handling decided, for its metrics.
 struct Outcome {
     route: String,
-    flag: Option<Flag>,
+    flags: Flags,
+}
+
+/// A routed request's destination and limits, for [`HttpProxy::dispatch`].
+struct Plan<'a> {
+    state: &'a State,
+    client: &'a Client,
+    backend: &'a Backend,
+    grpc: bool,
+    form: Option<H1Form>,
+    request_timeout: Option<Duration>,
+    backend_timeout: Option<Duration>,
+    route_retry: Option<&'a HttpRouteRetry>,
+}
+
+/// How the tries ended.
+enum Final {
+    /// The last try: its result (`None`: its per-try timeout fired, which
+    /// was this long), and its endpoint.
+    Tried(
+        Option<Result<Response<Body>, SendError>>,
+        Option<Duration>,
+        SocketAddrV4,
+    ),
+    /// The mesh answers for itself.
+    Local(Flag, String),
+    /// A finished answer, with its flags.
+    Answer(Response<Body>, Flags),
+}
+
+/// What one try's result means for retries and outlier detection. Through
+/// the tunnel, the peer agent's own failure answers (flagged) count as the
+/// failure they stand for.
+fn classify(result: &Option<Result<Response<Body>, SendError>>, tunnelled: bool) -> Try {
+    match result {
+        None => Try::Timeout,
+        Some(Ok(resp)) => {
+            if tunnelled && let Some(f) = resp.headers().get(FLAGS_HEADER) {
+                match f.as_bytes() {
+                    b"UF" | b"UH" => return Try::ConnectFailure,
+                    b"UR" => return Try::Reset,
+                    _ => {}
+                }
+            }
+            Try::Answered {
+                status: resp.status().as_u16(),
+                grpc: resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok()?.parse().ok()),
+            }
+        }
+        Some(Err(SendError::Response(e))) => {
+            let refused = std::iter::successors(std::error::Error::source(e), |e| e.source())
+                .filter_map(|e| e.downcast_ref::<h2::Error>())
+                .any(|e| e.reason() == Some(h2::Reason::REFUSED_STREAM));
+            if refused {
+                Try::RefusedStream
+            } else {
+                Try::Reset
+            }
+        }
+        Some(Err(SendError::Tunnel(e))) if matches!(e.cause(), tunnel::Error::Http2 { .. }) => {
+            Try::Reset
+        }
+        Some(Err(_)) => Try::ConnectFailure,
+    }
+}
+
+/// A copy of a request's head with `body`, for one try.
+fn head_of(parts: &Parts, body: Body) -> Request<Body> {
+    let mut r = Request::new(body);
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = parts.uri.clone();
+    *r.version_mut() = parts.version;
+    *r.headers_mut() = parts.headers.clone();
+    *r.extensions_mut() = parts.extensions.clone();
+    r
+}
+
+fn service_value(service: &str, port: u16) -> HeaderValue {
+    HeaderValue::from_str(&format!("{service}:{port}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// The consistent-hash key of a request, hashed; `None` when the request
+/// has none (it is then balanced as without hashing).
+fn hash_key(
+    key: &HashKey,
+    headers: &http::HeaderMap,
+    source: impl FnOnce() -> Option<String>,
+) -> Option<u64> {
+    match key {
+        HashKey::Header(name) => headers.get(name).map(|v| ring::hash(v.as_bytes())),
+        HashKey::Cookie { name, .. } => cookie(headers, name).map(|v| ring::hash(v.as_bytes())),
+        HashKey::SourceIdentity => source().map(|s| ring::hash(s.as_bytes())),
+    }
+}
+
+/// The value of cookie `name` in the request's `cookie` headers.
+fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// 429 (gRPC RESOURCE_EXHAUSTED) with `retry-after`.
+pub(super) fn rate_limited(grpc: bool, service: &str, wait: Duration) -> Response<Body> {
+    let mut r = local_reply(
+        Flag::RateLimited,
+        grpc,
+        &format!("Service {service}: local rate limit reached"),
+    );
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(ratelimit::retry_after(wait)),
+    );
+    r
+}
+
+/// A fault-injection abort.
+fn fault_reply(abort: Abort, grpc: bool) -> Response<Body> {
+    let mut r = local_reply(Flag::FaultInjected, grpc, "fault injected");
+    match abort {
+        Abort::Http(status) => {
+            if grpc {
+                // An HTTP status for a gRPC call: the status as it is, and
+                // gRPC's mapping of it for the client library.
+                r.headers_mut().remove("grpc-status");
+            }
+            *r.status_mut() =
+                http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
+        }
+        Abort::Grpc(code) => {
+            if grpc {
+                r.headers_mut()
+                    .insert("grpc-status", HeaderValue::from(code));
+            } else {
+                *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            }
+        }
+    }
+    r
 }
 
 impl HttpProxy {
@@ -131,9 +287,11 @@ impl HttpProxy {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
         let (mut resp, outcome) = self.route(req, c, grpc).await;
-        if let Some(flag) = outcome.flag {
-            resp.headers_mut()
-                .insert(FLAGS_HEADER, HeaderValue::from_static(flag.as_str()));
+        let flags = outcome.flags.label();
+        if !outcome.flags.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&flags)
+        {
+            resp.headers_mut().insert(FLAGS_HEADER, v);
         }
         let grpc_status = if grpc {
             resp.headers()
@@ -156,7 +314,7 @@ impl HttpProxy {
                 route: outcome.route.clone(),
                 code: resp.status().as_u16(),
                 grpc_status,
-                flags: outcome.flag.map_or("-", Flag::as_str),
+                flags,
             })
             .inc();
         self.metrics
@@ -192,15 +350,16 @@ impl HttpProxy {
         drop(view);
         let mut outcome = Outcome {
             route: String::new(),
-            flag: None,
+            flags: Flags::default(),
         };
         let reply = |flag: Flag, detail: String, mut outcome: Outcome| {
-            outcome.flag = Some(flag);
+            outcome.flags.insert(flag);
             (local_reply(flag, grpc, &detail), outcome)
         };
         let mut response_filters: Vec<&Filters> = Vec::new();
         let mut mirrors: Vec<MirrorCopy> = Vec::new();
         let mut timeouts: (Option<Duration>, Option<Duration>) = (None, None);
+        let mut route_retry = None;
         let backend = match selection {
             Selection::Unrouted => ServicePort {
                 service: c.service.clone(),
@@ -221,7 +380,7 @@ impl HttpProxy {
             Selection::Rule(s) => {
                 outcome.route = s.route.id.clone();
                 if let Some(r) = &s.rule.filters.redirect {
-                    outcome.flag = Some(Flag::Redirect);
+                    outcome.flags.insert(Flag::Redirect);
                     let mut resp = respond::redirect(r, &parts, s.prefix, c.port);
                     if let Some(edit) = &s.rule.filters.response_headers {
                         edit.apply(resp.headers_mut());
@@ -252,6 +411,7 @@ impl HttpProxy {
                     }
                 }
                 timeouts = (s.rule.request_timeout, s.rule.backend_timeout);
+                route_retry = s.rule.retry.as_ref();
                 chosen.backend.clone()
             }
         };
@@ -265,74 +425,281 @@ impl HttpProxy {
                 outcome,
             );
         };
-        let Some(ep) = be.pick() else {
-            return reply(
-                Flag::NoHealthyUpstream,
-                format!("Service {} has no ready endpoint", be.service),
-                outcome,
-            );
-        };
-        let wire = wire_to(be.app_protocol, c.wire);
-        let planned = match route::to_endpoint(
-            &state,
-            c.src_pod.as_ref(),
-            Some(be.service.clone()),
-            ep.addr,
-            self.forward.tunnel.is_some(),
-        ) {
-            Ok(r) => r,
-            Err(e) => return reply(Flag::UpstreamConnectFailure, e.to_string(), outcome),
-        };
-        let deadline = [
-            timeouts.0,
-            timeouts.1,
-            grpc.then(|| respond::grpc_timeout(&parts.headers))
-                .flatten(),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
         let mut body = boxed(body);
         for m in mirrors {
             let (primary, copy) = mirror::tee(body);
             body = primary;
             m.fire(self.forward.clone(), copy);
         }
-        let req = Request::from_parts(parts, body);
-        let sent = async {
-            match upgrade {
-                Some(on) => self.forward.send_upgrade(&planned, req, on).await,
-                None => self.forward.send(&planned, wire, req, form).await,
-            }
+        let plan = Plan {
+            state: &state,
+            client: c,
+            backend: be,
+            grpc,
+            form,
+            request_timeout: timeouts.0,
+            backend_timeout: timeouts.1,
+            route_retry,
         };
-        let answer = match deadline {
-            Some(d) => match tokio::time::timeout(d, sent).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return reply(
-                        Flag::UpstreamTimeout,
-                        format!("no answer from {} within {d:?}", be.service),
-                        outcome,
-                    );
-                }
-            },
-            None => sent.await,
-        };
-        match answer {
-            Ok(mut resp) => {
-                for f in response_filters {
-                    if let Some(edit) = &f.response_headers {
-                        edit.apply(resp.headers_mut());
-                    }
-                }
-                (resp, outcome)
-            }
-            Err(e) => {
-                debug!(error = %e, endpoint = %ep.addr, "request failed");
-                let flag = e.flag();
-                reply(flag, format!("{}: {e}", be.service), outcome)
+        let (resp, flags) = self.dispatch(&plan, parts, body, upgrade).await;
+        outcome.flags = flags;
+        let mut resp = resp;
+        for f in response_filters {
+            if let Some(edit) = &f.response_headers {
+                edit.apply(resp.headers_mut());
             }
         }
+        (resp, outcome)
+    }
+
+    /// Sends a routed request to its backend Service under the Service's
+    /// policy: rate limit, fault injection, circuit breaker, then tries
+    /// (endpoint pick, per-try timeout, retries within the budget), all
+    /// within the request's deadline.
+    async fn dispatch(
+        &self,
+        plan: &Plan<'_>,
+        parts: Parts,
+        body: Body,
+        upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> (Response<Body>, Flags) {
+        let be = plan.backend;
+        let policy = &*be.policy;
+        let at = &be.attached;
+        let mut flags = Flags::default();
+        let count = |reason: &'static str| self.metrics.decision(&be.service, reason);
+        let source = || {
+            plan.client
+                .src_pod
+                .as_ref()
+                .and_then(|p| plan.state.local_workload(p))
+                .and_then(|w| w.identity.as_ref())
+                .map(ToString::to_string)
+        };
+        if let Some(limit) = &at.outbound_limit
+            && let Err(wait) = limit.check(source().as_deref().unwrap_or_default())
+        {
+            count("rate_limited_outbound");
+            return (
+                rate_limited(plan.grpc, &be.service, wait),
+                Flag::RateLimited.into(),
+            );
+        }
+        if let Some(f) = &policy.fault
+            && f.applies(&parts.headers)
+        {
+            if let Some((delay, share)) = f.delay
+                && policy::in_share(share, rand::random_range(0..1_000_000))
+            {
+                count("fault_delay");
+                flags.insert(Flag::DelayInjected);
+                tokio::time::sleep(delay).await;
+            }
+            if let Some((abort, share)) = f.abort
+                && policy::in_share(share, rand::random_range(0..1_000_000))
+            {
+                count("fault_abort");
+                flags.insert(Flag::FaultInjected);
+                return (fault_reply(abort, plan.grpc), flags);
+            }
+        }
+        let Some(_active) = at
+            .runtime
+            .active_requests
+            .try_hold(policy.limits.max_requests)
+        else {
+            count("overflow_requests");
+            flags.insert(Flag::Overflow);
+            let detail = format!(
+                "Service {}: {} requests in flight, the most allowed",
+                be.service, policy.limits.max_requests
+            );
+            return (local_reply(Flag::Overflow, plan.grpc, &detail), flags);
+        };
+        let retry = match (plan.route_retry, &policy.retry) {
+            (Some(r), base) => Some(RetryPolicy::with_route(base.as_ref(), r)),
+            (None, Some(p)) => Some(p.clone()),
+            (None, None) => None,
+        }
+        .filter(|r| r.attempts > 0 && upgrade.is_none());
+        let hash = match &policy.lb {
+            Lb::Hash { key, .. } => hash_key(key, &parts.headers, source),
+            _ => None,
+        };
+        let overall = [
+            plan.request_timeout,
+            plan.grpc
+                .then(|| respond::grpc_timeout(&parts.headers))
+                .flatten(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let per_try = [
+            plan.backend_timeout,
+            retry.as_ref().and_then(|r| r.per_try_timeout),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        // With retries, each try reads the body through the replay; without,
+        // the one try takes it.
+        let (replay, mut once) = match &retry {
+            Some(r) => (Some(Replay::new(body, r.max_replay)), None),
+            None => (None, Some(body)),
+        };
+        let has_tunnel = self.forward.tunnel.is_some();
+        let wire = wire_to(be.app_protocol, plan.client.wire);
+        let mut upgrade = upgrade;
+        let mut parts = Some(parts);
+        let tries = async {
+            let mut tried: Vec<usize> = Vec::new();
+            let mut retries = 0u32;
+            let mut _retry_held = None;
+            loop {
+                let Some(index) = be.pick_for_request(hash, &tried) else {
+                    let detail = format!("Service {} has no ready endpoint", be.service);
+                    return Final::Local(Flag::NoHealthyUpstream, detail);
+                };
+                tried.push(index);
+                let ep = &be.endpoints[index];
+                let planned = match route::to_endpoint(
+                    plan.state,
+                    plan.client.src_pod.as_ref(),
+                    Some(be.service.clone()),
+                    ep.addr,
+                    has_tunnel,
+                ) {
+                    Ok(r) => r,
+                    Err(e) => return Final::Local(Flag::UpstreamConnectFailure, e.to_string()),
+                };
+                // The destination's own limit, when the destination is here.
+                if ep.local
+                    && let Some(limit) = &at.inbound_limit
+                    && let Err(wait) = limit.check(source().as_deref().unwrap_or_default())
+                {
+                    count("rate_limited_inbound");
+                    return Final::Answer(
+                        rate_limited(plan.grpc, &be.service, wait),
+                        Flag::RateLimited.into(),
+                    );
+                }
+                let Some(pending) = at
+                    .runtime
+                    .pending_requests
+                    .try_hold(policy.limits.max_pending_requests)
+                else {
+                    count("overflow_pending");
+                    let detail = format!(
+                        "Service {}: {} requests waiting for a connection, the most allowed",
+                        be.service, policy.limits.max_pending_requests
+                    );
+                    return Final::Local(Flag::Overflow, detail);
+                };
+                let req_body = match &replay {
+                    Some(r) => boxed(r.body()),
+                    None => once.take().unwrap_or_else(super::empty),
+                };
+                let mut req = match &replay {
+                    // A retry may follow: keep the head for it.
+                    Some(_) => head_of(parts.as_ref().expect("kept while retrying"), req_body),
+                    None => Request::from_parts(parts.take().expect("one try"), req_body),
+                };
+                if matches!(planned.via, Via::Tunnel(_)) {
+                    req.headers_mut()
+                        .insert(SERVICE_HEADER, service_value(&be.service, be.port));
+                }
+                let stats = &at.stats[index];
+                let _outstanding = stats.outstanding.hold();
+                let start = Instant::now();
+                let sent = async {
+                    match upgrade.take() {
+                        Some(on) => self.forward.send_upgrade(&planned, req, on).await,
+                        None => {
+                            self.forward
+                                .send(&planned, wire, req, plan.form, Some(pending))
+                                .await
+                        }
+                    }
+                };
+                let result = match per_try {
+                    Some(d) => tokio::time::timeout(d, sent).await.ok(),
+                    None => Some(sent.await),
+                };
+                let t = classify(&result, matches!(planned.via, Via::Tunnel(_)));
+                if let Some(outlier::Event::Ejected(time)) =
+                    runtime::record(policy, at, index, t, start.elapsed())
+                {
+                    count("ejected");
+                    info!(service = %be.service, endpoint = %ep.addr, ?time, "endpoint ejected by outlier detection");
+                }
+                let Some(r) = retry.as_ref().filter(|r| r.on.retriable(t)) else {
+                    return Final::Tried(result, per_try, ep.addr);
+                };
+                if retries >= r.attempts {
+                    count("retry_limit_exceeded");
+                    flags.insert(Flag::RetryLimitExceeded);
+                    return Final::Tried(result, per_try, ep.addr);
+                }
+                if !replay.as_ref().is_some_and(Replay::replayable) {
+                    count("retry_body_too_large");
+                    return Final::Tried(result, per_try, ep.addr);
+                }
+                if !budget::retry_allowed(
+                    &policy.budget,
+                    at.runtime.active_requests.get(),
+                    at.runtime.active_retries.get(),
+                    policy.limits.max_retries,
+                ) {
+                    count("retry_budget_exhausted");
+                    flags.insert(Flag::RetryBudgetExhausted);
+                    return Final::Tried(result, per_try, ep.addr);
+                }
+                _retry_held = Some(at.runtime.active_retries.hold());
+                retries += 1;
+                count("retried");
+                flags.insert(Flag::Retried);
+                drop(result);
+                tokio::time::sleep(r.backoff(retries, rand::random())).await;
+            }
+        };
+        let done = match overall {
+            Some(d) => match tokio::time::timeout(d, tries).await {
+                Ok(f) => f,
+                Err(_) => Final::Local(
+                    Flag::UpstreamTimeout,
+                    format!("no answer from {} within {d:?}", be.service),
+                ),
+            },
+            None => tries.await,
+        };
+        let resp = match done {
+            Final::Answer(resp, more) => {
+                flags = flags.union(more);
+                resp
+            }
+            Final::Local(flag, detail) => {
+                flags.insert(flag);
+                local_reply(flag, plan.grpc, &detail)
+            }
+            Final::Tried(None, d, addr) => {
+                flags.insert(Flag::UpstreamTimeout);
+                let d = d.unwrap_or_default();
+                local_reply(
+                    Flag::UpstreamTimeout,
+                    plan.grpc,
+                    &format!("{}: no answer from {addr} within {d:?}", be.service),
+                )
+            }
+            Final::Tried(Some(Ok(resp)), ..) => resp,
+            Final::Tried(Some(Err(e)), _, addr) => {
+                debug!(error = %e, endpoint = %addr, "request failed");
+                let flag = e.flag();
+                flags.insert(flag);
+                local_reply(flag, plan.grpc, &format!("{}: {e}", be.service))
+            }
+        };
+        (resp, flags)
     }
 
     /// Where a mirror's copy of the request goes, if it is mirrored this
@@ -349,7 +716,7 @@ impl HttpProxy {
             return None;
         }
         let be = state.services.by_name(&m.backend.service, m.backend.port)?;
-        let ep = be.pick()?;
+        let ep = &be.endpoints[be.pick_for_request(None, &[])?];
         let planned = route::to_endpoint(
             state,
             c.src_pod.as_ref(),
@@ -389,7 +756,7 @@ impl MirrorCopy {
         tokio::spawn(async move {
             let sent = tokio::time::timeout(
                 MIRROR_TIMEOUT,
-                forward.send(&self.planned, self.wire, req, self.form),
+                forward.send(&self.planned, self.wire, req, self.form, None),
             )
             .await;
             match sent {
@@ -416,6 +783,7 @@ impl Forwarder {
         wire: Wire,
         mut req: Request<Body>,
         form: Option<H1Form>,
+        pending: Option<Held>,
     ) -> Result<Response<Body>, SendError> {
         respond::strip_hop_by_hop(req.headers_mut());
         let form = form.unwrap_or(H1Form {
@@ -428,7 +796,9 @@ impl Forwarder {
                     Wire::Http1 => respond::to_h1(&mut req, form),
                     Wire::Http2 => respond::to_h2(&mut req),
                 }
-                self.upstreams.send(planned.dst, wire, req).await??
+                self.upstreams
+                    .send(planned.dst, wire, req, pending)
+                    .await??
             }
             Via::Tunnel(key) => {
                 let tunnel = self
@@ -441,7 +811,7 @@ impl Forwarder {
                 if wire == Wire::Http1 {
                     req.headers_mut().insert(H1_HEADER, form.encode());
                 }
-                tunnel.send_http(key, req).await??
+                tunnel.send_http(key, req, pending).await??
             }
         };
         Ok(resp.map(boxed))

@@ -61,7 +61,7 @@ pub enum ValueMatch {
 }
 
 impl ValueMatch {
-    fn matches(&self, value: &str) -> bool {
+    pub fn matches(&self, value: &str) -> bool {
         match self {
             ValueMatch::Exact(v) => v == value,
             ValueMatch::Regex(r) => r.is_match(value),
@@ -335,6 +335,8 @@ pub struct Rule {
     pub request_timeout: Option<Duration>,
     /// Each attempt.
     pub backend_timeout: Option<Duration>,
+    /// GEP-1731 retries of this rule.
+    pub retry: Option<gateway::HttpRouteRetry>,
 }
 
 impl Rule {
@@ -705,6 +707,7 @@ fn compile(r: &pb::Route) -> Result<(Route, Parents), String> {
                     backends: backends(ns, &rule.backend_refs)?,
                     request_timeout: duration(&timeouts.request)?,
                     backend_timeout: duration(&timeouts.backend_request)?,
+                    retry: rule.retry.clone(),
                 });
             }
             (RouteKind::Http, rules, parents(ns, &spec.parent_refs))
@@ -749,6 +752,7 @@ fn compile(r: &pb::Route) -> Result<(Route, Parents), String> {
                     backends: backends(ns, &rule.backend_refs)?,
                     request_timeout: None,
                     backend_timeout: None,
+                    retry: None,
                 });
             }
             (RouteKind::Grpc, rules, parents(ns, &spec.parent_refs))

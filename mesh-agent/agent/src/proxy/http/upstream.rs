@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{net::TcpStream, time::Instant};
 use tracing::debug;
 
-use super::Body;
+use super::{Body, policy::budget::Held};
 use crate::proxy::pool::{self, Pool};
 
 /// Idle HTTP/1.1 connections kept per endpoint.
@@ -87,6 +87,7 @@ impl Upstreams {
         addr: SocketAddrV4,
         wire: Wire,
         req: Request<Body>,
+        pending: Option<Held>,
     ) -> Result<Result<Response<Incoming>, hyper::Error>, Error> {
         match wire {
             Wire::Http2 => {
@@ -116,6 +117,7 @@ impl Upstreams {
                     })
                     .await
                     .map_err(Error::Shared)?;
+                drop(pending);
                 let sent = sender.0.send_request(req).await;
                 if sent.is_err() {
                     self.h2.evict(&addr, |c| c.0.is_closed());
@@ -127,6 +129,7 @@ impl Upstreams {
                     Some(s) => s,
                     None => http1(connect(addr, self.connect_timeout).await?, addr).await?,
                 };
+                drop(pending);
                 let sent = sender.send_request(req).await;
                 if sent.is_ok() {
                     // Back to the pool once this response's body is read.
