@@ -204,6 +204,86 @@ def http_requests(args):
         print(json.dumps(results), flush=True)
 
 
+def http_load(args):
+    """--count GET requests of --path with --headers, from --concurrency
+    threads, each on its own keep-alive connection (Python's http.client);
+    or, with --rate, paced to that many requests per second in total.
+    Reports counts by answering pod (x-served-by), status and mesh flags,
+    and latency percentiles (ms) by status."""
+    import http.client
+    import threading
+    import time
+
+    headers = json.loads(args.headers)
+    lock = threading.Lock()
+    pods, statuses, flags, latencies = {}, {}, {}, {}
+    issued = [0]
+    start = time.monotonic()
+
+    def take():
+        with lock:
+            if issued[0] >= args.count:
+                return None
+            issued[0] += 1
+            return issued[0] - 1
+
+    def worker():
+        conn = None
+        while True:
+            i = take()
+            if i is None:
+                break
+            if args.rate:
+                wait = start + i / args.rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+            if conn is None:
+                conn = http.client.HTTPConnection(args.addr, args.port, timeout=args.timeout)
+            t0 = time.monotonic()
+            try:
+                conn.request("GET", args.path, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                status = str(resp.status)
+                pod = resp.getheader("x-served-by") or "-"
+                flag = resp.getheader("x-mesh-flags") or "-"
+                if resp.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = None
+                status, pod, flag = "0", "-", "-"
+            ms = (time.monotonic() - t0) * 1000.0
+            with lock:
+                pods[pod] = pods.get(pod, 0) + 1
+                statuses[status] = statuses.get(status, 0) + 1
+                flags[flag] = flags.get(flag, 0) + 1
+                latencies.setdefault(status, []).append(ms)
+
+    threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+
+    def pct(xs, q):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+    latency = {
+        s: {"p50": pct(xs, 0.5), "p99": pct(xs, 0.99), "max": max(xs), "over_100": sum(1 for x in xs if x >= 100.0)}
+        for s, xs in latencies.items()
+    }
+    print(
+        json.dumps(
+            {"pods": pods, "statuses": statuses, "flags": flags, "latency_ms": latency, "seconds": elapsed}
+        ),
+        flush=True,
+    )
+
+
 def grpc_many(args):
     """--count unary calls of --method on one channel; counts answers by the
     name of the server that gave them, and failures by status code."""
@@ -320,6 +400,15 @@ def main():
     g.add_argument("--requests", required=True)
     g.add_argument("--repeat", type=int, default=1)
     g.add_argument("--timeout", type=float, default=10)
+    g = sub.add_parser("http-load")
+    g.add_argument("--addr", required=True)
+    g.add_argument("--port", type=int, default=80)
+    g.add_argument("--path", default="/")
+    g.add_argument("--headers", default="{}")
+    g.add_argument("--count", type=int, required=True)
+    g.add_argument("--concurrency", type=int, default=1)
+    g.add_argument("--rate", type=float, default=0)
+    g.add_argument("--timeout", type=float, default=10)
     g = sub.add_parser("grpc-many")
     g.add_argument("--addr", required=True)
     g.add_argument("--method", default=f"/{SERVICE}/Unary")
@@ -343,6 +432,7 @@ def main():
         "hold": hold,
         "loop": loop,
         "http": http_requests,
+        "http-load": http_load,
         "grpc-many": grpc_many,
         "ws": ws,
         "banner": banner,

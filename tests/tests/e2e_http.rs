@@ -18,38 +18,7 @@ use serde_json::{Value, json};
 use support::*;
 use xtask::cluster::Cluster;
 
-const ECHO: u16 = 8090;
 const GRPC_PORT: u16 = 50051;
-
-/// `mesh-testapp serve --http-echo` in a pod; killed on drop.
-struct Echo(Child);
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn echo(cluster: &Cluster, pod: &str) -> Echo {
-    let mut child = cluster
-        .command(pod, TESTAPP)
-        .args(["serve", "--name", pod, "--http-echo", &ECHO.to_string()])
-        .args(["--tcp-echo", &ECHO_PORT.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting the echo server");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped"))
-        .read_line(&mut line)
-        .expect("ready line");
-    assert!(
-        line.contains("\"ready\":true"),
-        "echo server in {pod}: {line}"
-    );
-    Echo(child)
-}
 
 /// A Service with one VIP and the given ports (`(port, appProtocol)`, all to
 /// the echo port), selecting `selector`.

@@ -20,6 +20,8 @@ pub const TESTAPP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
 pub const ECHO_PORT: u16 = 7000;
 pub const SINK_PORT: u16 = 7001;
 pub const HTTP_PORT: u16 = 8080;
+/// The `--http-echo` port of [`echo`] servers.
+pub const ECHO: u16 = 8090;
 
 /// Whether privileged end-to-end tests must run here. In CI (CI=true) or under
 /// `cargo xtask test` (MESH_E2E_REQUIRED=1) a missing privilege or kernel
@@ -461,4 +463,34 @@ pub fn python_in_pod(cluster: &Cluster, pod: &str) -> Command {
 /// `python3` placed in `node`'s netns.
 pub fn python_on_node(cluster: &Cluster, node: &str) -> Command {
     cluster.node_command(node, "python3")
+}
+
+/// `mesh-testapp serve --http-echo` in a pod; killed on drop.
+pub struct Echo(Child);
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn echo(cluster: &Cluster, pod: &str) -> Echo {
+    let mut child = cluster
+        .command(pod, TESTAPP)
+        .args(["serve", "--name", pod, "--http-echo", &ECHO.to_string()])
+        .args(["--tcp-echo", &ECHO_PORT.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting the echo server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .expect("ready line");
+    assert!(
+        line.contains("\"ready\":true"),
+        "echo server in {pod}: {line}"
+    );
+    Echo(child)
 }

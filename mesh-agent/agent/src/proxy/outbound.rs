@@ -94,6 +94,31 @@ impl Outbound {
             SocketAddr::V4(recorded.orig_dst),
         );
         debug!(src_pod = ?src_pod.as_ref().map(ToString::to_string), dst = %recorded.orig_dst, "accepted");
+        // The Service's connection limit (circuit breaker), held for the
+        // connection's life.
+        let _held = {
+            let state = self.state.borrow();
+            match state.services.lookup(recorded.orig_dst) {
+                Lookup::Service(b) => {
+                    let limit = b.policy.limits.max_connections;
+                    match b.attached.runtime.connections.try_hold(limit) {
+                        Some(h) => Some(h),
+                        None => {
+                            self.metrics.decision(&b.service, "overflow_connections");
+                            debug!(service = %b.service, limit, "refused: the Service's connection limit");
+                            tracked.error = Some(format!(
+                                "Service {}: {limit} connections, the most allowed",
+                                b.service
+                            ));
+                            drop(state);
+                            refuse(socket);
+                            return;
+                        }
+                    }
+                }
+                _ => None,
+            }
+        };
         if let Some(client) = self.http_client(&socket, recorded.orig_dst, &src_pod).await {
             tracked.set_upstream(
                 Some(client.service.clone()),

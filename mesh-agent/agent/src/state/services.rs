@@ -92,14 +92,30 @@ impl Backend {
             .collect();
     }
 
-    /// Round robin over ready endpoints; `None` when none is ready.
+    /// For TCP connections: round robin over ready endpoints, skipping those
+    /// outlier detection ejected (unless all are); `None` when none is
+    /// ready.
     pub fn pick(&self) -> Option<&Endpoint> {
-        let ready = self.endpoints.iter().filter(|e| e.ready).count();
-        if ready == 0 {
+        let now = rt::now_ns();
+        let usable = |i: &usize| {
+            self.endpoints[*i].ready
+                && self
+                    .attached
+                    .stats
+                    .get(*i)
+                    .is_none_or(|s| !s.is_ejected(now))
+        };
+        let mut ready: Vec<usize> = (0..self.endpoints.len()).filter(usable).collect();
+        if ready.is_empty() {
+            ready = (0..self.endpoints.len())
+                .filter(|i| self.endpoints[*i].ready)
+                .collect();
+        }
+        if ready.is_empty() {
             return None;
         }
-        let n = self.next.fetch_add(1, Ordering::Relaxed) % ready;
-        self.endpoints.iter().filter(|e| e.ready).nth(n)
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % ready.len();
+        self.endpoints.get(ready[n])
     }
 }
 

@@ -522,10 +522,33 @@ impl HttpProxy {
             (None, None) => None,
         }
         .filter(|r| r.attempts > 0 && upgrade.is_none());
-        let hash = match &policy.lb {
+        let mut hash = match &policy.lb {
             Lb::Hash { key, .. } => hash_key(key, &parts.headers, source),
             _ => None,
         };
+        // Istio's httpCookie with a ttl: a request without the cookie gets
+        // one, so its next requests go to the same endpoint.
+        let mut set_cookie = None;
+        if hash.is_none()
+            && let Lb::Hash {
+                key:
+                    HashKey::Cookie {
+                        name,
+                        path,
+                        ttl: Some(ttl),
+                    },
+                ..
+            } = &policy.lb
+        {
+            let value = format!("{:016x}", rand::random::<u64>());
+            hash = Some(ring::hash(value.as_bytes()));
+            set_cookie = HeaderValue::from_str(&format!(
+                "{name}={value}; Path={}; Max-Age={}; HttpOnly",
+                path.as_deref().unwrap_or("/"),
+                ttl.as_secs().max(1)
+            ))
+            .ok();
+        }
         let overall = [
             plan.request_timeout,
             plan.grpc
@@ -699,6 +722,10 @@ impl HttpProxy {
                 local_reply(flag, plan.grpc, &format!("{}: {e}", be.service))
             }
         };
+        let mut resp = resp;
+        if let Some(c) = set_cookie {
+            resp.headers_mut().append(header::SET_COOKIE, c);
+        }
         (resp, flags)
     }
 
