@@ -43,6 +43,10 @@ const NGINX_H2C_PORT: u16 = 9081;
 const SERVICE_PORT: u16 = 80;
 const H1_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 const H2C_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
+const H1_POLICY_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
+const H2C_POLICY_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 4);
+/// The mesh+policy rows' TrafficPolicy: what an operator would turn on.
+const DEFAULT_POLICY: &str = "  loadBalancer: {simple: LEAST_LATENCY}\n  retries: {attempts: 2, retryOn: [connect-failure, refused-stream, gateway-error], budget: {percent: 20, minRetryConcurrency: 3}}\n  circuitBreaker: {maxConnections: 1024, maxPendingRequests: 1024, maxRequests: 1024, maxRetries: 3}\n  outlierDetection: {consecutive5xxErrors: 5, baseEjectionTime: 30s, maxEjectionPercent: 10}\n";
 /// Not under `/_/`: the echo server's plain answer, a JSON description of the request.
 const PATH: &str = "/bench";
 
@@ -119,15 +123,23 @@ impl fmt::Display for Proto {
 enum Route {
     Direct,
     Mesh,
+    /// Through the mesh to a Service with a default TrafficPolicy: P2C,
+    /// retries with a budget, breaker limits, an outlier detector.
+    #[serde(rename = "mesh+policy")]
+    MeshPolicy,
     Nginx,
 }
 
 impl Route {
-    const ALL: [Route; 3] = [Route::Direct, Route::Mesh, Route::Nginx];
+    const ALL: [Route; 4] = [Route::Direct, Route::Mesh, Route::MeshPolicy, Route::Nginx];
+
+    fn is_mesh(self) -> bool {
+        matches!(self, Route::Mesh | Route::MeshPolicy)
+    }
 
     fn client(self) -> &'static str {
         match self {
-            Route::Mesh => MESH_CLIENT,
+            Route::Mesh | Route::MeshPolicy => MESH_CLIENT,
             Route::Direct | Route::Nginx => DIRECT_CLIENT,
         }
     }
@@ -138,6 +150,7 @@ impl fmt::Display for Route {
         f.write_str(match self {
             Route::Direct => "direct",
             Route::Mesh => "mesh",
+            Route::MeshPolicy => "mesh+policy",
             Route::Nginx => "nginx",
         })
     }
@@ -260,12 +273,24 @@ fn bench_cluster() -> Result<Cluster> {
         "{}  mtlsMode: PERMISSIVE\n",
         cluster.workload_yaml(UPSTREAM, &[])
     );
-    let services = [("bench-http", H1_VIP, "http"), ("bench-h2c", H2C_VIP, "http2")]
-        .map(|(name, vip, app_protocol)| {
+    let services = [
+        ("bench-http", H1_VIP, "http"),
+        ("bench-h2c", H2C_VIP, "http2"),
+        ("bench-http-policy", H1_POLICY_VIP, "http"),
+        ("bench-h2c-policy", H2C_POLICY_VIP, "http2"),
+    ]
+    .map(|(name, vip, app_protocol)| {
+        let policy = if name.ends_with("-policy") {
             format!(
-                "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  vips: [{vip}]\n  ports: [{{name: http, port: {SERVICE_PORT}, targetPort: {ECHO_PORT}, appProtocol: {app_protocol}}}]\n  selector: {{app: {UPSTREAM}}}\n"
+                "---\napiVersion: mesh.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  targetRef: {{kind: Service, name: {name}}}\n{DEFAULT_POLICY}"
             )
-        });
+        } else {
+            String::new()
+        };
+        format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  vips: [{vip}]\n  ports: [{{name: http, port: {SERVICE_PORT}, targetPort: {ECHO_PORT}, appProtocol: {app_protocol}}}]\n  selector: {{app: {UPSTREAM}}}\n{policy}"
+        )
+    });
     cluster
         .apply(&[upstream, services.join("---\n")].join("---\n"))
         .context("applying the upstream's Workload and the bench Services")?;
@@ -331,6 +356,12 @@ impl Bench<'_> {
             (Route::Direct, _) => format!("http://{upstream}:{ECHO_PORT}{PATH}"),
             (Route::Mesh, Proto::Http1) => format!("http://{H1_VIP}:{SERVICE_PORT}{PATH}"),
             (Route::Mesh, Proto::H2c) => format!("http://{H2C_VIP}:{SERVICE_PORT}{PATH}"),
+            (Route::MeshPolicy, Proto::Http1) => {
+                format!("http://{H1_POLICY_VIP}:{SERVICE_PORT}{PATH}")
+            }
+            (Route::MeshPolicy, Proto::H2c) => {
+                format!("http://{H2C_POLICY_VIP}:{SERVICE_PORT}{PATH}")
+            }
             (Route::Nginx, Proto::Http1) => format!("http://{gateway}:{NGINX_H1_PORT}{PATH}"),
             (Route::Nginx, Proto::H2c) => format!("http://{gateway}:{NGINX_H2C_PORT}{PATH}"),
         }
@@ -376,7 +407,7 @@ impl Bench<'_> {
         let expected = match route {
             Route::Direct => proto.echo_version(),
             Route::Nginx => "HTTP/1.1",
-            Route::Mesh => {
+            Route::Mesh | Route::MeshPolicy => {
                 eprintln!(
                     "xtask: {proto} through the mesh reaches {UPSTREAM} as {}",
                     echo["version"]
@@ -444,7 +475,7 @@ impl Bench<'_> {
     ) -> Result<(LoadRun, Vec<ProxyCost>)> {
         let proxies: Vec<(String, u32)> = match route {
             Route::Direct => Vec::new(),
-            Route::Mesh => [CLIENT_NODE, UPSTREAM_NODE]
+            Route::Mesh | Route::MeshPolicy => [CLIENT_NODE, UPSTREAM_NODE]
                 .into_iter()
                 .map(|node| {
                     let pid = self
@@ -467,7 +498,7 @@ impl Bench<'_> {
         let run = self.load(proto, route, load, url)?;
         let redirected = self.redirected()? > redirected_before;
         ensure!(
-            redirected == (route == Route::Mesh),
+            redirected == route.is_mesh(),
             "{route} from {}: {CLIENT_NODE}'s agent {} connections",
             route.client(),
             if redirected {
@@ -833,6 +864,24 @@ fn aims(rows: &[Row]) -> Vec<Aim> {
             "both agents together <= 20 us CPU per HTTP/1.1 request (saturation)".into(),
             agents_cpu,
             20.0,
+        )
+        .in_unit("us"),
+    );
+    let cpu = |route| {
+        find(Proto::Http1, route, Load::Saturation)
+            .filter(|row| row.run.is_some())
+            .map_or(f64::NAN, |row| {
+                row.proxies
+                    .iter()
+                    .map(|p| p.cpu_us_per_request)
+                    .sum::<f64>()
+            })
+    };
+    aims.push(
+        Aim::at_most(
+            "a default TrafficPolicy adds <= 2 us agent CPU per HTTP/1.1 request (mesh+policy - mesh, saturation)".into(),
+            cpu(Route::MeshPolicy) - cpu(Route::Mesh),
+            2.0,
         )
         .in_unit("us"),
     );
