@@ -1184,3 +1184,210 @@ spec:
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out, "NAME   PARENTS   RULES\nweb    echo:80   1\n");
 }
+
+#[tokio::test]
+async fn bad_traffic_policies_are_refused_at_apply_with_the_field_named_and_nothing_applied() {
+    let dir = TempDir::new("bad-policies");
+    let server = start(&dir.0);
+    let echo = "apiVersion: mesh.dev/v1alpha1
+kind: Service
+metadata: {name: echo}
+spec:
+  vips: [198.19.0.10]
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: alt, port: 8080}]
+  selector: {app: echo}
+";
+    server
+        .apply(&[workload("echo-1", "n1", "198.18.1.10", "echo"), echo.into()].join("---\n"))
+        .await
+        .expect("apply the Service");
+    let mut agent = server
+        .subscribe("n1", "token-1", HashMap::new())
+        .await
+        .expect("subscribe");
+    agent.recv_and_ack().await;
+    let policy = |name: &str, target: &str, rest: &str| {
+        format!(
+            "apiVersion: mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: {name}}}
+spec:
+  targetRef: {target}
+{rest}"
+        )
+    };
+    let echo_80 = "{kind: Service, name: echo, port: 80}";
+    let good = policy(
+        "ok",
+        echo_80,
+        "  loadBalancer: {simple: ROUND_ROBIN}\n  retries: {attempts: 3, budget: {percent: 20}}\n",
+    );
+    let meshctl = |args: &[&str]| {
+        let out = Command::new(bin("meshctl"))
+            .args(["--control", &format!("unix://{}", server.socket.display())])
+            .args(args)
+            .output()
+            .expect("meshctl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let file = dir.0.join("policies.yaml");
+    let file_arg = file.to_str().expect("utf-8 path");
+
+    // Each bad policy comes after a valid one in its batch: the batch is
+    // refused whole. Checks of a spec on its own name the document by its
+    // place in the file; checks against the Services name the policy.
+    let cases = [
+        (
+            "a retry budget of 150 percent",
+            policy(
+                "bad",
+                echo_80,
+                "  retries: {attempts: 2, budget: {percent: 150}}\n",
+            ),
+            "document 2 (TrafficPolicy/default/bad): spec.retries.budget.percent: 150: must be more than 0 and at most 100",
+        ),
+        (
+            "a perTryTimeout of 0s",
+            policy(
+                "bad",
+                echo_80,
+                "  retries: {attempts: 2, perTryTimeout: 0s}\n",
+            ),
+            "document 2 (TrafficPolicy/default/bad): spec.retries.perTryTimeout: \"0s\": must be more than zero",
+        ),
+        (
+            "11 retry attempts",
+            policy("bad", echo_80, "  retries: {attempts: 11}\n"),
+            "document 2 (TrafficPolicy/default/bad): spec.retries.attempts: 11 is more than the most, 10",
+        ),
+        (
+            "a consistentHash without a key",
+            policy(
+                "bad",
+                echo_80,
+                "  loadBalancer: {consistentHash: {virtualNodes: 100}}\n",
+            ),
+            "document 2 (TrafficPolicy/default/bad): spec.loadBalancer.consistentHash: needs a key: httpHeaderName, httpCookie or useSourceIdentity",
+        ),
+        (
+            "a maxEjectionPercent of 101",
+            policy(
+                "bad",
+                echo_80,
+                "  outlierDetection: {maxEjectionPercent: 101}\n",
+            ),
+            "document 2 (TrafficPolicy/default/bad): spec.outlierDetection.maxEjectionPercent: 101 is more than 100",
+        ),
+        (
+            "a rate limit of 0 requests",
+            policy("bad", echo_80, "  rateLimit: {outbound: {requests: 0}}\n"),
+            "document 2 (TrafficPolicy/default/bad): spec.rateLimit.outbound.requests: a rate of zero: at least 1",
+        ),
+        (
+            "an unknown field",
+            policy("bad", echo_80, "  retries: {attempts: 2, tries: 3}\n"),
+            "document 2 (TrafficPolicy/default/bad): spec.retries.tries: unknown field `tries`",
+        ),
+        (
+            "a target Service that does not exist",
+            policy("bad", "{name: gone}", "  retries: {attempts: 2}\n"),
+            "TrafficPolicy/default/bad: spec.targetRef.name: Service default/gone does not exist",
+        ),
+        (
+            "a target port the Service does not have",
+            policy(
+                "bad",
+                "{name: echo, port: 81}",
+                "  retries: {attempts: 2}\n",
+            ),
+            "TrafficPolicy/default/bad: spec.targetRef.port: Service default/echo has no port 81 (it has 80, 8080)",
+        ),
+    ];
+    for (what, bad, expected) in cases {
+        std::fs::write(&file, format!("{good}---\n{bad}")).expect("write");
+        let (code, out, err) = meshctl(&["apply", "-f", file_arg]);
+        assert_eq!(code, Some(1), "{what}: applied: {out}");
+        assert_eq!(out, "", "{what}");
+        assert!(
+            err.starts_with(&format!("meshctl: {expected}")),
+            "{what}: {err}"
+        );
+        let (code, out, err) = meshctl(&["get", "trafficpolicies", "-A"]);
+        assert_eq!(code, Some(0), "{what}: {err}");
+        assert_eq!(
+            (out.as_str(), err.as_str()),
+            ("", "No resources found.\n"),
+            "{what}: something of the batch was stored"
+        );
+    }
+    agent.expect_silence().await;
+
+    std::fs::write(&file, &good).expect("write");
+    let (code, out, err) = meshctl(&["apply", "-f", file_arg]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "TrafficPolicy/default/ok created\n");
+    let change = agent.recv_and_ack().await;
+    assert_eq!(keys(&change), ["TrafficPolicy/default/ok"]);
+    let Some(Body::Policy(p)) = &change.resources[0].body else {
+        panic!("not a policy: {change:?}")
+    };
+    assert_eq!(
+        (
+            p.kind.as_str(),
+            p.namespace.as_str(),
+            p.name.as_str(),
+            p.created_revision
+        ),
+        ("TrafficPolicy", "default", "ok", 2)
+    );
+    let spec: serde_json::Value = serde_json::from_str(&p.spec_json).expect("JSON");
+    assert_eq!(spec["targetRef"]["port"], 80);
+    assert_eq!(spec["retries"]["attempts"], 3);
+
+    let (code, out, err) = meshctl(&["get", "tp", "-o", "json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let items = list["items"].as_array().expect("a List");
+    assert_eq!(items.len(), 1, "{list}");
+    let doc = &items[0];
+    assert_eq!(doc["apiVersion"], "mesh.dev/v1alpha1");
+    assert_eq!(doc["kind"], "TrafficPolicy");
+    assert_eq!(doc["metadata"]["name"], "ok");
+    assert_eq!(doc["metadata"]["namespace"], "default");
+    assert_eq!(doc["spec"]["targetRef"]["name"], "echo");
+    assert_eq!(doc["spec"]["targetRef"]["port"], 80);
+    assert_eq!(doc["spec"]["loadBalancer"]["simple"], "ROUND_ROBIN");
+    assert_eq!(doc["spec"]["retries"]["budget"]["percent"], 20.0);
+    assert_eq!(
+        doc["spec"]["retries"]["budget"]["minRetryConcurrency"], 3,
+        "defaults are filled in"
+    );
+    let (code, out, err) = meshctl(&["get", "trafficpolicies"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        "NAME   TARGET    SUMMARY\nok     echo:80   lb=ROUND_ROBIN retries=3\n"
+    );
+    let (code, out, err) = meshctl(&["get", "tp", "-A"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        "NAMESPACE   NAME   TARGET    SUMMARY\ndefault     ok     echo:80   lb=ROUND_ROBIN retries=3\n"
+    );
+    // What get -o yaml prints applies again, unchanged.
+    let (code, yaml, err) = meshctl(&["get", "trafficpolicy", "ok", "-o", "yaml"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        yaml.starts_with("apiVersion: mesh.dev/v1alpha1\n"),
+        "{yaml}"
+    );
+    std::fs::write(&file, &yaml).expect("write");
+    let (code, out, err) = meshctl(&["apply", "-f", file_arg]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "TrafficPolicy/default/ok unchanged\n");
+    agent.expect_silence().await;
+}

@@ -4,9 +4,9 @@
 //!
 //! Every agent gets every Workload (the tunnel needs the identity and node of
 //! any destination), every Service with its endpoints resolved from the
-//! selector, every Node (where its tunnel listens), every HTTPRoute and
-//! GRPCRoute (a route applies wherever its Service's callers run) and the
-//! CA's trust bundle.
+//! selector, every Node (where its tunnel listens), every HTTPRoute,
+//! GRPCRoute and TrafficPolicy (each applies wherever its Service's callers
+//! run) and the CA's trust bundle.
 //! MtlsPolicies are not distributed themselves: each Workload carries its
 //! effective mTLS mode (its own, else its namespace's policy, else STRICT),
 //! so a policy change re-sends the workloads whose mode it changes.
@@ -31,7 +31,8 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::resources::{
-    Change, Kind, MtlsMode, Node, Resource, ResourceId, Route, RouteSpec, Service, Workload,
+    Change, Kind, MtlsMode, Node, Resource, ResourceId, Route, RouteSpec, Service, TrafficPolicy,
+    Workload,
 };
 use mesh_api::{names::TRUST_BUNDLE_KEY, pb};
 
@@ -145,9 +146,10 @@ pub struct View {
     workloads: BTreeMap<Key, WorkloadEntry>,
     /// Nodes and the trust bundle.
     others: BTreeMap<Key, Distributed>,
-    /// HTTPRoutes and GRPCRoutes; sent last in a first sync, after the
-    /// Services they name.
-    routes: BTreeMap<Key, Distributed>,
+    /// What attaches to Services: HTTPRoutes, GRPCRoutes and
+    /// TrafficPolicies; sent last in a first sync, after the Services they
+    /// name.
+    attached: BTreeMap<Key, Distributed>,
     /// Which node runs which workloads: what a node may get certificates for.
     node_workloads: HashMap<String, BTreeSet<Key>>,
     /// `(namespace, label, value)` -> workloads carrying it.
@@ -173,7 +175,7 @@ impl View {
             services: BTreeMap::new(),
             workloads: BTreeMap::new(),
             others: BTreeMap::new(),
-            routes: BTreeMap::new(),
+            attached: BTreeMap::new(),
             node_workloads: HashMap::new(),
             workloads_by_label: HashMap::new(),
             services_by_label: HashMap::new(),
@@ -258,6 +260,14 @@ impl View {
                 }
                 Change::Put(Resource::HttpRoute(r)) => self.put_route(r, &mut changed),
                 Change::Put(Resource::GrpcRoute(r)) => self.put_route(r, &mut changed),
+                Change::Put(Resource::TrafficPolicy(p)) => {
+                    let key = key_of(&ResourceId {
+                        kind: Kind::TrafficPolicy,
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                    });
+                    self.put_attached(key, policy_resource, &**p, &mut changed);
+                }
                 Change::Put(Resource::MtlsPolicy(p)) => {
                     self.mtls_policies
                         .entry(p.namespace.clone())
@@ -281,8 +291,8 @@ impl View {
                                 changed.push(key);
                             }
                         }
-                        Kind::HttpRoute | Kind::GrpcRoute => {
-                            if self.routes.remove(&key).is_some() {
+                        Kind::HttpRoute | Kind::GrpcRoute | Kind::TrafficPolicy => {
+                            if self.attached.remove(&key).is_some() {
                                 changed.push(key);
                             }
                         }
@@ -315,9 +325,20 @@ impl View {
             namespace: r.namespace.clone(),
             name: r.name.clone(),
         });
-        let distributed = Distributed::new(route_resource(&key, r));
-        let old = self.routes.insert(key.clone(), distributed);
-        if old.is_none_or(|o| o.version() != self.routes[&key].version()) {
+        self.put_attached(key, route_resource, r, changed);
+    }
+
+    /// Encodes a route or policy and records it if what agents see changed.
+    fn put_attached<T>(
+        &mut self,
+        key: Key,
+        encode: fn(&str, &T) -> pb::Resource,
+        resource: &T,
+        changed: &mut Vec<Changed>,
+    ) {
+        let distributed = Distributed::new(encode(&key, resource));
+        let old = self.attached.insert(key.clone(), distributed);
+        if old.is_none_or(|o| o.version() != self.attached[&key].version()) {
             changed.push(key);
         }
     }
@@ -517,8 +538,11 @@ impl View {
             self.services.get(key).map(|e| &e.distributed)
         } else if key.starts_with("Workload/") {
             self.workloads.get(key).map(|e| &e.distributed)
-        } else if key.starts_with("HTTPRoute/") || key.starts_with("GRPCRoute/") {
-            self.routes.get(key)
+        } else if key.starts_with("HTTPRoute/")
+            || key.starts_with("GRPCRoute/")
+            || key.starts_with("TrafficPolicy/")
+        {
+            self.attached.get(key)
         } else {
             self.others.get(key)
         }
@@ -619,6 +643,29 @@ fn route_resource<S: RouteSpec>(key: &str, r: &Route<S>) -> pb::Resource {
             namespace: r.namespace.clone(),
             name: r.name.clone(),
             created_revision: r.created_revision,
+            spec_json,
+        })),
+    }
+}
+
+fn policy_resource(key: &str, p: &TrafficPolicy) -> pb::Resource {
+    let spec_json = serde_json::to_string(&p.spec).expect("a policy spec serializes");
+    // Labels are not distributed, so they are not in the version.
+    let content = (
+        Kind::TrafficPolicy,
+        &p.namespace,
+        &p.name,
+        p.created_revision,
+        &spec_json,
+    );
+    pb::Resource {
+        key: key.to_owned(),
+        version: version_of(&content),
+        body: Some(pb::resource::Body::Policy(pb::Policy {
+            kind: Kind::TrafficPolicy.as_str().to_owned(),
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            created_revision: p.created_revision,
             spec_json,
         })),
     }
@@ -728,7 +775,8 @@ struct InitialSync {
     have: HashMap<String, String>,
     removed: Vec<String>,
     /// Which ordered map is being sent: 0 the trust bundle and Nodes, 1
-    /// Workloads, 2 Services, 3 routes; keys up to `after` in it are done.
+    /// Workloads, 2 Services, 3 routes and policies; keys up to `after` in it
+    /// are done.
     part: usize,
     after: Option<Key>,
 }
@@ -760,7 +808,7 @@ impl InitialSync {
                         .range::<str, _>(range)
                         .map(|(k, e)| (k, &e.distributed)),
                 ),
-                _ => Box::new(view.routes.range::<str, _>(range)),
+                _ => Box::new(view.attached.range::<str, _>(range)),
             };
             for (key, d) in entries {
                 if self.have.get(&**key).map(String::as_str) != Some(d.version())
@@ -1519,6 +1567,96 @@ mod tests {
         let first = again.next(&rebuilt).unwrap().unwrap();
         assert_eq!(first.removed_resources, ["HTTPRoute/default/web"]);
         assert!(first.resources.is_empty());
+    }
+
+    fn traffic_policy(name: &str, attempts: u32, created: u64) -> Resource {
+        let mut p = parse_documents(&format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}}}\nspec:\n  targetRef: {{name: a, port: 80}}\n  retries: {{attempts: {attempts}, budget: {{percent: 12.5}}}}\n  outlierDetection: {{consecutive5xxErrors: 2}}\n"
+        ))
+        .expect("valid")
+        .remove(0);
+        p.set_created_revision(created);
+        p
+    }
+
+    fn policy_body(delta: &Delta, key: &str) -> pb::Policy {
+        let r = decode(delta)
+            .resources
+            .into_iter()
+            .find(|r| r.key == key)
+            .unwrap_or_else(|| panic!("{key} not in {:?}", keys(delta)));
+        let Some(pb::resource::Body::Policy(policy)) = r.body else {
+            panic!("not a policy: {r:?}")
+        };
+        policy
+    }
+
+    #[test]
+    fn traffic_policies_reach_every_agent_after_the_services_they_target() {
+        let mut resources = base();
+        resources.push(traffic_policy("a-retries", 2, 4));
+        resources.push(http_route("web", "b", 3));
+        let mut view = View::new(5, &resources, 100);
+        let mut subs = Vec::new();
+        for node in ["n1", "n2", "n3"] {
+            let mut sub = Subscription::new(node, HashMap::new(), &view);
+            let first = sub.next(&view).unwrap().unwrap();
+            let got = keys(&first);
+            assert_eq!(
+                got[got.len() - 2..],
+                ["HTTPRoute/default/web", "TrafficPolicy/default/a-retries"]
+            );
+            let policy = policy_body(&first, "TrafficPolicy/default/a-retries");
+            assert_eq!(
+                (
+                    policy.kind.as_str(),
+                    policy.namespace.as_str(),
+                    policy.name.as_str(),
+                    policy.created_revision
+                ),
+                ("TrafficPolicy", "default", "a-retries", 4)
+            );
+            let Resource::TrafficPolicy(want) = traffic_policy("a-retries", 2, 4) else {
+                unreachable!()
+            };
+            let spec: mesh_api::traffic::TrafficPolicySpec =
+                serde_json::from_str(&policy.spec_json).expect("the spec as JSON");
+            assert_eq!(spec, want.spec);
+            // Rebuilt after a restart, the view sends the same versions.
+            let rebuilt = View::new(5, &resources, 100);
+            let mut again = Subscription::new(node, versions(&first), &rebuilt);
+            let resync = again.next(&rebuilt).unwrap().unwrap();
+            assert!(resync.resources.is_empty() && resync.removed_resources.is_empty());
+            subs.push((sub, versions(&first)));
+        }
+
+        // An update keeps the creation revision; other labels send nothing;
+        // a delete is a removal.
+        view.apply(6, &[Change::Put(traffic_policy("a-retries", 5, 4))]);
+        for (sub, before) in &mut subs {
+            let d = sub.next(&view).unwrap().expect("the policy");
+            assert_eq!(keys(&d), ["TrafficPolicy/default/a-retries"]);
+            let key = "TrafficPolicy/default/a-retries";
+            assert_ne!(versions(&d)[key], before[key]);
+            let policy = policy_body(&d, key);
+            assert_eq!(policy.created_revision, 4);
+            assert!(
+                policy.spec_json.contains(r#""attempts":5"#),
+                "{}",
+                policy.spec_json
+            );
+        }
+        let mut relabelled = traffic_policy("a-retries", 5, 4);
+        if let Resource::TrafficPolicy(p) = &mut relabelled {
+            p.labels.insert("team".into(), "x".into());
+        }
+        view.apply(7, &[Change::Put(relabelled)]);
+        view.apply(8, &[Change::Delete(traffic_policy("a-retries", 5, 4).id())]);
+        for (sub, _) in &mut subs {
+            let d = sub.next(&view).unwrap().expect("the removal");
+            assert_eq!(d.removed_resources, ["TrafficPolicy/default/a-retries"]);
+            assert!(d.resources.is_empty());
+        }
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Configuration resources: Kubernetes-style YAML documents (`Workload`,
-//! `Service`, `Node`, `MtlsPolicy` of `mesh.dev/v1alpha1`; `HTTPRoute`,
-//! `GRPCRoute` of `gateway.networking.k8s.io/v1`) turned into validated
-//! internal types before anything is locked or stored, and rendered back into
-//! the same shape for `meshctl get`.
+//! `Service`, `Node`, `MtlsPolicy`, `TrafficPolicy` of `mesh.dev/v1alpha1`;
+//! `HTTPRoute`, `GRPCRoute` of `gateway.networking.k8s.io/v1`) turned into
+//! validated internal types before anything is locked or stored, and
+//! rendered back into the same shape for `meshctl get`.
 //!
 //! A bad document rejects the whole batch with an error that names the
 //! document (its 1-based index, and `Kind/namespace/name` once known), the
@@ -18,6 +18,7 @@ use mesh_api::names::{
     CONTROL_SERVICE_ACCOUNT, DEFAULT_NAMESPACE, DEFAULT_SERVICE_ACCOUNT, DEFAULT_TUNNEL_PORT,
     NODE_SERVICE_ACCOUNT_PREFIX, SYSTEM_NAMESPACE,
 };
+use mesh_api::traffic::TrafficPolicySpec;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::json;
 use serde_yaml_ng::{Mapping, Value};
@@ -145,6 +146,21 @@ pub struct Route<S> {
 pub type HttpRoute = Route<HttpRouteSpec>;
 pub type GrpcRoute = Route<GrpcRouteSpec>;
 
+/// A TrafficPolicy ([`mesh_api::traffic`]): resilience settings for one
+/// Service of its namespace, or one port of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    /// As a route's: the store revision at which this policy's key was first
+    /// created (ties between policies for one target go to the oldest).
+    #[serde(default)]
+    pub created_revision: u64,
+    pub spec: TrafficPolicySpec,
+}
+
 /// What the server does with a route spec, whatever its kind.
 pub trait RouteSpec: Serialize + DeserializeOwned {
     const KIND: Kind;
@@ -187,7 +203,9 @@ impl RouteSpec for GrpcRouteSpec {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Not `Eq`: a TrafficPolicy's percentages are `f64`. A TrafficPolicy is
+/// boxed: its spec is many times the size of any other kind's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind")]
 pub enum Resource {
     Workload(Workload),
@@ -196,10 +214,11 @@ pub enum Resource {
     MtlsPolicy(MtlsPolicy),
     HttpRoute(HttpRoute),
     GrpcRoute(GrpcRoute),
+    TrafficPolicy(Box<TrafficPolicy>),
 }
 
 /// One step of a transaction on the configuration.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Change {
     Put(Resource),
@@ -222,6 +241,7 @@ impl Resource {
             Resource::MtlsPolicy(p) => (Kind::MtlsPolicy, p.namespace.as_str(), &p.name),
             Resource::HttpRoute(r) => (Kind::HttpRoute, r.namespace.as_str(), &r.name),
             Resource::GrpcRoute(r) => (Kind::GrpcRoute, r.namespace.as_str(), &r.name),
+            Resource::TrafficPolicy(p) => (Kind::TrafficPolicy, p.namespace.as_str(), &p.name),
         };
         ResourceId {
             kind,
@@ -254,41 +274,68 @@ impl Resource {
                 address: n.address,
                 field: "spec.address".into(),
             }],
-            Resource::MtlsPolicy(_) | Resource::HttpRoute(_) | Resource::GrpcRoute(_) => Vec::new(),
+            Resource::MtlsPolicy(_)
+            | Resource::HttpRoute(_)
+            | Resource::GrpcRoute(_)
+            | Resource::TrafficPolicy(_) => Vec::new(),
         }
     }
 
-    /// A route's parents and the Services its rules send to, each with the
-    /// field that names it; `None` for other kinds.
-    fn route_references(&self) -> Option<RouteReferences<'_>> {
-        fn of<S: RouteSpec>(r: &Route<S>) -> RouteReferences<'_> {
-            RouteReferences {
-                namespace: &r.namespace,
-                parents: r.spec.parent_refs(),
-                backends: r.spec.backend_refs(),
-            }
+    /// The Services a route attaches to and sends to, or a TrafficPolicy
+    /// targets, each with the fields that name it; empty for other kinds.
+    fn service_references(&self) -> Vec<ServiceReference> {
+        fn of<S: RouteSpec>(r: &Route<S>) -> Vec<ServiceReference> {
+            let parents = r.spec.parent_refs().iter().enumerate().map(|(i, p)| {
+                ServiceReference::new(
+                    format!("spec.parentRefs[{i}]"),
+                    &r.namespace,
+                    p.namespace.as_deref(),
+                    &p.name,
+                    p.port,
+                )
+            });
+            let backends = r.spec.backend_refs().into_iter().map(|(field, b)| {
+                ServiceReference::new(field, &r.namespace, b.namespace.as_deref(), &b.name, b.port)
+            });
+            parents.chain(backends).collect()
         }
         match self {
-            Resource::HttpRoute(r) => Some(of(r)),
-            Resource::GrpcRoute(r) => Some(of(r)),
-            _ => None,
+            Resource::HttpRoute(r) => of(r),
+            Resource::GrpcRoute(r) => of(r),
+            // The policy's own namespace only; the name field is what
+            // names the Service.
+            Resource::TrafficPolicy(p) => {
+                let t = &p.spec.target_ref;
+                vec![ServiceReference {
+                    service_field: "spec.targetRef.name".into(),
+                    port_field: "spec.targetRef.port".into(),
+                    namespace: p.namespace.clone(),
+                    name: t.name.clone(),
+                    port: t.port,
+                }]
+            }
+            _ => Vec::new(),
         }
     }
 
-    /// The revision a route's key was first created at; `None` for other kinds.
+    /// The revision a route's or TrafficPolicy's key was first created at;
+    /// `None` for other kinds.
     pub fn created_revision(&self) -> Option<u64> {
         match self {
             Resource::HttpRoute(r) => Some(r.created_revision),
             Resource::GrpcRoute(r) => Some(r.created_revision),
+            Resource::TrafficPolicy(p) => Some(p.created_revision),
             _ => None,
         }
     }
 
-    /// Sets a route's creation revision (other kinds have none).
+    /// Sets a route's or TrafficPolicy's creation revision (other kinds have
+    /// none).
     pub fn set_created_revision(&mut self, revision: u64) {
         match self {
             Resource::HttpRoute(r) => r.created_revision = revision,
             Resource::GrpcRoute(r) => r.created_revision = revision,
+            Resource::TrafficPolicy(p) => p.created_revision = revision,
             _ => {}
         }
     }
@@ -349,14 +396,21 @@ impl Resource {
                 &r.name,
                 &r.namespace,
                 &r.labels,
-                route_spec_document(&r.spec),
+                spec_document(&r.spec),
             ),
             Resource::GrpcRoute(r) => (
                 Kind::GrpcRoute,
                 &r.name,
                 &r.namespace,
                 &r.labels,
-                route_spec_document(&r.spec),
+                spec_document(&r.spec),
+            ),
+            Resource::TrafficPolicy(p) => (
+                Kind::TrafficPolicy,
+                &p.name,
+                &p.namespace,
+                &p.labels,
+                spec_document(&p.spec),
             ),
         };
         let mut metadata = json!({
@@ -378,9 +432,9 @@ impl Resource {
     }
 }
 
-/// A route's spec as its serde JSON, without the nulls and empty lists that
-/// stand for unset fields (they parse back to the same spec).
-fn route_spec_document(spec: &impl Serialize) -> serde_json::Value {
+/// A route's or TrafficPolicy's spec as its serde JSON, without the nulls and
+/// empty lists that stand for unset fields (they parse back to the same spec).
+fn spec_document(spec: &impl Serialize) -> serde_json::Value {
     fn prune(value: serde_json::Value) -> serde_json::Value {
         match value {
             serde_json::Value::Object(map) => map
@@ -392,7 +446,7 @@ fn route_spec_document(spec: &impl Serialize) -> serde_json::Value {
             other => other,
         }
     }
-    prune(serde_json::to_value(spec).expect("a route spec serializes"))
+    prune(serde_json::to_value(spec).expect("a spec serializes"))
 }
 
 /// A Workload's spec, with `mtlsMode` only when it sets one.
@@ -502,13 +556,13 @@ pub enum Problem {
     Empty,
     #[error("{0}")]
     InvalidDuration(String),
-    /// A route spec that does not parse: an unknown field, a wrong type, a
-    /// missing field (serde's words).
+    /// A route or TrafficPolicy spec that does not parse: an unknown field,
+    /// a wrong type, a missing field (serde's words).
     #[error("{0}")]
     Schema(String),
-    /// A route spec that parses but fails its own checks.
+    /// A route or TrafficPolicy spec that parses but fails its own checks.
     #[error("{0}")]
-    Route(String),
+    Check(String),
 }
 
 /// A document with a bad field.
@@ -538,7 +592,7 @@ pub struct MtlsPolicyConflict {
     pub owner: ResourceId,
 }
 
-/// What a route names that the configuration does not have.
+/// What a route or TrafficPolicy names that the configuration does not have.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Missing {
     Service {
@@ -577,12 +631,14 @@ impl fmt::Display for Missing {
     }
 }
 
-/// A route whose parent or backend is not in the configuration.
+/// A route whose parent or backend, or a TrafficPolicy whose target, is not
+/// in the configuration.
 #[derive(Debug, thiserror::Error)]
-#[error("{route}: {field}: {missing}")]
+#[error("{referrer}: {field}: {missing}")]
 pub struct BrokenReference {
-    pub route: ResourceId,
-    /// E.g. `spec.parentRefs[0].port`, `spec.rules[1].backendRefs[0]`.
+    pub referrer: ResourceId,
+    /// E.g. `spec.parentRefs[0].port`, `spec.rules[1].backendRefs[0]`,
+    /// `spec.targetRef.name`.
     pub field: String,
     pub missing: Missing,
 }
@@ -719,20 +775,45 @@ pub fn check_mtls_policies(
     Ok(())
 }
 
-/// A route's references, as [`check_route_references`] reads them.
-struct RouteReferences<'a> {
-    namespace: &'a str,
-    parents: &'a [ParentRef],
-    backends: Vec<(String, BackendObjectRef)>,
+/// A Service that a route or TrafficPolicy names, as [`check_references`]
+/// reads it.
+struct ServiceReference {
+    /// The field reported when the Service does not exist.
+    service_field: String,
+    /// The field reported when it has no such port.
+    port_field: String,
+    namespace: String,
+    name: String,
+    port: Option<u16>,
+}
+
+impl ServiceReference {
+    /// A Gateway API reference: without a namespace it is to the route's
+    /// own; a missing port is reported at `<field>.port`.
+    fn new(
+        field: String,
+        own_namespace: &str,
+        namespace: Option<&str>,
+        name: &str,
+        port: Option<u16>,
+    ) -> ServiceReference {
+        ServiceReference {
+            port_field: format!("{field}.port"),
+            service_field: field,
+            namespace: namespace.unwrap_or(own_namespace).to_owned(),
+            name: name.to_owned(),
+            port,
+        }
+    }
 }
 
 /// Checks that every route of `batch` attaches to Services, and sends to
-/// Services and ports, that exist: in the batch or among those that stay
+/// Services and ports, that exist, and that every TrafficPolicy targets one
+/// (and its port, if it names one): in the batch or among those that stay
 /// (`stored` answers for the current configuration, by namespace and name).
-/// A reference without a namespace is to the route's own. Only the routes
-/// of the batch are checked: deleting or changing a Service that stored
-/// routes name is allowed, as in Kubernetes.
-pub fn check_route_references<'a>(
+/// Only the routes and policies of the batch are checked: deleting or
+/// changing a Service that stored ones name is allowed, as in Kubernetes.
+pub fn check_references<'a>(
     batch: &[Resource],
     stored: impl Fn(&str, &str) -> Option<&'a Service>,
 ) -> Result<(), Error> {
@@ -744,56 +825,41 @@ pub fn check_route_references<'a>(
         })
         .collect();
     for resource in batch {
-        let Some(refs) = resource.route_references() else {
-            continue;
-        };
-        let check = |field: String, namespace: Option<&str>, name: &str, port: Option<u16>| {
-            let namespace = namespace.unwrap_or(refs.namespace);
-            let service = match in_batch.get(&(namespace, name)) {
+        for r in resource.service_references() {
+            let service = match in_batch.get(&(r.namespace.as_str(), r.name.as_str())) {
                 Some(s) => Some(*s),
-                None => stored(namespace, name),
+                None => stored(&r.namespace, &r.name),
             };
             let missing = match service {
                 None => Some((
-                    field,
+                    r.service_field,
                     Missing::Service {
-                        namespace: namespace.to_owned(),
-                        name: name.to_owned(),
+                        namespace: r.namespace,
+                        name: r.name,
                     },
                 )),
-                Some(s) => port
+                Some(s) => r
+                    .port
                     .filter(|&port| !s.ports.iter().any(|p| p.port == port))
                     .map(|port| {
                         (
-                            format!("{field}.port"),
+                            r.port_field,
                             Missing::Port {
-                                namespace: namespace.to_owned(),
-                                name: name.to_owned(),
+                                namespace: r.namespace,
+                                name: r.name,
                                 port,
                                 ports: s.ports.iter().map(|p| p.port).collect(),
                             },
                         )
                     }),
             };
-            match missing {
-                None => Ok(()),
-                Some((field, missing)) => Err(Error::BrokenReference(Box::new(BrokenReference {
-                    route: resource.id(),
+            if let Some((field, missing)) = missing {
+                return Err(Error::BrokenReference(Box::new(BrokenReference {
+                    referrer: resource.id(),
                     field,
                     missing,
-                }))),
+                })));
             }
-        };
-        for (i, p) in refs.parents.iter().enumerate() {
-            check(
-                format!("spec.parentRefs[{i}]"),
-                p.namespace.as_deref(),
-                &p.name,
-                p.port,
-            )?;
-        }
-        for (field, b) in &refs.backends {
-            check(field.clone(), b.namespace.as_deref(), &b.name, b.port)?;
         }
     }
     Ok(())
@@ -1039,7 +1105,7 @@ fn parse_document(index: usize, value: &Value) -> Result<Resource, Error> {
     let name = match kind {
         Kind::Node => node_name(&name_field)?,
         // Kubernetes names custom resources as DNS subdomains.
-        Kind::HttpRoute | Kind::GrpcRoute => {
+        Kind::HttpRoute | Kind::GrpcRoute | Kind::TrafficPolicy => {
             let text = name_field.str()?;
             if !is_dns_subdomain(text) {
                 return name_field.reject(Problem::InvalidSubdomainName(text.to_owned()));
@@ -1086,6 +1152,13 @@ fn parse_document(index: usize, value: &Value) -> Result<Resource, Error> {
         }
         Kind::HttpRoute => Resource::HttpRoute(parse_route(&spec, name, namespace, labels)?),
         Kind::GrpcRoute => Resource::GrpcRoute(parse_route(&spec, name, namespace, labels)?),
+        Kind::TrafficPolicy => Resource::TrafficPolicy(Box::new(TrafficPolicy {
+            name,
+            namespace,
+            labels,
+            created_revision: 0,
+            spec: parse_spec(&spec, TrafficPolicySpec::validate)?,
+        })),
     })
 }
 
@@ -1136,14 +1209,28 @@ fn one_of<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
     }
 }
 
-/// A route's spec, parsed into its typed form (an unknown field or a wrong
-/// type is refused with its path) and checked on its own.
+/// A route's spec, parsed and checked on its own.
 fn parse_route<S: RouteSpec>(
     spec: &Field<'_>,
     name: String,
     namespace: String,
     labels: BTreeMap<String, String>,
 ) -> Result<Route<S>, Error> {
+    Ok(Route {
+        name,
+        namespace,
+        labels,
+        created_revision: 0,
+        spec: parse_spec(spec, S::validate)?,
+    })
+}
+
+/// A spec of a mesh_api type, parsed into its typed form (an unknown field or
+/// a wrong type is refused with its path) and checked on its own.
+fn parse_spec<S: DeserializeOwned>(
+    spec: &Field<'_>,
+    validate: impl FnOnce(&S) -> Result<(), gateway::Invalid>,
+) -> Result<S, Error> {
     let typed: S = serde_path_to_error::deserialize(spec.value).or_else(|e| {
         let path = e.path().to_string();
         let field = if path == "." {
@@ -1154,16 +1241,8 @@ fn parse_route<S: RouteSpec>(
         spec.child(field, &NULL)
             .reject(Problem::Schema(e.into_inner().to_string()))
     })?;
-    typed
-        .validate()
-        .or_else(|e| spec.child(e.field, &NULL).reject(Problem::Route(e.problem)))?;
-    Ok(Route {
-        name,
-        namespace,
-        labels,
-        created_revision: 0,
-        spec: typed,
-    })
+    validate(&typed).or_else(|e| spec.child(e.field, &NULL).reject(Problem::Check(e.problem)))?;
+    Ok(typed)
 }
 
 /// Node names follow Kubernetes: a DNS subdomain.
@@ -1549,7 +1628,7 @@ spec:
         let e = rejected(&with(SERVICE, "kind: Service", "kind: Gateway"));
         assert_eq!(
             e,
-            "document 1: kind: unknown kind \"Gateway\" (expected \"Workload\", \"Service\", \"Node\" or \"MtlsPolicy\")"
+            "document 1: kind: unknown kind \"Gateway\" (expected \"Workload\", \"Service\", \"Node\", \"MtlsPolicy\" or \"TrafficPolicy\")"
         );
         let e = rejected(&with(SERVICE, "mesh.dev/v1alpha1", "v1"));
         assert!(
@@ -2210,8 +2289,8 @@ spec:
         );
     }
 
-    fn route_check(batch: &[Resource], stored: &[Resource]) -> Result<(), Error> {
-        check_route_references(batch, |namespace, name| {
+    fn reference_check(batch: &[Resource], stored: &[Resource]) -> Result<(), Error> {
+        check_references(batch, |namespace, name| {
             stored.iter().find_map(|r| match r {
                 Resource::Service(s) if s.namespace == namespace && s.name == name => Some(s),
                 _ => None,
@@ -2240,11 +2319,11 @@ spec: {vips: [198.19.0.2], ports: [{port: 8080}], selector: {app: echo-v2}}
     fn routes_name_services_and_ports_that_exist() {
         let services = echo_services();
         let route = parse_documents(ROUTE).expect("valid");
-        route_check(&route, &services).expect("parents and backends exist");
+        reference_check(&route, &services).expect("parents and backends exist");
         // The Services may come in the same batch.
         let mut batch = route.clone();
         batch.extend(services.iter().cloned());
-        route_check(&batch, &[]).expect("in the batch");
+        reference_check(&batch, &[]).expect("in the batch");
 
         let cases = [
             (
@@ -2277,16 +2356,248 @@ spec: {vips: [198.19.0.2], ports: [{port: 8080}], selector: {app: echo-v2}}
         ];
         for (yaml, expected) in cases {
             let batch = parse_documents(&yaml).expect("valid on its own");
-            let e = route_check(&batch, &services).expect_err("broken reference");
+            let e = reference_check(&batch, &services).expect_err("broken reference");
             assert_eq!(e.to_string(), expected);
             assert_eq!(e.document_index(), None);
         }
         let grpc = parse_documents(GRPC_ROUTE).expect("valid");
-        let e = route_check(&grpc, &services).expect_err("nothing in shop");
+        let e = reference_check(&grpc, &services).expect_err("nothing in shop");
         assert_eq!(
             e.to_string(),
             "GRPCRoute/shop/rpc: spec.parentRefs[0]: Service shop/grpc does not exist"
         );
+    }
+
+    const TRAFFIC_POLICY: &str = "
+apiVersion: mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: echo.resilience, labels: {team: a}}
+spec:
+  targetRef: {kind: Service, name: echo, port: 80}
+  loadBalancer: {simple: ROUND_ROBIN}
+  retries:
+    attempts: 3
+    perTryTimeout: 200ms
+    retryOn: [5xx, reset]
+    budget: {percent: 25}
+  circuitBreaker: {maxRequests: 100}
+  outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 5s, maxEjectionPercent: 50}
+  fault: {headers: [{name: x-chaos, value: 'yes'}], abort: {httpStatus: 503, percentage: 1.5}}
+  rateLimit: {inbound: {requests: 100, perSourceIdentity: true}}
+";
+
+    #[test]
+    fn parses_traffic_policies_and_renders_them_back() {
+        let r = parse_documents(TRAFFIC_POLICY).expect("valid").remove(0);
+        assert_eq!(r.id().to_string(), "TrafficPolicy/default/echo.resilience");
+        let Resource::TrafficPolicy(p) = &r else {
+            panic!("not a TrafficPolicy: {r:?}")
+        };
+        assert_eq!(p.created_revision, 0, "the store sets it");
+        assert_eq!(r.created_revision(), Some(0));
+        assert_eq!(p.labels["team"], "a");
+        assert_eq!(p.spec.target_ref.port, Some(80));
+        let retries = p.spec.retries.as_ref().expect("retries");
+        assert_eq!(retries.attempts, 3);
+        assert_eq!(retries.budget.as_ref().expect("budget").percent, 25.0);
+        assert_eq!(
+            retries
+                .budget
+                .as_ref()
+                .expect("budget")
+                .min_retry_concurrency,
+            3,
+            "Envoy's default"
+        );
+        assert!(r.addresses().is_empty());
+        let doc = r.to_document(4);
+        assert_eq!(doc["apiVersion"], "mesh.dev/v1alpha1");
+        assert_eq!(doc["kind"], "TrafficPolicy");
+        assert_eq!(doc["metadata"]["namespace"], "default");
+        assert_eq!(doc["spec"]["targetRef"]["name"], "echo");
+        // Unset fields are left out, not rendered as null or [].
+        assert!(doc["spec"]["targetRef"].get("group").is_none(), "{doc}");
+        assert!(doc["spec"]["retries"].get("retriableStatusCodes").is_none());
+        let again = serde_yaml_ng::to_string(&doc).expect("yaml");
+        assert_eq!(parse_documents(&again).expect("round trip")[0], r);
+
+        // The smallest one: a target and nothing else.
+        let minimal = "apiVersion: mesh.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p, namespace: shop}\nspec: {targetRef: {name: cart}}\n";
+        let r = parse_documents(minimal).expect("valid").remove(0);
+        assert_eq!(r.id().to_string(), "TrafficPolicy/shop/p");
+        let doc = r.to_document(1);
+        assert_eq!(doc["spec"], json!({"targetRef": {"name": "cart"}}));
+        let again = serde_yaml_ng::to_string(&doc).expect("yaml");
+        assert_eq!(parse_documents(&again).expect("round trip")[0], r);
+        for loose in ["TrafficPolicy", "trafficpolicies", "tp"] {
+            assert_eq!(Kind::from_loose(loose), Some(Kind::TrafficPolicy));
+        }
+    }
+
+    #[test]
+    fn bad_traffic_policies_are_refused_naming_document_and_field() {
+        let at = "document 1 (TrafficPolicy/default/echo.resilience): ";
+        let cases = [
+            (
+                with(TRAFFIC_POLICY, "{percent: 25}", "{percent: 150}"),
+                "spec.retries.budget.percent: 150: must be more than 0 and at most 100",
+            ),
+            (
+                with(TRAFFIC_POLICY, "perTryTimeout: 200ms", "perTryTimeout: 0s"),
+                "spec.retries.perTryTimeout: \"0s\": must be more than zero",
+            ),
+            (
+                with(TRAFFIC_POLICY, "attempts: 3", "attempts: 11"),
+                "spec.retries.attempts: 11 is more than the most, 10",
+            ),
+            (
+                with(
+                    TRAFFIC_POLICY,
+                    "{simple: ROUND_ROBIN}",
+                    "{consistentHash: {}}",
+                ),
+                "spec.loadBalancer.consistentHash: needs a key: httpHeaderName, httpCookie or useSourceIdentity",
+            ),
+            (
+                with(
+                    TRAFFIC_POLICY,
+                    "maxEjectionPercent: 50",
+                    "maxEjectionPercent: 101",
+                ),
+                "spec.outlierDetection.maxEjectionPercent: 101 is more than 100",
+            ),
+            (
+                with(TRAFFIC_POLICY, "requests: 100", "requests: 0"),
+                "spec.rateLimit.inbound.requests: a rate of zero: at least 1",
+            ),
+            (
+                with(
+                    TRAFFIC_POLICY,
+                    "    attempts: 3\n",
+                    "    attempts: 3\n    tries: 2\n",
+                ),
+                "spec.retries.tries: unknown field `tries`, expected one of `attempts`, ",
+            ),
+            (
+                with(TRAFFIC_POLICY, "  circuitBreaker:", "  circuitBreakers:"),
+                "spec.circuitBreakers: unknown field `circuitBreakers`",
+            ),
+            (
+                with(TRAFFIC_POLICY, "attempts: 3", "attempts: three"),
+                "spec.retries.attempts: invalid type: string \"three\"",
+            ),
+            (
+                with(
+                    TRAFFIC_POLICY,
+                    "simple: ROUND_ROBIN",
+                    "simple: LEAST_REQUEST",
+                ),
+                "spec.loadBalancer.simple: unknown variant `LEAST_REQUEST`",
+            ),
+            (
+                with(
+                    TRAFFIC_POLICY,
+                    "name: echo, port: 80",
+                    "name: echo, port: 70000",
+                ),
+                "spec.targetRef.port: invalid value: integer `70000`",
+            ),
+            (
+                with(
+                    TRAFFIC_POLICY,
+                    "kind: Service, name: echo",
+                    "kind: Pod, name: echo",
+                ),
+                "spec.targetRef.kind: only Service",
+            ),
+            (
+                with(
+                    TRAFFIC_POLICY,
+                    "  targetRef: {kind: Service, name: echo, port: 80}\n",
+                    "",
+                ),
+                "spec: missing field `targetRef`",
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let e = rejected(&yaml);
+            let expected = format!("{at}{expected}");
+            assert!(e.starts_with(&expected), "{e}\nexpected: {expected}");
+        }
+        let e = rejected(&with(
+            TRAFFIC_POLICY,
+            "mesh.dev/v1alpha1",
+            "gateway.networking.k8s.io/v1",
+        ));
+        assert_eq!(
+            e,
+            "document 1: apiVersion: TrafficPolicy is a kind of apiVersion \"mesh.dev/v1alpha1\", not \"gateway.networking.k8s.io/v1\""
+        );
+        let e = rejected(&with(TRAFFIC_POLICY, "name: echo.resilience", "name: Echo"));
+        assert!(
+            e.starts_with(
+                "document 1: metadata.name: \"Echo\" is not a valid name (a DNS subdomain"
+            ),
+            "{e}"
+        );
+        // Later documents are named by their index.
+        let e = rejected(&format!(
+            "{SERVICE}---\n{}",
+            with(TRAFFIC_POLICY, "attempts: 3", "attempts: 11")
+        ));
+        assert!(
+            e.starts_with(
+                "document 2 (TrafficPolicy/default/echo.resilience): spec.retries.attempts: "
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn traffic_policies_target_a_service_and_port_that_exist() {
+        let services = echo_services();
+        let policy = parse_documents(TRAFFIC_POLICY).expect("valid");
+        reference_check(&policy, &services).expect("echo:80 exists");
+        let whole = parse_documents(&with(TRAFFIC_POLICY, ", port: 80}", "}")).expect("valid");
+        reference_check(&whole, &services).expect("every port of echo");
+        // The Service may come in the same batch.
+        let mut batch = policy.clone();
+        batch.extend(services.iter().cloned());
+        reference_check(&batch, &[]).expect("in the batch");
+
+        let cases = [
+            (
+                with(
+                    TRAFFIC_POLICY,
+                    "name: echo, port: 80",
+                    "name: gone, port: 80",
+                ),
+                "TrafficPolicy/default/echo.resilience: spec.targetRef.name: Service default/gone does not exist",
+            ),
+            (
+                with(
+                    TRAFFIC_POLICY,
+                    "name: echo, port: 80",
+                    "name: echo, port: 81",
+                ),
+                "TrafficPolicy/default/echo.resilience: spec.targetRef.port: Service default/echo has no port 81 (it has 80, 8080)",
+            ),
+            // Only Services of the policy's own namespace.
+            (
+                with(
+                    TRAFFIC_POLICY,
+                    "{name: echo.resilience,",
+                    "{name: echo.resilience, namespace: shop,",
+                ),
+                "TrafficPolicy/shop/echo.resilience: spec.targetRef.name: Service shop/echo does not exist",
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let batch = parse_documents(&yaml).expect("valid on its own");
+            let e = reference_check(&batch, &services).expect_err("broken reference");
+            assert_eq!(e.to_string(), expected);
+            assert_eq!(e.document_index(), None);
+        }
     }
 
     #[test]

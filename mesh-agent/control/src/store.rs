@@ -66,7 +66,7 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 }
 
 /// A resource and the store revision at which it last changed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Stored {
     pub version: u64,
     pub resource: Resource,
@@ -96,9 +96,9 @@ pub struct Plan {
     pub outcomes: Vec<(ResourceId, Outcome)>,
     /// Only what actually changes.
     pub changes: Vec<Change>,
-    /// The revision the changes commit as: the next one. Routes created by
-    /// the plan carry it as their creation revision, so the plan must be
-    /// committed before anything else is.
+    /// The revision the changes commit as: the next one. Routes and
+    /// TrafficPolicies created by the plan carry it as their creation
+    /// revision, so the plan must be committed before anything else is.
     pub revision: u64,
 }
 
@@ -137,12 +137,12 @@ impl State {
     }
 
     /// What applying `batch` would do, or why the result would be invalid.
-    /// A route keeps the creation revision of the route it replaces; a new
-    /// one gets the revision the plan commits as.
+    /// A route or TrafficPolicy keeps the creation revision of the one it
+    /// replaces; a new one gets the revision the plan commits as.
     pub fn plan_apply(&self, batch: Vec<Resource>) -> Result<Plan, resources::Error> {
         resources::check_addresses(&batch, |ip| self.addresses.get(&ip))?;
         resources::check_mtls_policies(&batch, |namespace| self.mtls_policy(namespace))?;
-        resources::check_route_references(&batch, |namespace, name| self.service(namespace, name))?;
+        resources::check_references(&batch, |namespace, name| self.service(namespace, name))?;
         let revision = self.revision + 1;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut changes = Vec::new();
@@ -616,7 +616,10 @@ mod tests {
     fn created(state: &State, resource: &Resource) -> (u64, u64) {
         let stored = state.get(&resource.id()).expect("stored");
         (
-            stored.resource.created_revision().expect("a route"),
+            stored
+                .resource
+                .created_revision()
+                .expect("a route or policy"),
             stored.version,
         )
     }
@@ -706,6 +709,71 @@ mod tests {
         drop(store);
         let store = Store::open(&dir.0, 100).expect("reopen");
         assert_eq!(created(store.state(), &web), (7, 7));
+    }
+
+    fn traffic_policy(name: &str, target: &str, port: Option<u16>, attempts: u32) -> Resource {
+        let port = port.map(|p| format!(", port: {p}")).unwrap_or_default();
+        parse_documents(&format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}}}\nspec:\n  targetRef: {{name: {target}{port}}}\n  retries: {{attempts: {attempts}, budget: {{percent: 12.5}}}}\n"
+        ))
+        .expect("valid")
+        .remove(0)
+    }
+
+    #[test]
+    fn a_traffic_policy_targets_a_service_that_exists_and_keeps_its_creation_revision() {
+        let dir = TempDir::new("traffic-policy");
+        let mut store = Store::open(&dir.0, 100).expect("open");
+        put(&mut store, vec![service("echo", "198.19.0.1")]);
+        let e = store
+            .state()
+            .plan_apply(vec![
+                workload("w", "198.18.0.1"),
+                traffic_policy("p", "gone", None, 2),
+            ])
+            .expect_err("no Service gone");
+        assert_eq!(
+            e.to_string(),
+            "TrafficPolicy/default/p: spec.targetRef.name: Service default/gone does not exist"
+        );
+        let e = store
+            .state()
+            .plan_apply(vec![traffic_policy("p", "echo", Some(81), 2)])
+            .expect_err("no port 81");
+        assert_eq!(
+            e.to_string(),
+            "TrafficPolicy/default/p: spec.targetRef.port: Service default/echo has no port 81 (it has 80, 8080)"
+        );
+        assert_eq!(store.state().revision(), 1, "nothing applied");
+
+        let p = traffic_policy("p", "echo", Some(8080), 2);
+        assert_eq!(put(&mut store, vec![p.clone()]), 2);
+        assert_eq!(created(store.state(), &p), (2, 2));
+        let changed = traffic_policy("p", "echo", None, 3);
+        assert_eq!(put(&mut store, vec![changed.clone()]), 3);
+        assert_eq!(created(store.state(), &changed), (2, 3));
+        // What `get` shows applies back unchanged (f64s included).
+        let stored = store.state().get(&p.id()).expect("stored");
+        let doc =
+            serde_yaml_ng::to_string(&stored.resource.to_document(stored.version)).expect("yaml");
+        let plan = store
+            .state()
+            .plan_apply(parse_documents(&doc).expect("valid"))
+            .expect("plan");
+        assert_eq!(plan.outcomes[0].1, Outcome::Unchanged, "{doc}");
+        // Deleting the Service it targets is allowed, as for routes.
+        store
+            .commit(&[Change::Delete(service("echo", "198.19.0.1").id())])
+            .expect("delete");
+        // Kept across a restart.
+        drop(store);
+        let store = Store::open(&dir.0, 100).expect("reopen");
+        assert_eq!(created(store.state(), &changed), (2, 3));
+        assert_eq!(store.state().get(&p.id()).expect("kept").resource, {
+            let mut want = changed.clone();
+            want.set_created_revision(2);
+            want
+        });
     }
 
     #[test]

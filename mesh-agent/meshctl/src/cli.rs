@@ -110,8 +110,8 @@ pub enum Command {
     },
     /// Show resources, as a table or as documents.
     Get {
-        /// workload (wl), service (svc), node (no), mtlspolicy, httproute or
-        /// grpcroute.
+        /// workload (wl), service (svc), node (no), mtlspolicy, httproute,
+        /// grpcroute or trafficpolicy (tp).
         kind: String,
         /// One resource; all of the kind when omitted.
         name: Option<String>,
@@ -126,8 +126,8 @@ pub enum Command {
     },
     /// Delete a resource.
     Delete {
-        /// workload (wl), service (svc), node (no), mtlspolicy, httproute or
-        /// grpcroute.
+        /// workload (wl), service (svc), node (no), mtlspolicy, httproute,
+        /// grpcroute or trafficpolicy (tp).
         kind: String,
         name: String,
         #[arg(short = 'n', long, default_value = DEFAULT_NAMESPACE)]
@@ -317,7 +317,7 @@ async fn control(args: &Args) -> anyhow::Result<String> {
             }
             let kind = Kind::from_loose(kind).with_context(|| {
                 format!(
-                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no, mtlspolicy, httproute or grpcroute)"
+                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no, mtlspolicy, httproute, grpcroute, trafficpolicy or tp)"
                 )
             })?;
             let response = client
@@ -359,7 +359,7 @@ async fn control(args: &Args) -> anyhow::Result<String> {
         } => {
             let kind = Kind::from_loose(kind).with_context(|| {
                 format!(
-                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no, mtlspolicy, httproute or grpcroute)"
+                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no, mtlspolicy, httproute, grpcroute, trafficpolicy or tp)"
                 )
             })?;
             client
@@ -624,6 +624,10 @@ fn render_documents(
                         })
                         .collect(),
                 ),
+                Kind::TrafficPolicy => (
+                    &["NAME", "TARGET", "SUMMARY"],
+                    documents.iter().map(traffic_policy_row).collect(),
+                ),
                 Kind::MtlsPolicy => (
                     &["NAME", "MODE"],
                     documents
@@ -710,6 +714,56 @@ fn service_row(d: &Value) -> Vec<String> {
             selector.join(",")
         },
     ]
+}
+
+fn traffic_policy_row(d: &Value) -> Vec<String> {
+    let spec = &d["spec"];
+    let target = &spec["targetRef"];
+    let target = match &target["port"] {
+        Value::Null => text(&target["name"]),
+        port => format!("{}:{port}", text(&target["name"])),
+    };
+    vec![
+        text(&d["metadata"]["name"]),
+        target,
+        traffic_policy_summary(spec),
+    ]
+}
+
+/// What a TrafficPolicy sets, in a few words: `lb=ROUND_ROBIN retries=3
+/// breaker outlier fault ratelimit`.
+fn traffic_policy_summary(spec: &Value) -> String {
+    let mut parts = Vec::new();
+    let lb = &spec["loadBalancer"];
+    if lb.is_object() {
+        parts.push(match (&lb["simple"], &lb["consistentHash"]) {
+            (_, Value::Object(_)) => "lb=CONSISTENT_HASH".to_owned(),
+            (Value::String(simple), _) => format!("lb={simple}"),
+            // The mesh's default.
+            _ => "lb=LEAST_LATENCY".to_owned(),
+        });
+        if lb["preferSameNode"] == Value::Bool(true) {
+            parts.push("same-node".to_owned());
+        }
+    }
+    if spec["retries"].is_object() {
+        parts.push(format!("retries={}", text(&spec["retries"]["attempts"])));
+    }
+    for (field, word) in [
+        ("circuitBreaker", "breaker"),
+        ("outlierDetection", "outlier"),
+        ("fault", "fault"),
+        ("rateLimit", "ratelimit"),
+    ] {
+        if spec[field].is_object() {
+            parts.push(word.to_owned());
+        }
+    }
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join(" ")
+    }
 }
 
 /// Left-aligned columns, as wide as their widest cell.
@@ -803,4 +857,37 @@ fn render_connections(rows: &[ConnectionView]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traffic_policy_row_names_its_target_and_what_it_sets() {
+        let doc = json!({
+            "metadata": {"name": "p"},
+            "spec": {
+                "targetRef": {"name": "echo", "port": 80},
+                "loadBalancer": {"consistentHash": {"useSourceIdentity": true}, "preferSameNode": true},
+                "retries": {"attempts": 3},
+                "circuitBreaker": {"maxRequests": 10},
+                "outlierDetection": {},
+                "fault": {"abort": {"httpStatus": 503, "percentage": 1.0}},
+                "rateLimit": {"inbound": {"requests": 5}},
+            },
+        });
+        assert_eq!(
+            traffic_policy_row(&doc),
+            [
+                "p",
+                "echo:80",
+                "lb=CONSISTENT_HASH same-node retries=3 breaker outlier fault ratelimit"
+            ]
+        );
+        let whole = json!({"metadata": {"name": "q"}, "spec": {"targetRef": {"name": "echo"}}});
+        assert_eq!(traffic_policy_row(&whole), ["q", "echo", "-"]);
+        let lb = json!({"targetRef": {"name": "a"}, "loadBalancer": {"preferSameNode": false}});
+        assert_eq!(traffic_policy_summary(&lb), "lb=LEAST_LATENCY");
+    }
 }
