@@ -668,6 +668,9 @@ impl HttpProxy {
                     count("retry_body_too_large");
                     return Final::Tried(result, per_try, ep.addr);
                 }
+                // This request's previous retry is over: the budget is
+                // asked for one more.
+                _retry_held = None;
                 if !budget::retry_allowed(
                     &policy.budget,
                     at.runtime.active_requests.get(),

@@ -77,7 +77,7 @@ impl Replay {
             next: 0,
             trailers_sent: false,
             limit: self.limit,
-            hint: self.hint.clone(),
+            hint: self.hint,
         }
     }
 }
@@ -161,7 +161,7 @@ impl hyper::body::Body for ReplayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }
 
