@@ -200,10 +200,43 @@ impl Flags {
     }
 }
 
+impl Flags {
+    /// The flags a header value names (another agent's answer); unknown
+    /// ones are left out.
+    pub fn parse(value: &[u8]) -> Flags {
+        let mut out = Flags::default();
+        for part in value.split(|b| *b == b',') {
+            if let Some(f) = Flag::ALL
+                .into_iter()
+                .find(|f| f.as_str().as_bytes() == part)
+            {
+                out.insert(f);
+            }
+        }
+        out
+    }
+}
+
 impl From<Flag> for Flags {
     fn from(f: Flag) -> Flags {
         let mut s = Flags::default();
         s.insert(f);
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_list_in_a_fixed_order_and_parse_back() {
+        let mut f = Flags::from(Flag::Retried);
+        f.insert(Flag::DelayInjected);
+        f.insert(Flag::Overflow);
+        assert_eq!(f.label(), "UO,RT,DI");
+        assert_eq!(Flags::parse(f.label().as_bytes()), f);
+        assert_eq!(Flags::default().label(), "-");
+        assert_eq!(Flags::parse(b"XX,RL"), Flags::from(Flag::RateLimited));
     }
 }

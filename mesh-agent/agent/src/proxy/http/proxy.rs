@@ -717,7 +717,14 @@ impl HttpProxy {
                     &format!("{}: no answer from {addr} within {d:?}", be.service),
                 )
             }
-            Final::Tried(Some(Ok(resp)), ..) => resp,
+            Final::Tried(Some(Ok(resp)), ..) => {
+                // The destination agent's own answer (its inbound rate
+                // limit, a failed connect): its flags count here too.
+                if let Some(v) = resp.headers().get(FLAGS_HEADER) {
+                    flags = flags.union(Flags::parse(v.as_bytes()));
+                }
+                resp
+            }
             Final::Tried(Some(Err(e)), _, addr) => {
                 debug!(error = %e, endpoint = %addr, "request failed");
                 let flag = e.flag();

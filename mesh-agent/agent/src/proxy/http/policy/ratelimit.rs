@@ -100,17 +100,25 @@ mod tests {
     }
 
     #[test]
-    fn the_bucket_refills_at_the_rate() {
-        let l = Limiter::new(&cfg(1000, Duration::from_secs(1), 1, false));
-        let start = std::time::Instant::now();
-        let mut allowed = 0;
-        while start.elapsed() < Duration::from_millis(200) {
-            if l.check("a").is_ok() {
-                allowed += 1;
-            }
-        }
-        // 1000/s for 0.2 s, plus the one of the burst.
-        assert!((150..=215).contains(&allowed), "{allowed}");
+    fn the_wait_given_is_when_the_next_token_comes() {
+        // 20 per second: one token every 50 ms.
+        let l = Limiter::new(&cfg(20, Duration::from_secs(1), 2, false));
+        l.check("a").unwrap();
+        l.check("a").unwrap();
+        let wait = l.check("a").unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(50),
+            "{wait:?}"
+        );
+        std::thread::sleep(wait);
+        l.check("a").unwrap();
+    }
+
+    #[test]
+    fn the_quota_refills_one_token_per_interval_over_requests() {
+        let q = cfg(50, Duration::from_secs(1), 10, false).quota();
+        assert_eq!(q.replenish_interval(), Duration::from_millis(20));
+        assert_eq!(q.burst_size().get(), 10);
     }
 
     #[test]
