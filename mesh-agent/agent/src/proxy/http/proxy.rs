@@ -576,15 +576,20 @@ impl HttpProxy {
         let mut upgrade = upgrade;
         let mut parts = Some(parts);
         let tries = async {
-            let mut tried: Vec<usize> = Vec::new();
+            // Attempts are at most MAX_RETRY_ATTEMPTS + 1: no allocation.
+            let mut tried = [usize::MAX; mesh_api::traffic::MAX_RETRY_ATTEMPTS as usize + 1];
+            let mut n_tried = 0;
             let mut retries = 0u32;
             let mut _retry_held = None;
             loop {
-                let Some(index) = be.pick_for_request(hash, &tried) else {
+                let Some(index) = be.pick_for_request(hash, &tried[..n_tried]) else {
                     let detail = format!("Service {} has no ready endpoint", be.service);
                     return Final::Local(Flag::NoHealthyUpstream, detail);
                 };
-                tried.push(index);
+                if let Some(slot) = tried.get_mut(n_tried) {
+                    *slot = index;
+                    n_tried += 1;
+                }
                 let ep = &be.endpoints[index];
                 let planned = match route::to_endpoint(
                     plan.state,

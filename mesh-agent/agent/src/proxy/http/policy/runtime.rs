@@ -189,24 +189,24 @@ pub fn pick(
 ) -> Option<usize> {
     let now = now_ns();
     let stats = &attached.stats;
-    let ready: Vec<usize> = (0..candidates.len())
-        .filter(|i| candidates[*i].ready)
-        .collect();
-    if ready.is_empty() {
+    // One pass per fallback, into one buffer: ready, healthy and untried;
+    // else ready and untried (all ejected); else ready and healthy (all
+    // tried); else ready.
+    let mut set: Vec<usize> = Vec::with_capacity(candidates.len());
+    for (healthy_only, untried_only) in [(true, true), (false, true), (true, false), (false, false)]
+    {
+        set.extend((0..candidates.len()).filter(|i| {
+            candidates[*i].ready
+                && (!untried_only || !tried.contains(i))
+                && (!healthy_only || !stats[*i].is_ejected(now))
+        }));
+        if !set.is_empty() {
+            break;
+        }
+    }
+    if set.is_empty() {
         return None;
     }
-    let healthy: Vec<usize> = ready
-        .iter()
-        .copied()
-        .filter(|i| !stats[*i].is_ejected(now))
-        .collect();
-    let base = if healthy.is_empty() { ready } else { healthy };
-    let fresh: Vec<usize> = base
-        .iter()
-        .copied()
-        .filter(|i| !tried.contains(i))
-        .collect();
-    let mut set = if fresh.is_empty() { base } else { fresh };
     if policy.prefer_same_node && set.iter().any(|i| candidates[*i].local) {
         set.retain(|i| candidates[*i].local);
     }
