@@ -20,7 +20,11 @@ def grpc_serve(args):
     import grpc
     from concurrent import futures
 
+    import random
+
     def unary(request, context):
+        if random.random() * 100 < args.fail_percent:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "failing as --fail-percent asks")
         return f"{args.name}:{request.decode()}".encode()
 
     def stream(requests, context):
@@ -369,6 +373,7 @@ def main():
     g = sub.add_parser("grpc-serve")
     g.add_argument("--port", type=int, required=True)
     g.add_argument("--name", required=True)
+    g.add_argument("--fail-percent", type=float, default=0)
     g = sub.add_parser("grpc-call")
     g.add_argument("--addr", required=True)
     g.add_argument("--messages", type=int, default=3)

@@ -102,7 +102,38 @@ fn retries_stay_in_the_budget_and_per_try_timeouts_move_on() {
     let Some(cluster) = cluster() else { return };
     let _servers = servers(&cluster);
     let three: &[&str] = &["node2-pod1", "node2-pod2", "node3-pod1"];
-    let mut docs = workloads(&cluster, &[("flaky", three)]);
+    // gRPC servers (Python grpcio) failing half of the calls UNAVAILABLE.
+    let _rpc: Vec<Probe> = ["node2-pod2", "node3-pod2"]
+        .iter()
+        .map(|pod| {
+            Probe::start(
+                python_in_pod(&cluster, pod),
+                &[
+                    "grpc-serve",
+                    "--port",
+                    "50051",
+                    "--name",
+                    pod,
+                    "--fail-percent",
+                    "50",
+                ],
+            )
+        })
+        .collect();
+    let rpc: &[&str] = &["node2-pod2", "node3-pod2"];
+    let mut docs = workloads(&cluster, &[("flaky", three), ("rpc", rpc)]);
+    let grpc_service = |name: &str, vip: &str| {
+        format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  vips: [\"{vip}\"]\n  ports:\n  - {{name: grpc, port: 50051, appProtocol: grpc}}\n  selector:\n    rpc: \"yes\"\n"
+        )
+    };
+    docs.push(grpc_service("rpc", "198.18.210.4"));
+    docs.push(grpc_service("rpc-plain", "198.18.210.5"));
+    docs.push(policy(
+        "rpc",
+        "rpc",
+        "  retries:\n    attempts: 8\n    retryOn: [unavailable]\n    backoff: {baseInterval: 1ms, maxInterval: 5ms}\n    budget: {percent: 100}\n",
+    ));
     docs.push(service("flaky", "198.18.210.1", "flaky"));
     docs.push(service("down", "198.18.210.2", "flaky"));
     docs.push(service("slow", "198.18.210.3", "flaky"));
@@ -197,6 +228,34 @@ fn retries_stay_in_the_budget_and_per_try_timeouts_move_on() {
             .any(|f| f.contains("RB")),
         "answers the budget refused carry RB: {v}"
     );
+
+    // gRPC: grpcio's calls (an AF_INET6 socket to an IPv4-mapped address)
+    // to servers failing half of them UNAVAILABLE: retried on that status,
+    // they succeed; without a policy, half fail.
+    let calls = |vip: &str| {
+        probe(
+            python_in_pod(&cluster, "node1-pod1"),
+            &[
+                "grpc-many",
+                "--addr",
+                &format!("{vip}:50051"),
+                "--count",
+                "200",
+            ],
+        )
+    };
+    let plain = calls("198.18.210.5");
+    let failed = plain["codes"]["UNAVAILABLE"].as_u64().unwrap_or(0);
+    assert!((60..=140).contains(&failed), "no retries: {plain}");
+    let retried = calls("198.18.210.4");
+    let ok: u64 = retried["names"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert!(ok >= 198, "retried on UNAVAILABLE: {retried}");
+    assert!(decisions(&cluster, "node1", "rpc", "retried") >= 60);
 
     // One endpoint answers after 2 s: its try times out at 200 ms and the
     // retry goes to another endpoint.
