@@ -11,9 +11,11 @@
 //! - [`identity`]: SPIFFE IDs, the CA, CSRs, the certificate store and the
 //!   rustls configurations of mutual TLS;
 //! - [`client`]: how agents and `meshctl` reach the control server;
+//! - [`authz`]: our AuthorizationPolicy (Istio's meaning) and its checks;
 //! - [`admin`]: the node agent's admin API (types and a blocking client);
 //! - [`serve`]: the accept loop every listener runs; [`logging`].
 pub mod admin;
+pub mod authz;
 #[cfg(feature = "grpc")]
 pub mod client;
 pub mod gateway;
