@@ -6,12 +6,15 @@
 //!   the discovery client that keeps it current;
 //! - [`proxy`]: the outbound listener, route planning, the mTLS tunnel to
 //!   other agents, the inbound tunnel listener and the byte copy;
+//! - [`authz`]: the AuthorizationPolicies, compiled, and the verdict on a
+//!   connection or request;
 //! - [`certs`]: the workload and node certificates the tunnel presents;
 //! - [`telemetry`]: metrics and the connection table;
 //! - [`admin`]: the admin API for `meshctl`, `/metrics` and readiness;
 //! - [`app`]: the wiring of `mesh-agent`.
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod certs;
 pub mod proxy;
 pub mod redirect;
