@@ -319,6 +319,74 @@ impl Policy {
     }
 }
 
+/// Judges a connection or request to the local workload at `dst` with the
+/// policies of `state`, logging what decided and counting it.
+pub fn judge(
+    state: &crate::state::State,
+    metrics: &crate::telemetry::Metrics,
+    dst: std::net::SocketAddrV4,
+    source: Option<&mesh_api::identity::SpiffeId>,
+    source_ip: Ipv4Addr,
+    http: Option<HttpAttributes>,
+) -> Decision {
+    let policies = state.authz_for(*dst.ip());
+    if policies.is_empty() {
+        return Decision {
+            allowed: true,
+            by: None,
+            audited: Vec::new(),
+        };
+    }
+    let principal = source.map(ToString::to_string);
+    let principal = principal
+        .as_deref()
+        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+    let a = Attributes {
+        principal,
+        namespace: source.map(|s| s.namespace()),
+        source_ip,
+        port: dst.port(),
+        http,
+    };
+    let d = evaluate(policies.iter().map(|p| &**p), &a);
+    for (policy, rule) in &d.audited {
+        tracing::info!(%dst, source = principal.unwrap_or("-"), %source_ip, policy, rule, http = http.is_some(), "authorization audit");
+        metrics.authz(policy, "audit");
+    }
+    match (&d.by, d.allowed) {
+        (Some((policy, rule)), false) => {
+            tracing::info!(%dst, source = principal.unwrap_or("-"), %source_ip, policy, rule, "denied by policy");
+            metrics.authz(policy, "deny");
+        }
+        (None, false) => {
+            tracing::info!(%dst, source = principal.unwrap_or("-"), %source_ip, "denied: no ALLOW policy matches");
+            metrics.authz("-", "deny");
+        }
+        (Some((policy, _)), true) => metrics.authz(policy, "allow"),
+        (None, true) => {}
+    }
+    d
+}
+
+/// The caller's pod IP a peer agent names in [`crate::proxy::http::SOURCE_HEADER`],
+/// if that IP is a workload with the tunnel's identity; else unspecified
+/// (no `ipBlocks` match it, every `notIpBlocks` does not).
+pub fn claimed_source(
+    headers: &HeaderMap,
+    state: &crate::state::State,
+    source: &mesh_api::identity::SpiffeId,
+) -> Ipv4Addr {
+    headers
+        .get(crate::proxy::http::SOURCE_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse::<Ipv4Addr>().ok())
+        .filter(|ip| {
+            state
+                .workload_by_ip(*ip)
+                .is_some_and(|w| w.identity.as_ref() == Some(source))
+        })
+        .unwrap_or(Ipv4Addr::UNSPECIFIED)
+}
+
 /// Whether `policy` applies to a workload of `namespace` with `labels`.
 pub fn applies_to(policy: &Policy, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
     (policy.namespace == namespace || policy.namespace == ROOT_NAMESPACE)

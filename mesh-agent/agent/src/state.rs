@@ -26,9 +26,12 @@ use tracing::warn;
 
 pub use services::{Backend, Endpoint, Lookup, ServiceTable};
 
-use crate::proxy::http::{
-    policy::{Policy, runtime::Registry},
-    routes::RouteTable,
+use crate::{
+    authz,
+    proxy::http::{
+        policy::{Policy, runtime::Registry},
+        routes::RouteTable,
+    },
 };
 
 /// The data path's handle on the newest state.
@@ -87,6 +90,8 @@ pub struct Workload {
     /// Its SPIFFE ID; `None` when namespace and service account do not make
     /// a valid one (it then cannot be tunnelled to or from).
     pub identity: Option<SpiffeId>,
+    /// What AuthorizationPolicy selectors match.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// One accepted configuration.
@@ -99,6 +104,9 @@ pub struct State {
     pub services: ServiceTable,
     /// HTTPRoutes and GRPCRoutes, compiled, by the Service they attach to.
     pub routes: RouteTable,
+    /// The AuthorizationPolicies that apply to each workload of this node,
+    /// by its IP.
+    authz: HashMap<Ipv4Addr, Vec<Arc<authz::Policy>>>,
     node: String,
     workloads: Vec<Workload>,
     by_ip: HashMap<Ipv4Addr, usize>,
@@ -138,6 +146,7 @@ impl State {
             warn!(error = %e, "ignoring a route that does not compile");
         }
         let mut policies: HashMap<String, Vec<Arc<Policy>>> = HashMap::new();
+        let mut authz_policies: Vec<Arc<authz::Policy>> = Vec::new();
         for r in resources.values() {
             if let Some(Body::Policy(p)) = &r.body
                 && p.kind == mesh_api::traffic::TRAFFIC_POLICY_KIND
@@ -149,6 +158,18 @@ impl State {
                         .push(Arc::new(p)),
                     Err(e) => {
                         warn!(key = %r.key, error = %e, "ignoring a TrafficPolicy that does not compile")
+                    }
+                }
+            }
+            if let Some(Body::Policy(p)) = &r.body
+                && p.kind == mesh_api::authz::AUTHORIZATION_POLICY_KIND
+            {
+                match authz::Policy::compile(p) {
+                    Ok(p) => authz_policies.push(Arc::new(p)),
+                    // Only a control server of another version could send
+                    // one that does not compile here.
+                    Err(e) => {
+                        warn!(key = %r.key, error = %e, "ignoring an AuthorizationPolicy that does not compile")
                     }
                 }
             }
@@ -196,6 +217,16 @@ impl State {
                     state.trust_bundle = Some(b.pem.clone());
                 }
                 _ => {}
+            }
+        }
+        for w in state.workloads.iter().filter(|w| w.node == ctx.node) {
+            let applying: Vec<Arc<authz::Policy>> = authz_policies
+                .iter()
+                .filter(|p| authz::applies_to(p, &w.namespace, &w.labels))
+                .cloned()
+                .collect();
+            if !applying.is_empty() {
+                state.authz.insert(w.ip, applying);
             }
         }
         let State {
@@ -248,6 +279,12 @@ impl State {
             .filter(|w| w.node == self.node)
     }
 
+    /// The AuthorizationPolicies that apply to the workload of this node at
+    /// `ip` (none: every caller is allowed).
+    pub fn authz_for(&self, ip: Ipv4Addr) -> &[Arc<authz::Policy>] {
+        self.authz.get(&ip).map_or(&[], Vec::as_slice)
+    }
+
     /// Whether `ip` is a Workload of this node.
     pub fn is_local(&self, ip: Ipv4Addr) -> bool {
         self.workload_by_ip(ip).is_some_and(|w| w.node == self.node)
@@ -294,6 +331,7 @@ impl Workload {
             service_account: w.service_account.clone(),
             mtls_mode: MtlsMode::from_wire(&w.mtls_mode),
             identity,
+            labels: w.labels.clone().into_iter().collect(),
         })
     }
 }

@@ -63,6 +63,9 @@ label_values! {
         /// The node itself: unspecified, loopback, link-local or one of its
         /// own addresses.
         ForbiddenDestination => "forbidden_destination",
+        /// The destination (on this node) is denied to the caller by an
+        /// AuthorizationPolicy.
+        Denied => "denied",
         Error => "error",
     }
 }
@@ -89,6 +92,8 @@ label_values! {
         Forwarded => "forwarded",
         NotLocalWorkload => "not_local_workload",
         ConnectFailed => "connect_failed",
+        /// An AuthorizationPolicy denied it.
+        Denied => "denied",
     }
 }
 
@@ -140,6 +145,15 @@ pub struct RequestLabels {
     pub flags: String,
 }
 
+/// An authorization decision at the destination.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// `namespace/name` of the deciding policy; `-` for "no ALLOW matched".
+    pub policy: String,
+    /// `allow`, `deny`, `audit`.
+    pub result: &'static str,
+}
+
 /// A resilience decision taken for a request to a Service.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
@@ -188,6 +202,7 @@ pub struct Metrics {
     pub tunnel_handshakes: Family<HandshakeLabels, Counter>,
     pub inbound_streams: Family<InboundLabels, Counter>,
     pub decisions: Family<DecisionLabels, Counter>,
+    pub authz: Family<AuthzLabels, Counter>,
 }
 
 impl Metrics {
@@ -234,6 +249,11 @@ impl Metrics {
             self.protocol_detections.clone(),
         );
         r.register(
+            "authz_decisions",
+            "Authorization decisions at the destination, by deciding policy and result (connections and requests no policy selects are not counted)",
+            self.authz.clone(),
+        );
+        r.register(
             "resilience_decisions",
             "Decisions of the Services' traffic policies (retries, budgets, circuit breakers, outlier ejections, faults, rate limits), by destination Service and reason",
             self.decisions.clone(),
@@ -248,6 +268,15 @@ impl Metrics {
     pub fn connection(&self, result: ConnectionResult) {
         self.outbound_connections
             .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn authz(&self, policy: &str, result: &'static str) {
+        self.authz
+            .get_or_create(&AuthzLabels {
+                policy: policy.to_owned(),
+                result,
+            })
             .inc();
     }
 

@@ -49,7 +49,11 @@ pub const TARGET_HEADER: &str = "x-mesh-target";
 /// `;absolute` when its request target was in absolute form.
 pub const H1_HEADER: &str = "x-mesh-h1";
 /// Headers only agents may set: removed from every request a pod sends.
-pub const INTERNAL_HEADERS: [&str; 3] = [TARGET_HEADER, H1_HEADER, SERVICE_HEADER];
+pub const INTERNAL_HEADERS: [&str; 4] = [TARGET_HEADER, H1_HEADER, SERVICE_HEADER, SOURCE_HEADER];
+/// Between agents: the caller's pod IP, for the destination's
+/// authorization (`source.ip`, `ipBlocks`); believed only when that IP is a
+/// workload with the tunnel's identity.
+pub const SOURCE_HEADER: &str = "x-mesh-source";
 /// Between agents: the Service (`namespace/name:port`) a tunnelled request
 /// was sent to, for the destination's inbound rate limit.
 pub const SERVICE_HEADER: &str = "x-mesh-service";
@@ -90,6 +94,9 @@ pub enum Flag {
     /// A local rate limit refused the request (429; gRPC
     /// RESOURCE_EXHAUSTED; Envoy's `RL`).
     RateLimited,
+    /// An AuthorizationPolicy denied the request (403; gRPC
+    /// PERMISSION_DENIED).
+    Denied,
 }
 
 impl Flag {
@@ -109,6 +116,7 @@ impl Flag {
             Flag::DelayInjected => "DI",
             Flag::FaultInjected => "FI",
             Flag::RateLimited => "RL",
+            Flag::Denied => "AD",
         }
     }
 
@@ -128,6 +136,7 @@ impl Flag {
             Flag::UpstreamReset => S::BAD_GATEWAY,
             Flag::Redirect => S::FOUND,
             Flag::RateLimited => S::TOO_MANY_REQUESTS,
+            Flag::Denied => S::FORBIDDEN,
             Flag::Retried | Flag::DelayInjected => S::OK,
         }
     }
@@ -139,11 +148,12 @@ impl Flag {
             Flag::UpstreamTimeout => 4, // DEADLINE_EXCEEDED
             Flag::NoBackend => 13,      // INTERNAL
             Flag::RateLimited => 8,     // RESOURCE_EXHAUSTED
+            Flag::Denied => 7,          // PERMISSION_DENIED
             _ => 14,                    // UNAVAILABLE
         }
     }
 
-    const ALL: [Flag; 14] = [
+    const ALL: [Flag; 15] = [
         Flag::NoRoute,
         Flag::NoBackend,
         Flag::NoHealthyUpstream,
@@ -158,6 +168,7 @@ impl Flag {
         Flag::DelayInjected,
         Flag::FaultInjected,
         Flag::RateLimited,
+        Flag::Denied,
     ];
 }
 

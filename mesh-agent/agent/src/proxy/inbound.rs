@@ -158,6 +158,23 @@ impl Inbound {
             warn!(%source, %target, "CONNECT to an address that is not a workload of this node");
             return status(StatusCode::FORBIDDEN);
         }
+        // Judged before any byte reaches the workload.
+        {
+            let state = self.state.borrow().clone();
+            let source_ip = crate::authz::claimed_source(req.headers(), &state, &source);
+            let d = crate::authz::judge(
+                &state,
+                &self.metrics,
+                target,
+                Some(&source),
+                source_ip,
+                None,
+            );
+            if !d.allowed {
+                self.metrics.inbound_stream(InboundResult::Denied);
+                return status(StatusCode::FORBIDDEN);
+            }
+        }
         let upstream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
                 Ok(Ok(s)) => s,

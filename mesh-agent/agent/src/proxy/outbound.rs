@@ -150,7 +150,36 @@ impl Outbound {
             }
         };
         tracked.set_upstream(route.service.clone(), SocketAddr::V4(route.dst));
-        let upstream = match self.open(route).await {
+        let source_ip = match peer {
+            SocketAddr::V4(p) => Some(*p.ip()),
+            SocketAddr::V6(_) => None,
+        };
+        // Same node: this agent is the destination's too, and judges the
+        // connection before any byte reaches the workload.
+        if matches!(route.via, Via::Direct) {
+            let state = self.state.borrow().clone();
+            if state.is_local(*route.dst.ip()) {
+                let caller = src_pod
+                    .as_ref()
+                    .and_then(|p| state.local_workload(p))
+                    .and_then(|w| w.identity.as_ref());
+                let d = crate::authz::judge(
+                    &state,
+                    &self.metrics,
+                    route.dst,
+                    caller,
+                    source_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+                    None,
+                );
+                if !d.allowed {
+                    self.metrics.connection(ConnectionResult::Denied);
+                    tracked.error = Some("denied by authorization policy".into());
+                    refuse(socket);
+                    return;
+                }
+            }
+        }
+        let upstream = match self.open(route, source_ip).await {
             Ok(s) => s,
             Err(e) => {
                 self.metrics.connection(ConnectionResult::ConnectFailed);
@@ -244,12 +273,18 @@ impl Outbound {
         })
     }
 
-    async fn open(&self, route: Route) -> Result<Upstream, Error> {
+    async fn open(
+        &self,
+        route: Route,
+        source: Option<std::net::Ipv4Addr>,
+    ) -> Result<Upstream, Error> {
         match route.via {
             Via::Direct => self.connect(route.dst).await.map(Upstream::Direct),
             Via::Tunnel(key) => {
                 let tunnel = self.tunnel.as_ref().ok_or(Error::NoTunnel(route.dst))?;
-                Ok(Upstream::Tunnel(tunnel.connect(&key, route.dst).await?))
+                Ok(Upstream::Tunnel(
+                    tunnel.connect_from(&key, route.dst, source).await?,
+                ))
             }
         }
     }

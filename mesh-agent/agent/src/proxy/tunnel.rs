@@ -136,12 +136,28 @@ impl TunnelClient {
     /// by the connect timeout: a peer whose kernel accepts but whose agent
     /// never answers fails this connection, not every later one.
     pub async fn connect(&self, key: &PoolKey, target: SocketAddrV4) -> Result<Stream, Error> {
+        self.connect_from(key, target, None).await
+    }
+
+    /// A CONNECT stream naming the caller's pod IP, for the destination's
+    /// authorization.
+    pub async fn connect_from(
+        &self,
+        key: &PoolKey,
+        target: SocketAddrV4,
+        source: Option<std::net::Ipv4Addr>,
+    ) -> Result<Stream, Error> {
         let sender = self.sender(key).await?;
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .body(http::empty())
             .expect("static request");
+        if let Some(ip) = source
+            && let Ok(v) = ::http::HeaderValue::from_str(&ip.to_string())
+        {
+            req.headers_mut().insert(http::SOURCE_HEADER, v);
+        }
         let mut inner = sender.inner.clone();
         let answer = tokio::time::timeout(self.connect_timeout, async {
             let resp = inner

@@ -11,7 +11,7 @@ use mesh_api::identity::SpiffeId;
 use tracing::{debug, warn};
 
 use super::{
-    Body, Flag, H1_HEADER, SERVICE_HEADER, TARGET_HEADER, boxed,
+    Body, Flag, H1_HEADER, SERVICE_HEADER, SOURCE_HEADER, TARGET_HEADER, boxed,
     respond::{self, H1Form, is_grpc, local_reply},
     upstream::{Upstreams, Wire},
 };
@@ -45,6 +45,36 @@ pub async fn forward(
         let mut r = local_reply(Flag::NoRoute, grpc, "not a workload of this node");
         *r.status_mut() = http::StatusCode::FORBIDDEN;
         return r;
+    }
+    let source_ip = crate::authz::claimed_source(req.headers(), state, source);
+    req.headers_mut().remove(SOURCE_HEADER);
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let d = crate::authz::judge(
+        state,
+        metrics,
+        target,
+        Some(source),
+        source_ip,
+        Some(crate::authz::HttpAttributes {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            host: &host,
+            headers: req.headers(),
+        }),
+    );
+    if !d.allowed {
+        metrics.inbound_stream(InboundResult::Denied);
+        return local_reply(Flag::Denied, grpc, "denied by authorization policy");
     }
     // The destination's rate limit for the Service the caller's agent sent
     // this to.

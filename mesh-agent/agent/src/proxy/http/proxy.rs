@@ -16,8 +16,8 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::{
-    Body, FLAGS_HEADER, Flag, Flags, H1_HEADER, INTERNAL_HEADERS, SERVICE_HEADER, TARGET_HEADER,
-    boxed, mirror,
+    Body, FLAGS_HEADER, Flag, Flags, H1_HEADER, INTERNAL_HEADERS, SERVICE_HEADER, SOURCE_HEADER,
+    TARGET_HEADER, boxed, mirror,
     policy::{
         self, Abort, HashKey, Lb, RetryPolicy,
         budget::{self, Held},
@@ -572,6 +572,12 @@ impl HttpProxy {
             None => (None, Some(body)),
         };
         let has_tunnel = self.forward.tunnel.is_some();
+        let source_workload = plan
+            .client
+            .src_pod
+            .as_ref()
+            .and_then(|p| plan.state.local_workload(p));
+        let source_ip = source_workload.map(|w| w.ip);
         let wire = wire_to(be.app_protocol, plan.client.wire);
         let mut upgrade = upgrade;
         let mut parts = Some(parts);
@@ -636,6 +642,40 @@ impl HttpProxy {
                 if matches!(planned.via, Via::Tunnel(_)) {
                     req.headers_mut()
                         .insert(SERVICE_HEADER, service_value(&be.service, be.port));
+                    if let Some(ip) = source_ip {
+                        if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+                            req.headers_mut().insert(SOURCE_HEADER, v);
+                        }
+                    }
+                } else if ep.local {
+                    // Same node: this agent is the destination's, and judges
+                    // the request with the caller's kernel-recorded identity.
+                    let caller = source_workload.and_then(|w| w.identity.as_ref());
+                    let host = req
+                        .headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let d = crate::authz::judge(
+                        plan.state,
+                        &self.metrics,
+                        ep.addr,
+                        caller,
+                        source_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+                        Some(crate::authz::HttpAttributes {
+                            method: req.method().as_str(),
+                            path: req.uri().path(),
+                            host: &host,
+                            headers: req.headers(),
+                        }),
+                    );
+                    if !d.allowed {
+                        return Final::Local(
+                            Flag::Denied,
+                            "denied by authorization policy".to_owned(),
+                        );
+                    }
                 }
                 let stats = &at.stats[index];
                 let _outstanding = stats.outstanding.hold();
