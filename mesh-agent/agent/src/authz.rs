@@ -16,7 +16,7 @@
 //!   principal, not even `*`; a `not` list needs that none does;
 //! - judging a connection (no HTTP request): a DENY rule ignores its HTTP
 //!   conditions (so it denies more, never less), an ALLOW or AUDIT rule with
-//!   HTTP conditions does not match.
+//!   an HTTP condition anywhere is skipped whole (Istio's rule).
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use http::HeaderMap;
@@ -709,6 +709,18 @@ mod tests {
         }
 
         pub fn rule_matches(r: &mesh_api::authz::Rule, a: &Attributes, is_deny: bool) -> bool {
+            // Istio: an ALLOW (or AUDIT) rule with HTTP-only fields is
+            // skipped whole for TCP traffic.
+            let rule_has_http = r.to.iter().any(|t| {
+                let o = &t.operation;
+                !o.methods.is_empty()
+                    || !o.not_methods.is_empty()
+                    || !o.paths.is_empty()
+                    || !o.not_paths.is_empty()
+            });
+            if a.http.is_none() && !is_deny && rule_has_http {
+                return false;
+            }
             let mut from_ok = r.from.is_empty();
             for f in &r.from {
                 let s = &f.source;
