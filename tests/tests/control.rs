@@ -1391,3 +1391,216 @@ spec:
     assert_eq!(out, "TrafficPolicy/default/ok unchanged\n");
     agent.expect_silence().await;
 }
+
+#[tokio::test]
+async fn bad_authorization_policies_are_refused_at_apply_with_the_field_named_and_nothing_applied()
+{
+    let dir = TempDir::new("bad-authz");
+    let server = start(&dir.0);
+    server
+        .apply(&workload("echo-1", "n1", "198.18.1.10", "echo"))
+        .await
+        .expect("apply the Workload");
+    let mut agent = server
+        .subscribe("n1", "token-1", HashMap::new())
+        .await
+        .expect("subscribe");
+    agent.recv_and_ack().await;
+    let policy = |name: &str, rules: &str| {
+        format!(
+            "apiVersion: mesh.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: {name}}}
+spec:
+  selector: {{matchLabels: {{app: echo}}}}
+  action: ALLOW
+  rules:
+{rules}"
+        )
+    };
+    let good = policy(
+        "ok",
+        "  - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]
+    to: [{operation: {ports: ['8080'], methods: [GET]}}]
+",
+    );
+    let meshctl = |args: &[&str]| {
+        let out = Command::new(bin("meshctl"))
+            .args(["--control", &format!("unix://{}", server.socket.display())])
+            .args(args)
+            .output()
+            .expect("meshctl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let file = dir.0.join("policies.yaml");
+    let file_arg = file.to_str().expect("utf-8 path");
+
+    // Each bad policy comes after a valid one in its batch: the batch is
+    // refused whole, naming the document by its place in the file.
+    let at = "document 2 (AuthorizationPolicy/default/bad): ";
+    let cases = [
+        (
+            "an unknown field",
+            policy("bad", "  - form: [{source: {namespaces: [a]}}]\n"),
+            "spec.rules[0].form: unknown field `form`",
+        ),
+        (
+            "the action REJECT",
+            policy("bad", "  - {}\n").replace("action: ALLOW", "action: REJECT"),
+            "spec.action: unknown variant `REJECT`, expected one of `ALLOW`, `DENY`, `AUDIT`",
+        ),
+        (
+            "an empty source",
+            policy("bad", "  - from: [{source: {}}]\n"),
+            "spec.rules[0].from[0].source: an empty source would match every caller",
+        ),
+        (
+            "a principal with spiffe://",
+            policy(
+                "bad",
+                "  - from: [{source: {principals: ['spiffe://cluster.local/ns/a/sa/b']}}]\n",
+            ),
+            "spec.rules[0].from[0].source.principals[0]: \"spiffe://cluster.local/ns/a/sa/b\": principals leave out `spiffe://` (Istio never matches it): write \"cluster.local/ns/a/sa/b\"",
+        ),
+        (
+            "a principal with a wildcard inside",
+            policy("bad", "  - from: [{source: {principals: ['a*b']}}]\n"),
+            "spec.rules[0].from[0].source.principals[0]: \"a*b\": `*` may only be the first or the last character, once",
+        ),
+        (
+            "an ipBlock with host bits",
+            policy("bad", "  - from: [{source: {ipBlocks: [198.18.0.1/15]}}]\n"),
+            "spec.rules[0].from[0].source.ipBlocks[0]: \"198.18.0.1/15\" has host bits set (did you mean 198.18.0.0/15?)",
+        ),
+        (
+            "a method in lower case",
+            policy("bad", "  - to: [{operation: {methods: [get]}}]\n"),
+            "spec.rules[0].to[0].operation.methods[0]: \"get\" is not an HTTP method in upper case",
+        ),
+        (
+            "a when key the mesh does not know",
+            policy(
+                "bad",
+                "  - when: [{key: 'request.auth.claims[iss]', values: [a]}]\n",
+            ),
+            "spec.rules[0].when[0].key: \"request.auth.claims[iss]\" is not a supported key",
+        ),
+    ];
+    for (what, bad, expected) in cases {
+        std::fs::write(&file, format!("{good}---\n{bad}")).expect("write");
+        let (code, out, err) = meshctl(&["apply", "-f", file_arg]);
+        assert_eq!(code, Some(1), "{what}: applied: {out}");
+        assert_eq!(out, "", "{what}");
+        assert!(
+            err.starts_with(&format!("meshctl: {at}{expected}")),
+            "{what}: {err}"
+        );
+        let (code, out, err) = meshctl(&["get", "authorizationpolicies", "-A"]);
+        assert_eq!(code, Some(0), "{what}: {err}");
+        assert_eq!(
+            (out.as_str(), err.as_str()),
+            ("", "No resources found.\n"),
+            "{what}: something of the batch was stored"
+        );
+    }
+    agent.expect_silence().await;
+
+    std::fs::write(&file, &good).expect("write");
+    let (code, out, err) = meshctl(&["apply", "-f", file_arg]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "AuthorizationPolicy/default/ok created\n");
+    let change = agent.recv_and_ack().await;
+    assert_eq!(keys(&change), ["AuthorizationPolicy/default/ok"]);
+    let Some(Body::Policy(p)) = &change.resources[0].body else {
+        panic!("not a policy: {change:?}")
+    };
+    assert_eq!(
+        (
+            p.kind.as_str(),
+            p.namespace.as_str(),
+            p.name.as_str(),
+            p.created_revision
+        ),
+        ("AuthorizationPolicy", "default", "ok", 2)
+    );
+    let spec: serde_json::Value = serde_json::from_str(&p.spec_json).expect("JSON");
+    assert_eq!(spec["selector"]["matchLabels"]["app"], "echo");
+    assert_eq!(spec["action"], "ALLOW");
+    assert_eq!(
+        spec["rules"][0]["from"][0]["source"]["principals"][0],
+        "cluster.local/ns/default/sa/client"
+    );
+
+    let (code, out, err) = meshctl(&["get", "ap", "-o", "json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let items = list["items"].as_array().expect("a List");
+    assert_eq!(items.len(), 1, "{list}");
+    let doc = &items[0];
+    assert_eq!(doc["apiVersion"], "mesh.dev/v1alpha1");
+    assert_eq!(doc["kind"], "AuthorizationPolicy");
+    assert_eq!(doc["metadata"]["name"], "ok");
+    assert_eq!(doc["metadata"]["namespace"], "default");
+    assert_eq!(doc["spec"]["selector"]["matchLabels"]["app"], "echo");
+    assert_eq!(doc["spec"]["action"], "ALLOW");
+    assert_eq!(
+        doc["spec"]["rules"][0]["to"][0]["operation"],
+        serde_json::json!({"ports": ["8080"], "methods": ["GET"]}),
+        "unset lists are left out"
+    );
+    let (code, out, err) = meshctl(&["get", "authorizationpolicies"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        "NAME   ACTION   SELECTOR   RULES\nok     ALLOW    app=echo   1\n"
+    );
+
+    // One in the root namespace, without a selector: the whole mesh.
+    std::fs::write(
+        &file,
+        "apiVersion: mesh.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: audit-all, namespace: mesh-system}
+spec: {action: AUDIT, rules: [{}]}
+",
+    )
+    .expect("write");
+    let (code, out, err) = meshctl(&["apply", "-f", file_arg]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "AuthorizationPolicy/mesh-system/audit-all created\n");
+    let change = agent.recv_and_ack().await;
+    assert_eq!(keys(&change), ["AuthorizationPolicy/mesh-system/audit-all"]);
+    let (code, out, err) = meshctl(&["get", "ap", "-A"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        "NAMESPACE     NAME        ACTION   SELECTOR   RULES
+default       ok          ALLOW    app=echo   1
+mesh-system   audit-all   AUDIT    (mesh)     1
+"
+    );
+
+    // What get -o yaml prints applies again, unchanged.
+    let (code, yaml, err) = meshctl(&["get", "authorizationpolicy", "ok", "-o", "yaml"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        yaml.starts_with("apiVersion: mesh.dev/v1alpha1\n"),
+        "{yaml}"
+    );
+    std::fs::write(&file, &yaml).expect("write");
+    let (code, out, err) = meshctl(&["apply", "-f", file_arg]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "AuthorizationPolicy/default/ok unchanged\n");
+    agent.expect_silence().await;
+
+    let (code, out, err) = meshctl(&["delete", "ap", "ok"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "AuthorizationPolicy/default/ok deleted\n");
+    let change = agent.recv_and_ack().await;
+    assert_eq!(change.removed_resources, ["AuthorizationPolicy/default/ok"]);
+    assert!(change.resources.is_empty(), "{change:?}");
+}

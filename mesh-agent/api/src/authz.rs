@@ -283,12 +283,11 @@ fn patterns(field: &str, list: &[String]) -> Result<(), Invalid> {
 fn principals(field: &str, list: &[String]) -> Result<(), Invalid> {
     patterns(field, list)?;
     for (i, v) in list.iter().enumerate() {
-        if v.starts_with("spiffe://") {
+        if let Some(rest) = v.strip_prefix("spiffe://") {
             return invalid(
                 format!("{field}[{i}]"),
                 format!(
-                    "{v:?}: principals leave out `spiffe://` (Istio never matches it): write {:?}",
-                    &v["spiffe://".len()..]
+                    "{v:?}: principals leave out `spiffe://` (Istio never matches it): write {rest:?}"
                 ),
             );
         }

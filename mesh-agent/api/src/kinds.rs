@@ -16,11 +16,13 @@ pub enum Kind {
     GrpcRoute,
     /// Ours: resilience settings for a Service ([`crate::traffic`]).
     TrafficPolicy,
+    /// Ours: who may call which workloads ([`crate::authz`]).
+    AuthorizationPolicy,
 }
 
 impl Kind {
     /// Every kind, in the order documents list them.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Workload,
         Kind::Service,
         Kind::Node,
@@ -28,6 +30,7 @@ impl Kind {
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::TrafficPolicy,
+        Kind::AuthorizationPolicy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -39,6 +42,7 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
             Kind::TrafficPolicy => "TrafficPolicy",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 
@@ -52,6 +56,9 @@ impl Kind {
             "httproute" | "httproutes" => Some(Kind::HttpRoute),
             "grpcroute" | "grpcroutes" => Some(Kind::GrpcRoute),
             "trafficpolicy" | "trafficpolicies" | "tp" => Some(Kind::TrafficPolicy),
+            "authorizationpolicy" | "authorizationpolicies" | "ap" => {
+                Some(Kind::AuthorizationPolicy)
+            }
             _ => None,
         }
     }

@@ -6,7 +6,8 @@
 //! any destination), every Service with its endpoints resolved from the
 //! selector, every Node (where its tunnel listens), every HTTPRoute,
 //! GRPCRoute and TrafficPolicy (each applies wherever its Service's callers
-//! run) and the CA's trust bundle.
+//! run), every AuthorizationPolicy (its selector may match workloads on any
+//! node) and the CA's trust bundle.
 //! MtlsPolicies are not distributed themselves: each Workload carries its
 //! effective mTLS mode (its own, else its namespace's policy, else STRICT),
 //! so a policy change re-sends the workloads whose mode it changes.
@@ -31,8 +32,8 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::resources::{
-    Change, Kind, MtlsMode, Node, Resource, ResourceId, Route, RouteSpec, Service, TrafficPolicy,
-    Workload,
+    Change, Kind, MtlsMode, Node, Policy, PolicySpec, Resource, ResourceId, Route, RouteSpec,
+    Service, Workload,
 };
 use mesh_api::{names::TRUST_BUNDLE_KEY, pb};
 
@@ -144,7 +145,9 @@ pub struct View {
     /// Ordered, so a long initial sync can resume after the last key sent.
     services: BTreeMap<Key, ServiceEntry>,
     workloads: BTreeMap<Key, WorkloadEntry>,
-    /// Nodes and the trust bundle.
+    /// Nodes, the trust bundle and AuthorizationPolicies; sent first in a
+    /// first sync, so an agent whose first sync comes in several responses
+    /// has a workload's policies before the workload itself.
     others: BTreeMap<Key, Distributed>,
     /// What attaches to Services: HTTPRoutes, GRPCRoutes and
     /// TrafficPolicies; sent last in a first sync, after the Services they
@@ -253,20 +256,18 @@ impl View {
                 Change::Put(Resource::Node(n)) => {
                     let key = key_of(&Resource::Node(n.clone()).id());
                     let distributed = Distributed::new(node_resource(&key, n));
-                    let old = self.others.insert(key.clone(), distributed);
-                    if old.is_none_or(|o| o.version() != self.others[&key].version()) {
-                        changed.push(key);
-                    }
+                    put(&mut self.others, key, distributed, &mut changed);
                 }
                 Change::Put(Resource::HttpRoute(r)) => self.put_route(r, &mut changed),
                 Change::Put(Resource::GrpcRoute(r)) => self.put_route(r, &mut changed),
                 Change::Put(Resource::TrafficPolicy(p)) => {
-                    let key = key_of(&ResourceId {
-                        kind: Kind::TrafficPolicy,
-                        namespace: p.namespace.clone(),
-                        name: p.name.clone(),
-                    });
+                    let key = policy_key(&**p);
                     self.put_attached(key, policy_resource, &**p, &mut changed);
+                }
+                Change::Put(Resource::AuthorizationPolicy(p)) => {
+                    let key = policy_key(p);
+                    let distributed = Distributed::new(policy_resource(&key, p));
+                    put(&mut self.others, key, distributed, &mut changed);
                 }
                 Change::Put(Resource::MtlsPolicy(p)) => {
                     self.mtls_policies
@@ -286,7 +287,7 @@ impl View {
                                 changed.push(key);
                             }
                         }
-                        Kind::Node => {
+                        Kind::Node | Kind::AuthorizationPolicy => {
                             if self.others.remove(&key).is_some() {
                                 changed.push(key);
                             }
@@ -337,10 +338,7 @@ impl View {
         changed: &mut Vec<Changed>,
     ) {
         let distributed = Distributed::new(encode(&key, resource));
-        let old = self.attached.insert(key.clone(), distributed);
-        if old.is_none_or(|o| o.version() != self.attached[&key].version()) {
-            changed.push(key);
-        }
+        put(&mut self.attached, key, distributed, changed);
     }
 
     fn put_workload(
@@ -553,6 +551,28 @@ fn key_of(id: &ResourceId) -> Key {
     id.to_string().into()
 }
 
+fn policy_key<S: PolicySpec>(p: &Policy<S>) -> Key {
+    key_of(&ResourceId {
+        kind: S::KIND,
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+    })
+}
+
+/// Records `distributed` under `key`, and the key as changed if what agents
+/// see changed.
+fn put(
+    map: &mut BTreeMap<Key, Distributed>,
+    key: Key,
+    distributed: Distributed,
+    changed: &mut Vec<Changed>,
+) {
+    let old = map.insert(key.clone(), distributed);
+    if old.is_none_or(|o| o.version() != map[&key].version()) {
+        changed.push(key);
+    }
+}
+
 fn label_key(namespace: &str, label: &str, value: &str) -> String {
     format!("{namespace}\0{label}\0{value}")
 }
@@ -648,11 +668,11 @@ fn route_resource<S: RouteSpec>(key: &str, r: &Route<S>) -> pb::Resource {
     }
 }
 
-fn policy_resource(key: &str, p: &TrafficPolicy) -> pb::Resource {
+fn policy_resource<S: PolicySpec>(key: &str, p: &Policy<S>) -> pb::Resource {
     let spec_json = serde_json::to_string(&p.spec).expect("a policy spec serializes");
     // Labels are not distributed, so they are not in the version.
     let content = (
-        Kind::TrafficPolicy,
+        S::KIND,
         &p.namespace,
         &p.name,
         p.created_revision,
@@ -662,7 +682,7 @@ fn policy_resource(key: &str, p: &TrafficPolicy) -> pb::Resource {
         key: key.to_owned(),
         version: version_of(&content),
         body: Some(pb::resource::Body::Policy(pb::Policy {
-            kind: Kind::TrafficPolicy.as_str().to_owned(),
+            kind: S::KIND.as_str().to_owned(),
             namespace: p.namespace.clone(),
             name: p.name.clone(),
             created_revision: p.created_revision,
@@ -774,9 +794,9 @@ impl Delta {
 struct InitialSync {
     have: HashMap<String, String>,
     removed: Vec<String>,
-    /// Which ordered map is being sent: 0 the trust bundle and Nodes, 1
-    /// Workloads, 2 Services, 3 routes and policies; keys up to `after` in it
-    /// are done.
+    /// Which ordered map is being sent: 0 the trust bundle, Nodes and
+    /// AuthorizationPolicies, 1 Workloads, 2 Services, 3 routes and
+    /// TrafficPolicies; keys up to `after` in it are done.
     part: usize,
     after: Option<Key>,
 }
@@ -1655,6 +1675,107 @@ mod tests {
         for (sub, _) in &mut subs {
             let d = sub.next(&view).unwrap().expect("the removal");
             assert_eq!(d.removed_resources, ["TrafficPolicy/default/a-retries"]);
+            assert!(d.resources.is_empty());
+        }
+    }
+
+    fn authorization_policy(name: &str, namespace: &str, action: &str, created: u64) -> Resource {
+        let mut p = parse_documents(&format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  selector: {{matchLabels: {{app: b}}}}\n  action: {action}\n  rules: [{{from: [{{source: {{namespaces: [default]}}}}], to: [{{operation: {{ports: ['80']}}}}]}}]\n"
+        ))
+        .expect("valid")
+        .remove(0);
+        p.set_created_revision(created);
+        p
+    }
+
+    #[test]
+    fn authorization_policies_reach_every_agent_before_the_workloads() {
+        let mut resources = base();
+        resources.push(traffic_policy("a-retries", 2, 4));
+        resources.push(authorization_policy("b-allow", "default", "ALLOW", 3));
+        // The root namespace's policies are distributed as any other.
+        resources.push(authorization_policy("deny", "mesh-system", "DENY", 5));
+        let mut view = View::new(5, &resources, 100);
+        let allow = "AuthorizationPolicy/default/b-allow";
+        let mut subs = Vec::new();
+        for node in ["n1", "n2", "n3"] {
+            let mut sub = Subscription::new(node, HashMap::new(), &view);
+            let first = sub.next(&view).unwrap().unwrap();
+            let got = keys(&first);
+            // Before any Workload, so an agent never holds a workload
+            // without its policies, however the first sync is cut.
+            assert_eq!(
+                got[..3],
+                [
+                    allow,
+                    "AuthorizationPolicy/mesh-system/deny",
+                    "Workload/default/a1"
+                ]
+            );
+            assert_eq!(got.last().unwrap(), "TrafficPolicy/default/a-retries");
+            let policy = policy_body(&first, allow);
+            assert_eq!(
+                (
+                    policy.kind.as_str(),
+                    policy.namespace.as_str(),
+                    policy.name.as_str(),
+                    policy.created_revision
+                ),
+                ("AuthorizationPolicy", "default", "b-allow", 3)
+            );
+            let Resource::AuthorizationPolicy(want) =
+                authorization_policy("b-allow", "default", "ALLOW", 3)
+            else {
+                unreachable!()
+            };
+            let spec: mesh_api::authz::AuthorizationPolicySpec =
+                serde_json::from_str(&policy.spec_json).expect("the spec as JSON");
+            assert_eq!(spec, want.spec);
+            let root = policy_body(&first, "AuthorizationPolicy/mesh-system/deny");
+            assert_eq!(root.namespace, "mesh-system");
+            // Rebuilt after a restart, the view sends the same versions.
+            let rebuilt = View::new(5, &resources, 100);
+            let mut again = Subscription::new(node, versions(&first), &rebuilt);
+            let resync = again.next(&rebuilt).unwrap().unwrap();
+            assert!(resync.resources.is_empty() && resync.removed_resources.is_empty());
+            subs.push((sub, versions(&first)));
+        }
+
+        // An update keeps the creation revision; other labels send nothing;
+        // a delete is a removal.
+        view.apply(
+            6,
+            &[Change::Put(authorization_policy(
+                "b-allow", "default", "AUDIT", 3,
+            ))],
+        );
+        for (sub, before) in &mut subs {
+            let d = sub.next(&view).unwrap().expect("the policy");
+            assert_eq!(keys(&d), [allow]);
+            assert_ne!(versions(&d)[allow], before[allow]);
+            let policy = policy_body(&d, allow);
+            assert_eq!(policy.created_revision, 3);
+            assert!(
+                policy.spec_json.contains(r#""action":"AUDIT""#),
+                "{}",
+                policy.spec_json
+            );
+        }
+        let mut relabelled = authorization_policy("b-allow", "default", "AUDIT", 3);
+        if let Resource::AuthorizationPolicy(p) = &mut relabelled {
+            p.labels.insert("team".into(), "x".into());
+        }
+        view.apply(7, &[Change::Put(relabelled)]);
+        view.apply(
+            8,
+            &[Change::Delete(
+                authorization_policy("b-allow", "default", "AUDIT", 3).id(),
+            )],
+        );
+        for (sub, _) in &mut subs {
+            let d = sub.next(&view).unwrap().expect("the removal");
+            assert_eq!(d.removed_resources, [allow]);
             assert!(d.resources.is_empty());
         }
     }

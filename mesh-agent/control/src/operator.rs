@@ -61,7 +61,7 @@ fn status(e: Error) -> Status {
 fn kind(text: &str) -> Result<Kind, Status> {
     Kind::from_loose(text).ok_or_else(|| {
         Status::invalid_argument(format!(
-            "unknown kind {text:?} (expected Workload, Service, Node, MtlsPolicy, HTTPRoute, GRPCRoute or TrafficPolicy)"
+            "unknown kind {text:?} (expected Workload, Service, Node, MtlsPolicy, HTTPRoute, GRPCRoute, TrafficPolicy or AuthorizationPolicy)"
         ))
     })
 }

@@ -1,8 +1,9 @@
 //! Configuration resources: Kubernetes-style YAML documents (`Workload`,
-//! `Service`, `Node`, `MtlsPolicy`, `TrafficPolicy` of `mesh.dev/v1alpha1`;
-//! `HTTPRoute`, `GRPCRoute` of `gateway.networking.k8s.io/v1`) turned into
-//! validated internal types before anything is locked or stored, and
-//! rendered back into the same shape for `meshctl get`.
+//! `Service`, `Node`, `MtlsPolicy`, `TrafficPolicy`, `AuthorizationPolicy`
+//! of `mesh.dev/v1alpha1`; `HTTPRoute`, `GRPCRoute` of
+//! `gateway.networking.k8s.io/v1`) turned into validated internal types
+//! before anything is locked or stored, and rendered back into the same
+//! shape for `meshctl get`.
 //!
 //! A bad document rejects the whole batch with an error that names the
 //! document (its 1-based index, and `Kind/namespace/name` once known), the
@@ -13,6 +14,7 @@ use std::{
     net::Ipv4Addr,
 };
 
+use mesh_api::authz::AuthorizationPolicySpec;
 use mesh_api::gateway::{self, BackendObjectRef, GrpcRouteSpec, HttpRouteSpec, ParentRef};
 use mesh_api::names::{
     CONTROL_SERVICE_ACCOUNT, DEFAULT_NAMESPACE, DEFAULT_SERVICE_ACCOUNT, DEFAULT_TUNNEL_PORT,
@@ -146,19 +148,51 @@ pub struct Route<S> {
 pub type HttpRoute = Route<HttpRouteSpec>;
 pub type GrpcRoute = Route<GrpcRouteSpec>;
 
-/// A TrafficPolicy ([`mesh_api::traffic`]): resilience settings for one
-/// Service of its namespace, or one port of it.
+/// A policy kind of ours, with its spec as the typed values of its
+/// mesh_api module.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct TrafficPolicy {
+pub struct Policy<S> {
     pub name: String,
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
     /// As a route's: the store revision at which this policy's key was first
-    /// created (ties between policies for one target go to the oldest).
+    /// created, kept by later updates (ties between TrafficPolicies for one
+    /// target go to the oldest).
     #[serde(default)]
     pub created_revision: u64,
-    pub spec: TrafficPolicySpec,
+    pub spec: S,
+}
+
+/// A TrafficPolicy ([`mesh_api::traffic`]): resilience settings for one
+/// Service of its namespace, or one port of it.
+pub type TrafficPolicy = Policy<TrafficPolicySpec>;
+/// An AuthorizationPolicy ([`mesh_api::authz`]): who may call the workloads
+/// it selects. It names no other resource: a selector that matches no
+/// workload is valid, as in Istio.
+pub type AuthorizationPolicy = Policy<AuthorizationPolicySpec>;
+
+/// What the server does with a policy spec, whatever its kind.
+pub trait PolicySpec: Serialize + DeserializeOwned {
+    const KIND: Kind;
+    /// The checks the spec must pass on its own.
+    fn validate(&self) -> Result<(), gateway::Invalid>;
+}
+
+impl PolicySpec for TrafficPolicySpec {
+    const KIND: Kind = Kind::TrafficPolicy;
+
+    fn validate(&self) -> Result<(), gateway::Invalid> {
+        TrafficPolicySpec::validate(self)
+    }
+}
+
+impl PolicySpec for AuthorizationPolicySpec {
+    const KIND: Kind = Kind::AuthorizationPolicy;
+
+    fn validate(&self) -> Result<(), gateway::Invalid> {
+        AuthorizationPolicySpec::validate(self)
+    }
 }
 
 /// What the server does with a route spec, whatever its kind.
@@ -215,6 +249,7 @@ pub enum Resource {
     HttpRoute(HttpRoute),
     GrpcRoute(GrpcRoute),
     TrafficPolicy(Box<TrafficPolicy>),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 /// One step of a transaction on the configuration.
@@ -242,6 +277,9 @@ impl Resource {
             Resource::HttpRoute(r) => (Kind::HttpRoute, r.namespace.as_str(), &r.name),
             Resource::GrpcRoute(r) => (Kind::GrpcRoute, r.namespace.as_str(), &r.name),
             Resource::TrafficPolicy(p) => (Kind::TrafficPolicy, p.namespace.as_str(), &p.name),
+            Resource::AuthorizationPolicy(p) => {
+                (Kind::AuthorizationPolicy, p.namespace.as_str(), &p.name)
+            }
         };
         ResourceId {
             kind,
@@ -277,7 +315,8 @@ impl Resource {
             Resource::MtlsPolicy(_)
             | Resource::HttpRoute(_)
             | Resource::GrpcRoute(_)
-            | Resource::TrafficPolicy(_) => Vec::new(),
+            | Resource::TrafficPolicy(_)
+            | Resource::AuthorizationPolicy(_) => Vec::new(),
         }
     }
 
@@ -318,24 +357,25 @@ impl Resource {
         }
     }
 
-    /// The revision a route's or TrafficPolicy's key was first created at;
-    /// `None` for other kinds.
+    /// The revision a route's or policy's key was first created at; `None`
+    /// for other kinds.
     pub fn created_revision(&self) -> Option<u64> {
         match self {
             Resource::HttpRoute(r) => Some(r.created_revision),
             Resource::GrpcRoute(r) => Some(r.created_revision),
             Resource::TrafficPolicy(p) => Some(p.created_revision),
+            Resource::AuthorizationPolicy(p) => Some(p.created_revision),
             _ => None,
         }
     }
 
-    /// Sets a route's or TrafficPolicy's creation revision (other kinds have
-    /// none).
+    /// Sets a route's or policy's creation revision (other kinds have none).
     pub fn set_created_revision(&mut self, revision: u64) {
         match self {
             Resource::HttpRoute(r) => r.created_revision = revision,
             Resource::GrpcRoute(r) => r.created_revision = revision,
             Resource::TrafficPolicy(p) => p.created_revision = revision,
+            Resource::AuthorizationPolicy(p) => p.created_revision = revision,
             _ => {}
         }
     }
@@ -412,6 +452,13 @@ impl Resource {
                 &p.labels,
                 spec_document(&p.spec),
             ),
+            Resource::AuthorizationPolicy(p) => (
+                Kind::AuthorizationPolicy,
+                &p.name,
+                &p.namespace,
+                &p.labels,
+                spec_document(&p.spec),
+            ),
         };
         let mut metadata = json!({
             "name": name,
@@ -432,8 +479,8 @@ impl Resource {
     }
 }
 
-/// A route's or TrafficPolicy's spec as its serde JSON, without the nulls and
-/// empty lists that stand for unset fields (they parse back to the same spec).
+/// A route's or policy's spec as its serde JSON, without the nulls and empty
+/// lists that stand for unset fields (they parse back to the same spec).
 fn spec_document(spec: &impl Serialize) -> serde_json::Value {
     fn prune(value: serde_json::Value) -> serde_json::Value {
         match value {
@@ -556,11 +603,11 @@ pub enum Problem {
     Empty,
     #[error("{0}")]
     InvalidDuration(String),
-    /// A route or TrafficPolicy spec that does not parse: an unknown field,
-    /// a wrong type, a missing field (serde's words).
+    /// A route or policy spec that does not parse: an unknown field, a wrong
+    /// type, a missing field (serde's words).
     #[error("{0}")]
     Schema(String),
-    /// A route or TrafficPolicy spec that parses but fails its own checks.
+    /// A route or policy spec that parses but fails its own checks.
     #[error("{0}")]
     Check(String),
 }
@@ -1105,7 +1152,7 @@ fn parse_document(index: usize, value: &Value) -> Result<Resource, Error> {
     let name = match kind {
         Kind::Node => node_name(&name_field)?,
         // Kubernetes names custom resources as DNS subdomains.
-        Kind::HttpRoute | Kind::GrpcRoute | Kind::TrafficPolicy => {
+        Kind::HttpRoute | Kind::GrpcRoute | Kind::TrafficPolicy | Kind::AuthorizationPolicy => {
             let text = name_field.str()?;
             if !is_dns_subdomain(text) {
                 return name_field.reject(Problem::InvalidSubdomainName(text.to_owned()));
@@ -1152,13 +1199,12 @@ fn parse_document(index: usize, value: &Value) -> Result<Resource, Error> {
         }
         Kind::HttpRoute => Resource::HttpRoute(parse_route(&spec, name, namespace, labels)?),
         Kind::GrpcRoute => Resource::GrpcRoute(parse_route(&spec, name, namespace, labels)?),
-        Kind::TrafficPolicy => Resource::TrafficPolicy(Box::new(TrafficPolicy {
-            name,
-            namespace,
-            labels,
-            created_revision: 0,
-            spec: parse_spec(&spec, TrafficPolicySpec::validate)?,
-        })),
+        Kind::TrafficPolicy => {
+            Resource::TrafficPolicy(Box::new(parse_policy(&spec, name, namespace, labels)?))
+        }
+        Kind::AuthorizationPolicy => {
+            Resource::AuthorizationPolicy(parse_policy(&spec, name, namespace, labels)?)
+        }
     })
 }
 
@@ -1217,6 +1263,22 @@ fn parse_route<S: RouteSpec>(
     labels: BTreeMap<String, String>,
 ) -> Result<Route<S>, Error> {
     Ok(Route {
+        name,
+        namespace,
+        labels,
+        created_revision: 0,
+        spec: parse_spec(spec, S::validate)?,
+    })
+}
+
+/// A policy's spec, parsed and checked on its own.
+fn parse_policy<S: PolicySpec>(
+    spec: &Field<'_>,
+    name: String,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+) -> Result<Policy<S>, Error> {
+    Ok(Policy {
         name,
         namespace,
         labels,
@@ -1628,7 +1690,7 @@ spec:
         let e = rejected(&with(SERVICE, "kind: Service", "kind: Gateway"));
         assert_eq!(
             e,
-            "document 1: kind: unknown kind \"Gateway\" (expected \"Workload\", \"Service\", \"Node\", \"MtlsPolicy\" or \"TrafficPolicy\")"
+            "document 1: kind: unknown kind \"Gateway\" (expected \"Workload\", \"Service\", \"Node\", \"MtlsPolicy\", \"TrafficPolicy\" or \"AuthorizationPolicy\")"
         );
         let e = rejected(&with(SERVICE, "mesh.dev/v1alpha1", "v1"));
         assert!(
@@ -2598,6 +2660,220 @@ spec:
             assert_eq!(e.to_string(), expected);
             assert_eq!(e.document_index(), None);
         }
+    }
+
+    const AUTHORIZATION_POLICY: &str = "
+apiVersion: mesh.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web.allow, labels: {team: a}}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/shop/sa/client], notNamespaces: [test]}
+    - source: {ipBlocks: [198.18.0.0/15]}
+    to:
+    - operation: {ports: ['8080'], methods: [GET, POST], paths: ['/api/*']}
+    when:
+    - key: request.headers[x-tenant]
+      values: ['a*']
+  - {}
+";
+
+    #[test]
+    fn parses_authorization_policies_and_renders_them_back() {
+        let r = parse_documents(AUTHORIZATION_POLICY)
+            .expect("valid")
+            .remove(0);
+        assert_eq!(r.id().to_string(), "AuthorizationPolicy/default/web.allow");
+        let Resource::AuthorizationPolicy(p) = &r else {
+            panic!("not an AuthorizationPolicy: {r:?}")
+        };
+        assert_eq!(p.created_revision, 0, "the store sets it");
+        assert_eq!(r.created_revision(), Some(0));
+        assert_eq!(p.labels["team"], "a");
+        assert_eq!(p.spec.action, mesh_api::authz::Action::Allow);
+        assert_eq!(p.spec.rules.len(), 2);
+        assert_eq!(
+            p.spec.rules[0].from[0].source.principals,
+            ["cluster.local/ns/shop/sa/client"]
+        );
+        assert_eq!(p.spec.rules[1], mesh_api::authz::Rule::default());
+        assert!(r.addresses().is_empty());
+        let doc = r.to_document(4);
+        assert_eq!(doc["apiVersion"], "mesh.dev/v1alpha1");
+        assert_eq!(doc["kind"], "AuthorizationPolicy");
+        assert_eq!(doc["metadata"]["namespace"], "default");
+        assert_eq!(
+            doc["spec"]["selector"],
+            json!({"matchLabels": {"app": "web"}})
+        );
+        // Unset fields are left out, not rendered as null or []; the rule
+        // that matches everything stays `{}`.
+        assert_eq!(
+            doc["spec"]["rules"][0]["from"][1],
+            json!({"source": {"ipBlocks": ["198.18.0.0/15"]}})
+        );
+        assert_eq!(doc["spec"]["rules"][1], json!({}));
+        let again = serde_yaml_ng::to_string(&doc).expect("yaml");
+        assert_eq!(parse_documents(&again).expect("round trip")[0], r);
+
+        // Istio's allow-nothing: no selector, no rules; the action is filled
+        // in. In the root namespace it is an ordinary namespaced resource.
+        let nothing = "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: mesh-system}\nspec: {}\n";
+        let r = parse_documents(nothing).expect("valid").remove(0);
+        assert_eq!(
+            r.id().to_string(),
+            "AuthorizationPolicy/mesh-system/deny-all"
+        );
+        let doc = r.to_document(1);
+        assert_eq!(doc["metadata"]["namespace"], "mesh-system");
+        assert_eq!(doc["spec"], json!({"action": "ALLOW"}));
+        let again = serde_yaml_ng::to_string(&doc).expect("yaml");
+        assert_eq!(parse_documents(&again).expect("round trip")[0], r);
+        for loose in ["AuthorizationPolicy", "authorizationpolicies", "ap"] {
+            assert_eq!(Kind::from_loose(loose), Some(Kind::AuthorizationPolicy));
+        }
+    }
+
+    #[test]
+    fn bad_authorization_policies_are_refused_naming_document_and_field() {
+        let at = "document 1 (AuthorizationPolicy/default/web.allow): ";
+        let cases = [
+            (
+                with(AUTHORIZATION_POLICY, "  - from:", "  - form:"),
+                "spec.rules[0].form: unknown field `form`, expected one of `from`, `to`, `when`",
+            ),
+            (
+                with(AUTHORIZATION_POLICY, "action: ALLOW", "action: REJECT"),
+                "spec.action: unknown variant `REJECT`, expected one of `ALLOW`, `DENY`, `AUDIT`",
+            ),
+            (
+                with(
+                    AUTHORIZATION_POLICY,
+                    "source: {ipBlocks: [198.18.0.0/15]}",
+                    "{}",
+                ),
+                "spec.rules[0].from[1]: missing field `source`",
+            ),
+            (
+                with(
+                    AUTHORIZATION_POLICY,
+                    "  action: ALLOW\n",
+                    "  action: ALLOW\n  provider: {name: opa}\n",
+                ),
+                "spec.provider: unknown field `provider`, expected one of `selector`, `action`, `rules`",
+            ),
+            (
+                with(
+                    AUTHORIZATION_POLICY,
+                    "{principals: [cluster.local/ns/shop/sa/client], notNamespaces: [test]}",
+                    "{}",
+                ),
+                "spec.rules[0].from[0].source: an empty source would match every caller",
+            ),
+            (
+                with(
+                    AUTHORIZATION_POLICY,
+                    "ports: ['8080'], methods: [GET, POST], paths: ['/api/*']",
+                    "",
+                ),
+                "spec.rules[0].to[0].operation: an empty operation would match every request",
+            ),
+            (
+                with(
+                    AUTHORIZATION_POLICY,
+                    "[cluster.local/ns/shop/sa/client]",
+                    "['spiffe://cluster.local/ns/shop/sa/client']",
+                ),
+                "spec.rules[0].from[0].source.principals[0]: \"spiffe://cluster.local/ns/shop/sa/client\": principals leave out `spiffe://`",
+            ),
+            (
+                with(
+                    AUTHORIZATION_POLICY,
+                    "[cluster.local/ns/shop/sa/client]",
+                    "['a*b']",
+                ),
+                "spec.rules[0].from[0].source.principals[0]: \"a*b\": `*` may only be the first or the last character, once",
+            ),
+            (
+                with(AUTHORIZATION_POLICY, "198.18.0.0/15", "198.18.0.1/15"),
+                "spec.rules[0].from[1].source.ipBlocks[0]: \"198.18.0.1/15\" has host bits set (did you mean 198.18.0.0/15?)",
+            ),
+            (
+                with(
+                    AUTHORIZATION_POLICY,
+                    "methods: [GET, POST]",
+                    "methods: [GET, post]",
+                ),
+                "spec.rules[0].to[0].operation.methods[1]: \"post\" is not an HTTP method in upper case",
+            ),
+            (
+                with(AUTHORIZATION_POLICY, "ports: ['8080']", "ports: [http]"),
+                "spec.rules[0].to[0].operation.ports[0]: \"http\" is not a port (1-65535)",
+            ),
+            (
+                with(
+                    AUTHORIZATION_POLICY,
+                    "key: request.headers[x-tenant]",
+                    "key: 'request.auth.claims[iss]'",
+                ),
+                "spec.rules[0].when[0].key: \"request.auth.claims[iss]\" is not a supported key",
+            ),
+            (
+                with(AUTHORIZATION_POLICY, "{app: web}", "{app: 'web*'}"),
+                "spec.selector.matchLabels.app: label values are matched exactly",
+            ),
+            (
+                with(AUTHORIZATION_POLICY, "ports: ['8080']", "ports: [8080]"),
+                "spec.rules[0].to[0].operation.ports[0]: invalid type: integer `8080`, expected a string",
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let e = rejected(&yaml);
+            let expected = format!("{at}{expected}");
+            assert!(e.starts_with(&expected), "{e}\nexpected: {expected}");
+        }
+        // An Istio manifest is told which apiVersion ours is.
+        let e = rejected(&with(
+            AUTHORIZATION_POLICY,
+            "mesh.dev/v1alpha1",
+            "security.istio.io/v1",
+        ));
+        assert_eq!(
+            e,
+            "document 1: apiVersion: unknown apiVersion \"security.istio.io/v1\" (expected \"mesh.dev/v1alpha1\")"
+        );
+        let e = rejected(&with(AUTHORIZATION_POLICY, "name: web.allow", "name: Web"));
+        assert!(
+            e.starts_with(
+                "document 1: metadata.name: \"Web\" is not a valid name (a DNS subdomain"
+            ),
+            "{e}"
+        );
+        // Later documents are named by their index.
+        let e = rejected(&format!(
+            "{SERVICE}---\n{}",
+            with(AUTHORIZATION_POLICY, "action: ALLOW", "action: deny")
+        ));
+        assert!(
+            e.starts_with("document 2 (AuthorizationPolicy/default/web.allow): spec.action: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn authorization_policies_name_no_other_resource() {
+        // A selector that matches no workload, in a namespace with nothing
+        // else in it, is valid (as in Istio).
+        let batch = parse_documents(&with(
+            AUTHORIZATION_POLICY,
+            "{name: web.allow,",
+            "{name: web.allow, namespace: empty,",
+        ))
+        .expect("valid");
+        reference_check(&batch, &[]).expect("no references");
     }
 
     #[test]

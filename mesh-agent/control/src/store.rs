@@ -96,9 +96,9 @@ pub struct Plan {
     pub outcomes: Vec<(ResourceId, Outcome)>,
     /// Only what actually changes.
     pub changes: Vec<Change>,
-    /// The revision the changes commit as: the next one. Routes and
-    /// TrafficPolicies created by the plan carry it as their creation
-    /// revision, so the plan must be committed before anything else is.
+    /// The revision the changes commit as: the next one. Routes and policies
+    /// created by the plan carry it as their creation revision, so the plan
+    /// must be committed before anything else is.
     pub revision: u64,
 }
 
@@ -137,8 +137,8 @@ impl State {
     }
 
     /// What applying `batch` would do, or why the result would be invalid.
-    /// A route or TrafficPolicy keeps the creation revision of the one it
-    /// replaces; a new one gets the revision the plan commits as.
+    /// A route or policy keeps the creation revision of the one it replaces;
+    /// a new one gets the revision the plan commits as.
     pub fn plan_apply(&self, batch: Vec<Resource>) -> Result<Plan, resources::Error> {
         resources::check_addresses(&batch, |ip| self.addresses.get(&ip))?;
         resources::check_mtls_policies(&batch, |namespace| self.mtls_policy(namespace))?;
@@ -774,6 +774,53 @@ mod tests {
             want.set_created_revision(2);
             want
         });
+    }
+
+    fn authorization_policy(name: &str, namespace: &str, action: &str) -> Resource {
+        parse_documents(&format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  selector: {{matchLabels: {{app: nothing}}}}\n  action: {action}\n  rules: [{{from: [{{source: {{ipBlocks: [198.18.0.0/15]}}}}]}}]\n"
+        ))
+        .expect("valid")
+        .remove(0)
+    }
+
+    #[test]
+    fn an_authorization_policy_needs_no_other_resource_and_keeps_its_creation_revision() {
+        let dir = TempDir::new("authorization-policy");
+        let mut store = Store::open(&dir.0, 100).expect("open");
+        // No workload has the label, and the root namespace holds nothing
+        // else: both are fine.
+        let p = authorization_policy("p", "mesh-system", "DENY");
+        assert_eq!(put(&mut store, vec![p.clone()]), 1);
+        assert_eq!(created(store.state(), &p), (1, 1));
+        put(&mut store, vec![workload("w", "198.18.0.1")]);
+        let changed = authorization_policy("p", "mesh-system", "AUDIT");
+        assert_eq!(put(&mut store, vec![changed.clone()]), 3);
+        assert_eq!(created(store.state(), &changed), (1, 3));
+        // What `get` shows applies back unchanged.
+        let stored = store.state().get(&p.id()).expect("stored");
+        let doc =
+            serde_yaml_ng::to_string(&stored.resource.to_document(stored.version)).expect("yaml");
+        let plan = store
+            .state()
+            .plan_apply(parse_documents(&doc).expect("valid"))
+            .expect("plan");
+        assert_eq!(plan.outcomes[0].1, Outcome::Unchanged, "{doc}");
+        // Kept across a restart.
+        drop(store);
+        let store = Store::open(&dir.0, 100).expect("reopen");
+        assert_eq!(store.state().get(&p.id()).expect("kept").resource, {
+            let mut want = changed.clone();
+            want.set_created_revision(1);
+            want
+        });
+        assert_eq!(
+            store
+                .state()
+                .of_kind(Kind::AuthorizationPolicy, Some("mesh-system"))
+                .count(),
+            1
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tonic::{Code, Status};
 
 use mesh_api::{
     admin::{self, AdminClient, CertStatus, ConnectionState, ConnectionView},
+    authz::ROOT_NAMESPACE,
     client::{self, Target},
     identity::{self, CertStore, SpiffeId, generate_key_and_csr, node_identity, read_token},
     kinds::Kind,
@@ -111,7 +112,7 @@ pub enum Command {
     /// Show resources, as a table or as documents.
     Get {
         /// workload (wl), service (svc), node (no), mtlspolicy, httproute,
-        /// grpcroute or trafficpolicy (tp).
+        /// grpcroute, trafficpolicy (tp) or authorizationpolicy (ap).
         kind: String,
         /// One resource; all of the kind when omitted.
         name: Option<String>,
@@ -127,7 +128,7 @@ pub enum Command {
     /// Delete a resource.
     Delete {
         /// workload (wl), service (svc), node (no), mtlspolicy, httproute,
-        /// grpcroute or trafficpolicy (tp).
+        /// grpcroute, trafficpolicy (tp) or authorizationpolicy (ap).
         kind: String,
         name: String,
         #[arg(short = 'n', long, default_value = DEFAULT_NAMESPACE)]
@@ -317,7 +318,7 @@ async fn control(args: &Args) -> anyhow::Result<String> {
             }
             let kind = Kind::from_loose(kind).with_context(|| {
                 format!(
-                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no, mtlspolicy, httproute, grpcroute, trafficpolicy or tp)"
+                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no, mtlspolicy, httproute, grpcroute, trafficpolicy, tp, authorizationpolicy or ap)"
                 )
             })?;
             let response = client
@@ -359,7 +360,7 @@ async fn control(args: &Args) -> anyhow::Result<String> {
         } => {
             let kind = Kind::from_loose(kind).with_context(|| {
                 format!(
-                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no, mtlspolicy, httproute, grpcroute, trafficpolicy or tp)"
+                    "unknown kind {kind:?} (expected workload, wl, service, svc, node, no, mtlspolicy, httproute, grpcroute, trafficpolicy, tp, authorizationpolicy or ap)"
                 )
             })?;
             client
@@ -628,6 +629,10 @@ fn render_documents(
                     &["NAME", "TARGET", "SUMMARY"],
                     documents.iter().map(traffic_policy_row).collect(),
                 ),
+                Kind::AuthorizationPolicy => (
+                    &["NAME", "ACTION", "SELECTOR", "RULES"],
+                    documents.iter().map(authorization_policy_row).collect(),
+                ),
                 Kind::MtlsPolicy => (
                     &["NAME", "MODE"],
                     documents
@@ -766,6 +771,32 @@ fn traffic_policy_summary(spec: &Value) -> String {
     }
 }
 
+/// SELECTOR is `app=web,tier=x`; without one, `*` (every workload of the
+/// namespace), or `(mesh)` in the root namespace (every workload of the
+/// mesh).
+fn authorization_policy_row(d: &Value) -> Vec<String> {
+    let spec = &d["spec"];
+    let labels: Vec<String> = spec["selector"]["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", text(v)))
+        .collect();
+    let selector = if !labels.is_empty() {
+        labels.join(",")
+    } else if d["metadata"]["namespace"] == ROOT_NAMESPACE {
+        "(mesh)".to_owned()
+    } else {
+        "*".to_owned()
+    };
+    vec![
+        text(&d["metadata"]["name"]),
+        text(&spec["action"]),
+        selector,
+        spec["rules"].as_array().map_or(0, Vec::len).to_string(),
+    ]
+}
+
 /// Left-aligned columns, as wide as their widest cell.
 fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -889,5 +920,42 @@ mod tests {
         assert_eq!(traffic_policy_row(&whole), ["q", "echo", "-"]);
         let lb = json!({"targetRef": {"name": "a"}, "loadBalancer": {"preferSameNode": false}});
         assert_eq!(traffic_policy_summary(&lb), "lb=LEAST_LATENCY");
+    }
+
+    #[test]
+    fn an_authorization_policy_row_names_its_action_selector_and_rule_count() {
+        let doc = json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "web", "tier": "x"}},
+                "action": "DENY",
+                "rules": [{"from": [{"source": {"namespaces": ["a"]}}]}, {}],
+            },
+        });
+        assert_eq!(
+            authorization_policy_row(&doc),
+            ["web", "DENY", "app=web,tier=x", "2"]
+        );
+        // Without a selector: the whole namespace, or the whole mesh in the
+        // root namespace; without rules, none.
+        let namespace =
+            json!({"metadata": {"name": "all", "namespace": "shop"}, "spec": {"action": "ALLOW"}});
+        assert_eq!(
+            authorization_policy_row(&namespace),
+            ["all", "ALLOW", "*", "0"]
+        );
+        let mesh = json!({
+            "metadata": {"name": "all", "namespace": "mesh-system"},
+            "spec": {"selector": {"matchLabels": {}}, "action": "AUDIT", "rules": [{}]},
+        });
+        assert_eq!(
+            authorization_policy_row(&mesh),
+            ["all", "AUDIT", "(mesh)", "1"]
+        );
+        let selected = json!({
+            "metadata": {"name": "web", "namespace": "mesh-system"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": "ALLOW"},
+        });
+        assert_eq!(authorization_policy_row(&selected)[2], "app=web");
     }
 }
