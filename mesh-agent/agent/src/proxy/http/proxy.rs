@@ -642,10 +642,10 @@ impl HttpProxy {
                 if matches!(planned.via, Via::Tunnel(_)) {
                     req.headers_mut()
                         .insert(SERVICE_HEADER, service_value(&be.service, be.port));
-                    if let Some(ip) = source_ip {
-                        if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
-                            req.headers_mut().insert(SOURCE_HEADER, v);
-                        }
+                    if let Some(ip) = source_ip
+                        && let Ok(v) = HeaderValue::from_str(&ip.to_string())
+                    {
+                        req.headers_mut().insert(SOURCE_HEADER, v);
                     }
                 } else if ep.local {
                     // Same node: this agent is the destination's, and judges
