@@ -132,6 +132,29 @@ def hold(args):
         s.close()
 
 
+def linger(args):
+    """Connects, reads the server's greeting, prints `ready`, then waits
+    (at most --seconds) for the connection to be closed; reports the
+    greeting and how long after `ready` it closed (null: it did not)."""
+    s = socket.create_connection((args.addr, args.port), timeout=args.seconds)
+    greeting = s.recv(4096).decode(errors="replace")
+    print("ready", flush=True)
+    start = time.monotonic()
+    closed = None
+    try:
+        while time.monotonic() - start < args.seconds:
+            s.settimeout(max(0.01, args.seconds - (time.monotonic() - start)))
+            if not s.recv(4096):
+                closed = time.monotonic() - start
+                break
+    except socket.timeout:
+        pass
+    except OSError:
+        closed = time.monotonic() - start
+    s.close()
+    print(json.dumps({"greeting": greeting, "closed_after": closed}), flush=True)
+
+
 def loop(args):
     """Connects again and again until `seconds` pass; counts the outcomes."""
     ok = failed = 0
@@ -393,6 +416,10 @@ def main():
     g.add_argument("--port", type=int, required=True)
     g.add_argument("--count", type=int, required=True)
     g.add_argument("--seconds", type=float, required=True)
+    g = sub.add_parser("linger")
+    g.add_argument("--addr", required=True)
+    g.add_argument("--port", type=int, required=True)
+    g.add_argument("--seconds", type=float, required=True)
     g = sub.add_parser("loop")
     g.add_argument("--addr", required=True)
     g.add_argument("--port", type=int, required=True)
@@ -435,6 +462,7 @@ def main():
         "connect": connect,
         "listen": listen,
         "hold": hold,
+        "linger": linger,
         "loop": loop,
         "http": http_requests,
         "http-load": http_load,

@@ -164,6 +164,41 @@ fn authorization_policies_allow_and_deny_as_istio_does() {
     );
     assert_eq!(tcp(&cluster, "node1-pod1")["reply"], "node2-pod1\nping");
 
+    // An open connection a new DENY covers is closed, within a second of
+    // the change.
+    let open = Probe::start(
+        python_in_pod(&cluster, "node1-pod1"),
+        &[
+            "linger",
+            "--addr",
+            TCP_VIP,
+            "--port",
+            "7000",
+            "--seconds",
+            "15",
+        ],
+    );
+    let shut = authz(
+        "default",
+        "tcp-deny",
+        &format!(
+            "  selector: {{matchLabels: {{app: node2-pod1}}}}\n  action: DENY\n  rules:\n  - to: [{{operation: {{ports: [\"{ECHO_PORT}\"]}}}}]\n"
+        ),
+    );
+    let applied = Instant::now();
+    cluster.apply(&shut).expect("apply");
+    let out = open.finish();
+    assert_eq!(out["greeting"], "node2-pod1\n", "{out}");
+    let closed = out["closed_after"]
+        .as_f64()
+        .expect("the connection was closed");
+    assert!(
+        applied.elapsed() < Duration::from_secs(5) && closed < 3.0,
+        "closed {closed} s after it opened: {out}"
+    );
+    remove(&cluster, "default", "tcp-deny");
+    until(|| tcp(&cluster, "node1-pod1")["reply"] == "node2-pod1\nping");
+
     // DENY overrides ALLOW: by path, by method, by header.
     let deny = authz(
         "default",

@@ -319,11 +319,10 @@ impl Policy {
     }
 }
 
-/// Judges a connection or request to the local workload at `dst` with the
-/// policies of `state`, logging what decided and counting it.
-pub fn judge(
+/// The verdict on a connection or request to the local workload at `dst`
+/// by the policies of `state`; nothing logged or counted.
+pub fn verdict(
     state: &crate::state::State,
-    metrics: &crate::telemetry::Metrics,
     dst: std::net::SocketAddrV4,
     source: Option<&mesh_api::identity::SpiffeId>,
     source_ip: Ipv4Addr,
@@ -348,7 +347,50 @@ pub fn judge(
         port: dst.port(),
         http,
     };
-    let d = evaluate(policies.iter().map(|p| &**p), &a);
+    evaluate(policies.iter().map(|p| &**p), &a)
+}
+
+/// Resolves when a new configuration denies a connection that was allowed
+/// (the caller then closes it); never, while it stays allowed.
+pub async fn revoked(
+    mut state: crate::state::StateRx,
+    metrics: std::sync::Arc<crate::telemetry::Metrics>,
+    dst: std::net::SocketAddrV4,
+    source: Option<mesh_api::identity::SpiffeId>,
+    source_ip: Ipv4Addr,
+) {
+    loop {
+        if state.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let s = state.borrow_and_update().clone();
+        if !verdict(&s, dst, source.as_ref(), source_ip, None).allowed {
+            // Counted and logged as the decision it is.
+            judge(&s, &metrics, dst, source.as_ref(), source_ip, None);
+            tracing::info!(%dst, %source_ip, "closing a connection a new policy denies");
+            return;
+        }
+    }
+}
+
+/// Judges a connection or request to the local workload at `dst` with the
+/// policies of `state`, logging what decided and counting it.
+pub fn judge(
+    state: &crate::state::State,
+    metrics: &crate::telemetry::Metrics,
+    dst: std::net::SocketAddrV4,
+    source: Option<&mesh_api::identity::SpiffeId>,
+    source_ip: Ipv4Addr,
+    http: Option<HttpAttributes>,
+) -> Decision {
+    let d = verdict(state, dst, source, source_ip, http);
+    if state.authz_for(*dst.ip()).is_empty() {
+        return d;
+    }
+    let principal = source.map(ToString::to_string);
+    let principal = principal
+        .as_deref()
+        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
     for (policy, rule) in &d.audited {
         tracing::info!(%dst, source = principal.unwrap_or("-"), %source_ip, policy, rule, http = http.is_some(), "authorization audit");
         metrics.authz(policy, "audit");

@@ -159,7 +159,7 @@ impl Inbound {
             return status(StatusCode::FORBIDDEN);
         }
         // Judged before any byte reaches the workload.
-        {
+        let source_ip = {
             let state = self.state.borrow().clone();
             let source_ip = crate::authz::claimed_source(req.headers(), &state, &source);
             let d = crate::authz::judge(
@@ -174,7 +174,15 @@ impl Inbound {
                 self.metrics.inbound_stream(InboundResult::Denied);
                 return status(StatusCode::FORBIDDEN);
             }
-        }
+            source_ip
+        };
+        let revoked = crate::authz::revoked(
+            self.state.clone(),
+            self.metrics.clone(),
+            target,
+            Some(source.clone()),
+            source_ip,
+        );
         let upstream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target)).await {
                 Ok(Ok(s)) => s,
@@ -205,10 +213,14 @@ impl Inbound {
             );
             let mut upstream = upstream;
             let mut tunnel = Locked(TokioIo::new(upgraded));
-            if let Err(e) =
-                crate::proxy::copy_bidirectional(&mut tunnel, &mut upstream, &a, &b).await
-            {
-                debug!(%source, %target, error = %e, "tunnel stream ended with error");
+            tokio::select! {
+                copied = crate::proxy::copy_bidirectional(&mut tunnel, &mut upstream, &a, &b) => {
+                    if let Err(e) = copied {
+                        debug!(%source, %target, error = %e, "tunnel stream ended with error");
+                    }
+                }
+                // A new policy denies it: both sides are closed (dropped).
+                () = revoked => {}
             }
         });
         status(StatusCode::OK)

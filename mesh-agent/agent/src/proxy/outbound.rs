@@ -155,7 +155,10 @@ impl Outbound {
             SocketAddr::V6(_) => None,
         };
         // Same node: this agent is the destination's too, and judges the
-        // connection before any byte reaches the workload.
+        // connection before any byte reaches the workload, and again when
+        // the configuration changes.
+        let mut revoked: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> =
+            None;
         if matches!(route.via, Via::Direct) {
             let state = self.state.borrow().clone();
             if state.is_local(*route.dst.ip()) {
@@ -177,6 +180,13 @@ impl Outbound {
                     refuse(socket);
                     return;
                 }
+                revoked = Some(Box::pin(crate::authz::revoked(
+                    self.state.clone(),
+                    self.metrics.clone(),
+                    route.dst,
+                    caller.cloned(),
+                    source_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+                )));
             }
         }
         let upstream = match self.open(route, source_ip).await {
@@ -193,9 +203,13 @@ impl Outbound {
         let (sent, received) = (&tracked.live.sent, &tracked.live.received);
         let mut client = socket;
         let outcome = match upstream {
-            Upstream::Direct(mut s) => {
-                copy_bidirectional(&mut client, &mut s, sent, received).await
-            }
+            Upstream::Direct(mut s) => match revoked {
+                None => copy_bidirectional(&mut client, &mut s, sent, received).await,
+                Some(revoked) => tokio::select! {
+                    copied = copy_bidirectional(&mut client, &mut s, sent, received) => copied,
+                    () = revoked => Ok(()),
+                },
+            },
             Upstream::Tunnel(s) => {
                 let mut s = Locked(s);
                 copy_bidirectional(&mut client, &mut s, sent, received).await
