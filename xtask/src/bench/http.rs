@@ -34,6 +34,10 @@ use crate::{
 const MESH_CLIENT: &str = "node1-pod1";
 const DIRECT_CLIENT: &str = "node1-pod2";
 const UPSTREAM: &str = "node2-pod1";
+/// The mesh+authz rows' upstream, which the policies select.
+const AUTHZ_UPSTREAM: &str = "node2-pod2";
+/// AuthorizationPolicies selecting it.
+const AUTHZ_POLICIES: usize = 100;
 const CLIENT_NODE: &str = "node1";
 const UPSTREAM_NODE: &str = "node2";
 
@@ -45,6 +49,8 @@ const H1_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 const H2C_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
 const H1_POLICY_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
 const H2C_POLICY_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 4);
+const H1_AUTHZ_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 5);
+const H2C_AUTHZ_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 6);
 /// The mesh+policy rows' TrafficPolicy: what an operator would turn on.
 const DEFAULT_POLICY: &str = "  loadBalancer: {simple: LEAST_LATENCY}\n  retries: {attempts: 2, retryOn: [connect-failure, refused-stream, gateway-error], budget: {percent: 20, minRetryConcurrency: 3}}\n  circuitBreaker: {maxConnections: 1024, maxPendingRequests: 1024, maxRequests: 1024, maxRetries: 3}\n  outlierDetection: {consecutive5xxErrors: 5, baseEjectionTime: 30s, maxEjectionPercent: 10}\n";
 /// Not under `/_/`: the echo server's plain answer, a JSON description of the request.
@@ -127,19 +133,37 @@ enum Route {
     /// retries with a budget, breaker limits, an outlier detector.
     #[serde(rename = "mesh+policy")]
     MeshPolicy,
+    /// Through the mesh to an upstream that 100 AuthorizationPolicies
+    /// select (99 DENY that do not match, one ALLOW that does).
+    #[serde(rename = "mesh+authz")]
+    MeshAuthz,
     Nginx,
 }
 
 impl Route {
-    const ALL: [Route; 4] = [Route::Direct, Route::Mesh, Route::MeshPolicy, Route::Nginx];
+    const ALL: [Route; 5] = [
+        Route::Direct,
+        Route::Mesh,
+        Route::MeshPolicy,
+        Route::MeshAuthz,
+        Route::Nginx,
+    ];
 
     fn is_mesh(self) -> bool {
-        matches!(self, Route::Mesh | Route::MeshPolicy)
+        matches!(self, Route::Mesh | Route::MeshPolicy | Route::MeshAuthz)
+    }
+
+    /// The pod that answers this route.
+    fn upstream(self) -> &'static str {
+        match self {
+            Route::MeshAuthz => AUTHZ_UPSTREAM,
+            _ => UPSTREAM,
+        }
     }
 
     fn client(self) -> &'static str {
         match self {
-            Route::Mesh | Route::MeshPolicy => MESH_CLIENT,
+            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz => MESH_CLIENT,
             Route::Direct | Route::Nginx => DIRECT_CLIENT,
         }
     }
@@ -151,6 +175,7 @@ impl fmt::Display for Route {
             Route::Direct => "direct",
             Route::Mesh => "mesh",
             Route::MeshPolicy => "mesh+policy",
+            Route::MeshAuthz => "mesh+authz",
             Route::Nginx => "nginx",
         })
     }
@@ -273,13 +298,34 @@ fn bench_cluster() -> Result<Cluster> {
         "{}  mtlsMode: PERMISSIVE\n",
         cluster.workload_yaml(UPSTREAM, &[])
     );
+    let authz_upstream = cluster.workload_yaml(AUTHZ_UPSTREAM, &[]);
+    let client = format!("cluster.local/ns/default/sa/{MESH_CLIENT}");
+    let authz: Vec<String> = (0..AUTHZ_POLICIES)
+        .map(|i| {
+            let rules = if i + 1 == AUTHZ_POLICIES {
+                format!("  action: ALLOW\n  rules: [{{from: [{{source: {{principals: [\"{client}\"]}}}}]}}]\n")
+            } else {
+                format!("  action: DENY\n  rules: [{{from: [{{source: {{principals: [\"cluster.local/ns/default/sa/nobody-{i}\"]}}}}], to: [{{operation: {{methods: [POST], paths: [\"/admin/{i}/*\"]}}}}]}}]\n")
+            };
+            format!(
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: bench-{i}, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: {AUTHZ_UPSTREAM}}}}}\n{rules}"
+            )
+        })
+        .collect();
     let services = [
         ("bench-http", H1_VIP, "http"),
         ("bench-h2c", H2C_VIP, "http2"),
         ("bench-http-policy", H1_POLICY_VIP, "http"),
         ("bench-h2c-policy", H2C_POLICY_VIP, "http2"),
+        ("bench-http-authz", H1_AUTHZ_VIP, "http"),
+        ("bench-h2c-authz", H2C_AUTHZ_VIP, "http2"),
     ]
     .map(|(name, vip, app_protocol)| {
+        let app = if name.ends_with("-authz") {
+            AUTHZ_UPSTREAM
+        } else {
+            UPSTREAM
+        };
         let policy = if name.ends_with("-policy") {
             format!(
                 "---\napiVersion: mesh.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  targetRef: {{kind: Service, name: {name}}}\n{DEFAULT_POLICY}"
@@ -288,11 +334,19 @@ fn bench_cluster() -> Result<Cluster> {
             String::new()
         };
         format!(
-            "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  vips: [{vip}]\n  ports: [{{name: http, port: {SERVICE_PORT}, targetPort: {ECHO_PORT}, appProtocol: {app_protocol}}}]\n  selector: {{app: {UPSTREAM}}}\n{policy}"
+            "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  vips: [{vip}]\n  ports: [{{name: http, port: {SERVICE_PORT}, targetPort: {ECHO_PORT}, appProtocol: {app_protocol}}}]\n  selector: {{app: {app}}}\n{policy}"
         )
     });
     cluster
-        .apply(&[upstream, services.join("---\n")].join("---\n"))
+        .apply(
+            &[
+                upstream,
+                authz_upstream,
+                services.join("---\n"),
+                authz.join("---\n"),
+            ]
+            .join("---\n"),
+        )
         .context("applying the upstream's Workload and the bench Services")?;
     eprintln!(
         "xtask: cluster {} is up (control plane, mTLS tunnel); measuring",
@@ -310,7 +364,8 @@ struct Bench<'a> {
 
 impl Bench<'_> {
     fn run(&self) -> Result<Vec<Row>> {
-        let _upstream = self.serve_upstream()?;
+        let _upstream = self.serve_upstream(UPSTREAM)?;
+        let _authz_upstream = self.serve_upstream(AUTHZ_UPSTREAM)?;
         let nginx = self.start_nginx();
         let mut rows = Vec::new();
         for proto in Proto::ALL {
@@ -362,6 +417,12 @@ impl Bench<'_> {
             (Route::MeshPolicy, Proto::H2c) => {
                 format!("http://{H2C_POLICY_VIP}:{SERVICE_PORT}{PATH}")
             }
+            (Route::MeshAuthz, Proto::Http1) => {
+                format!("http://{H1_AUTHZ_VIP}:{SERVICE_PORT}{PATH}")
+            }
+            (Route::MeshAuthz, Proto::H2c) => {
+                format!("http://{H2C_AUTHZ_VIP}:{SERVICE_PORT}{PATH}")
+            }
             (Route::Nginx, Proto::Http1) => format!("http://{gateway}:{NGINX_H1_PORT}{PATH}"),
             (Route::Nginx, Proto::H2c) => format!("http://{gateway}:{NGINX_H2C_PORT}{PATH}"),
         }
@@ -385,15 +446,16 @@ impl Bench<'_> {
             let echo = serde_json::from_str::<serde_json::Value>(&body).ok();
             let why = match &echo {
                 _ if !out.status.success() => String::from_utf8_lossy(&out.stderr).into_owned(),
-                Some(echo) if echo["pod"] == UPSTREAM => {
+                Some(echo) if echo["pod"] == route.upstream() => {
                     return self.check_version(proto, route, echo);
                 }
                 _ => format!("answered {body:?}"),
             };
             ensure!(
                 Instant::now() < deadline,
-                "{proto} {route}: {url} from {} did not reach {UPSTREAM} within {} s: {}",
+                "{proto} {route}: {url} from {} did not reach {} within {} s: {}",
                 route.client(),
+                route.upstream(),
                 PROBE_TIMEOUT.as_secs(),
                 why.trim()
             );
@@ -407,7 +469,7 @@ impl Bench<'_> {
         let expected = match route {
             Route::Direct => proto.echo_version(),
             Route::Nginx => "HTTP/1.1",
-            Route::Mesh | Route::MeshPolicy => {
+            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz => {
                 eprintln!(
                     "xtask: {proto} through the mesh reaches {UPSTREAM} as {}",
                     echo["version"]
@@ -475,7 +537,7 @@ impl Bench<'_> {
     ) -> Result<(LoadRun, Vec<ProxyCost>)> {
         let proxies: Vec<(String, u32)> = match route {
             Route::Direct => Vec::new(),
-            Route::Mesh | Route::MeshPolicy => [CLIENT_NODE, UPSTREAM_NODE]
+            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz => [CLIENT_NODE, UPSTREAM_NODE]
                 .into_iter()
                 .map(|node| {
                     let pid = self
@@ -578,14 +640,14 @@ impl Bench<'_> {
         parsed.with_context(|| format!("reading the output of {name}:\n{stdout}"))
     }
 
-    fn serve_upstream(&self) -> Result<Server> {
-        let mut cmd = self.cluster.command(UPSTREAM, &self.testapp);
-        cmd.args(["serve", "--name", UPSTREAM])
+    fn serve_upstream(&self, pod: &str) -> Result<Server> {
+        let mut cmd = self.cluster.command(pod, &self.testapp);
+        cmd.args(["serve", "--name", pod])
             .args(["--http-echo", &ECHO_PORT.to_string()]);
         let mut server = Server::start(
-            format!("mesh-testapp serve in {UPSTREAM}"),
+            format!("mesh-testapp serve in {pod}"),
             cmd,
-            self.log_path("testapp"),
+            self.log_path(&format!("testapp-{pod}")),
         )?;
         server.wait_ready_line()?;
         Ok(server)
@@ -877,6 +939,14 @@ fn aims(rows: &[Row]) -> Vec<Aim> {
                     .sum::<f64>()
             })
     };
+    aims.push(
+        Aim::at_most(
+            format!("{AUTHZ_POLICIES} AuthorizationPolicies selecting the upstream add <= 1 us agent CPU per HTTP/1.1 request (mesh+authz - mesh, saturation)"),
+            cpu(Route::MeshAuthz) - cpu(Route::Mesh),
+            1.0,
+        )
+        .in_unit("us"),
+    );
     aims.push(
         Aim::at_most(
             "a default TrafficPolicy adds <= 2 us agent CPU per HTTP/1.1 request (mesh+policy - mesh, saturation)".into(),
