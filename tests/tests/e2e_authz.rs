@@ -305,6 +305,32 @@ fn authorization_policies_allow_and_deny_as_istio_does() {
     });
     remove(&cluster, "default", "local-deny");
 
+    // gRPC (grpcio): a denied call is PERMISSION_DENIED, by method path.
+    let _grpc = Probe::start(
+        python_in_pod(&cluster, "node2-pod1"),
+        &["grpc-serve", "--port", "50051", "--name", "g"],
+    );
+    let grpc_deny = authz(
+        "default",
+        "grpc-deny",
+        "  selector: {matchLabels: {app: node2-pod1}}\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [\"/mesh.test.Echo/Unary\"]}}]\n",
+    );
+    let mut docs = vec![grpc_deny];
+    docs.push(
+        "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata: {name: grpc, namespace: default}\nspec:\n  vips: [\"198.18.220.4\"]\n  ports: [{name: grpc, port: 50051, appProtocol: grpc}]\n  selector: {app: node2-pod1}\n".to_owned(),
+    );
+    let calls = || {
+        probe(
+            python_in_pod(&cluster, "node1-pod1"),
+            &["grpc-many", "--addr", "198.18.220.4:50051", "--count", "5"],
+        )
+    };
+    apply_until(&cluster, &docs, || {
+        calls()["codes"]["PERMISSION_DENIED"].as_u64() == Some(5)
+    });
+    remove(&cluster, "default", "grpc-deny");
+    until(|| calls()["names"]["g"].as_u64() == Some(5));
+
     // Default deny: an ALLOW without rules in the namespace; then the
     // mesh-wide one in the root namespace.
     let none = authz("default", "deny-all", "  {}\n");

@@ -280,6 +280,30 @@ impl Policy {
         Policy::from_spec(&p.namespace, &p.name, &spec)
     }
 
+    /// What stands in for a policy this agent cannot read (only a control
+    /// server of another version could send one): DENY everything for the
+    /// workloads its selector names, if that much can be read, else for its
+    /// whole namespace. Failing closed.
+    pub fn unreadable(p: &pb::Policy) -> Policy {
+        let selector = serde_json::from_str::<serde_json::Value>(&p.spec_json)
+            .ok()
+            .and_then(|v| {
+                let labels = v.get("selector")?.get("matchLabels")?.as_object()?.clone();
+                labels
+                    .into_iter()
+                    .map(|(k, v)| Some((k, v.as_str()?.to_owned())))
+                    .collect::<Option<BTreeMap<_, _>>>()
+            });
+        Policy {
+            id: format!("{}/{}", p.namespace, p.name),
+            namespace: p.namespace.clone(),
+            selector,
+            action: Action::Deny,
+            rules: vec![Rule::default()],
+            http: false,
+        }
+    }
+
     pub fn from_spec(
         namespace: &str,
         name: &str,
@@ -583,6 +607,22 @@ mod tests {
         );
         assert!(evaluate([&n], &attrs(None, None)).allowed);
         assert!(!evaluate([&n], &attrs(Some(CLIENT), None)).allowed);
+    }
+
+    #[test]
+    fn a_policy_that_cannot_be_read_denies_what_it_selects() {
+        let p = Policy::unreadable(&pb::Policy {
+            kind: "AuthorizationPolicy".into(),
+            namespace: "default".into(),
+            name: "future".into(),
+            created_revision: 1,
+            spec_json: r#"{"selector": {"matchLabels": {"app": "web"}}, "action": "CUSTOM"}"#
+                .into(),
+        });
+        let labels: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+        assert!(applies_to(&p, "default", &labels));
+        assert!(!applies_to(&p, "default", &BTreeMap::new()));
+        assert!(!evaluate([&p], &attrs(Some(CLIENT), None)).allowed);
     }
 
     #[test]

@@ -167,9 +167,10 @@ impl State {
                 match authz::Policy::compile(p) {
                     Ok(p) => authz_policies.push(Arc::new(p)),
                     // Only a control server of another version could send
-                    // one that does not compile here.
+                    // one that does not compile here: fail closed.
                     Err(e) => {
-                        warn!(key = %r.key, error = %e, "ignoring an AuthorizationPolicy that does not compile")
+                        warn!(key = %r.key, error = %e, "an AuthorizationPolicy that does not compile here: denying what it selects");
+                        authz_policies.push(Arc::new(authz::Policy::unreadable(p)));
                     }
                 }
             }
