@@ -31,6 +31,54 @@ fn start(dir: &Path) -> Server {
 }
 
 impl Server {
+    /// `meshctl` against this server's local socket: exit code, stdout,
+    /// stderr.
+    fn meshctl(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = Command::new(bin("meshctl"))
+            .args(["--control", &format!("unix://{}", self.socket.display())])
+            .args(args)
+            .output()
+            .expect("meshctl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Applies each bad document after `good` in one batch: every batch is
+    /// refused whole, meshctl naming `{prefix}{expected}`, and `kinds` stay
+    /// empty.
+    fn assert_refused_whole<B: AsRef<str>>(
+        &self,
+        file: &Path,
+        good: &str,
+        cases: &[(&str, B, &str)],
+        prefix: &str,
+        kinds: &[&str],
+    ) {
+        let file_arg = file.to_str().expect("utf-8 path");
+        for (what, bad, expected) in cases {
+            std::fs::write(file, format!("{good}---\n{}", bad.as_ref())).expect("write");
+            let (code, out, err) = self.meshctl(&["apply", "-f", file_arg]);
+            assert_eq!(code, Some(1), "{what}: applied: {out}");
+            assert_eq!(out, "", "{what}");
+            assert!(
+                err.starts_with(&format!("meshctl: {prefix}{expected}")),
+                "{what}: {err}"
+            );
+            for kind in kinds {
+                let (code, out, err) = self.meshctl(&["get", kind, "-A"]);
+                assert_eq!(code, Some(0), "{what}: {err}");
+                assert_eq!(
+                    (out.as_str(), err.as_str()),
+                    ("", "No resources found.\n"),
+                    "{what}: something of the batch was stored"
+                );
+            }
+        }
+    }
+
     /// Every stored document of both kinds, as JSON text.
     async fn everything(&self) -> Vec<String> {
         let mut op = self.operator().await;
@@ -631,18 +679,7 @@ async fn meshctl_applies_a_directory_gets_and_deletes() {
     )
     .expect("write");
     std::fs::write(manifests.join("notes.txt"), "not yaml: [").expect("write");
-    let meshctl = |args: &[&str]| {
-        let out = Command::new(bin("meshctl"))
-            .args(["--control", &format!("unix://{}", server.socket.display())])
-            .args(args)
-            .output()
-            .expect("meshctl");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let meshctl = |args: &[&str]| server.meshctl(args);
     let dir_arg = manifests.to_str().expect("utf-8 path");
 
     let (code, out, err) = meshctl(&["apply", "-f", dir_arg, "--dry-run"]);
@@ -749,17 +786,9 @@ async fn nodes_are_cluster_scoped_and_reach_every_agent() {
     );
 
     let meshctl = |args: &[&str]| {
-        let out = Command::new(bin("meshctl"))
-            .args(["--control", &format!("unix://{}", server.socket.display())])
-            .args(args)
-            .output()
-            .expect("meshctl");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (code, out, err) = server.meshctl(args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        out
     };
     let table = meshctl(&["get", "nodes"]);
     assert!(table.contains("n2     198.18.0.12   15008"), "{table}");
@@ -849,17 +878,9 @@ async fn mtls_modes_reach_agents_as_each_workloads_effective_mode() {
     );
 
     let meshctl = |args: &[&str]| {
-        let out = Command::new(bin("meshctl"))
-            .args(["--control", &format!("unix://{}", server.socket.display())])
-            .args(args)
-            .output()
-            .expect("meshctl");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (code, out, err) = server.meshctl(args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        out
     };
     let table = meshctl(&["get", "mtlspolicies", "-n", "shop"]);
     assert!(table.contains("default   PERMISSIVE"), "{table}");
@@ -906,18 +927,7 @@ spec:
         agent.recv_and_ack().await;
         agents.push(agent);
     }
-    let meshctl = |args: &[&str]| {
-        let out = Command::new(bin("meshctl"))
-            .args(["--control", &format!("unix://{}", server.socket.display())])
-            .args(args)
-            .output()
-            .expect("meshctl");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let meshctl = |args: &[&str]| server.meshctl(args);
     let file = dir.0.join("route.yaml");
     let file_arg = file.to_str().expect("utf-8 path");
     let apply_file = |yaml: &str| {
@@ -1066,18 +1076,7 @@ spec:
         80,
         "{matches: [{path: {type: PathPrefix, value: /}}], backendRefs: [{name: echo, port: 8080}]}",
     );
-    let meshctl = |args: &[&str]| {
-        let out = Command::new(bin("meshctl"))
-            .args(["--control", &format!("unix://{}", server.socket.display())])
-            .args(args)
-            .output()
-            .expect("meshctl");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let meshctl = |args: &[&str]| server.meshctl(args);
     let file = dir.0.join("routes.yaml");
     let file_arg = file.to_str().expect("utf-8 path");
 
@@ -1156,25 +1155,7 @@ spec:
             "document 2 (HTTPRoute/default/bad): spec.rules[0].matchez: unknown field `matchez`",
         ),
     ];
-    for (what, bad, expected) in cases {
-        std::fs::write(&file, format!("{good}---\n{bad}")).expect("write");
-        let (code, out, err) = meshctl(&["apply", "-f", file_arg]);
-        assert_eq!(code, Some(1), "{what}: applied: {out}");
-        assert_eq!(out, "", "{what}");
-        assert!(
-            err.starts_with(&format!("meshctl: {expected}")),
-            "{what}: {err}"
-        );
-        for kind in ["httproutes", "grpcroutes"] {
-            let (code, out, err) = meshctl(&["get", kind, "-A"]);
-            assert_eq!(code, Some(0), "{what}: {err}");
-            assert_eq!(
-                (out.as_str(), err.as_str()),
-                ("", "No resources found.\n"),
-                "{what}: something of the batch was stored"
-            );
-        }
-    }
+    server.assert_refused_whole(&file, &good, &cases, "", &["httproutes", "grpcroutes"]);
 
     std::fs::write(&file, &good).expect("write");
     let (code, out, err) = meshctl(&["apply", "-f", file_arg]);
@@ -1222,18 +1203,7 @@ spec:
         echo_80,
         "  loadBalancer: {simple: ROUND_ROBIN}\n  retries: {attempts: 3, budget: {percent: 20}}\n",
     );
-    let meshctl = |args: &[&str]| {
-        let out = Command::new(bin("meshctl"))
-            .args(["--control", &format!("unix://{}", server.socket.display())])
-            .args(args)
-            .output()
-            .expect("meshctl");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let meshctl = |args: &[&str]| server.meshctl(args);
     let file = dir.0.join("policies.yaml");
     let file_arg = file.to_str().expect("utf-8 path");
 
@@ -1307,23 +1277,7 @@ spec:
             "TrafficPolicy/default/bad: spec.targetRef.port: Service default/echo has no port 81 (it has 80, 8080)",
         ),
     ];
-    for (what, bad, expected) in cases {
-        std::fs::write(&file, format!("{good}---\n{bad}")).expect("write");
-        let (code, out, err) = meshctl(&["apply", "-f", file_arg]);
-        assert_eq!(code, Some(1), "{what}: applied: {out}");
-        assert_eq!(out, "", "{what}");
-        assert!(
-            err.starts_with(&format!("meshctl: {expected}")),
-            "{what}: {err}"
-        );
-        let (code, out, err) = meshctl(&["get", "trafficpolicies", "-A"]);
-        assert_eq!(code, Some(0), "{what}: {err}");
-        assert_eq!(
-            (out.as_str(), err.as_str()),
-            ("", "No resources found.\n"),
-            "{what}: something of the batch was stored"
-        );
-    }
+    server.assert_refused_whole(&file, &good, &cases, "", &["trafficpolicies"]);
     agent.expect_silence().await;
 
     std::fs::write(&file, &good).expect("write");
@@ -1424,18 +1378,7 @@ spec:
     to: [{operation: {ports: ['8080'], methods: [GET]}}]
 ",
     );
-    let meshctl = |args: &[&str]| {
-        let out = Command::new(bin("meshctl"))
-            .args(["--control", &format!("unix://{}", server.socket.display())])
-            .args(args)
-            .output()
-            .expect("meshctl");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let meshctl = |args: &[&str]| server.meshctl(args);
     let file = dir.0.join("policies.yaml");
     let file_arg = file.to_str().expect("utf-8 path");
 
@@ -1490,23 +1433,7 @@ spec:
             "spec.rules[0].when[0].key: \"request.auth.claims[iss]\" is not a supported key",
         ),
     ];
-    for (what, bad, expected) in cases {
-        std::fs::write(&file, format!("{good}---\n{bad}")).expect("write");
-        let (code, out, err) = meshctl(&["apply", "-f", file_arg]);
-        assert_eq!(code, Some(1), "{what}: applied: {out}");
-        assert_eq!(out, "", "{what}");
-        assert!(
-            err.starts_with(&format!("meshctl: {at}{expected}")),
-            "{what}: {err}"
-        );
-        let (code, out, err) = meshctl(&["get", "authorizationpolicies", "-A"]);
-        assert_eq!(code, Some(0), "{what}: {err}");
-        assert_eq!(
-            (out.as_str(), err.as_str()),
-            ("", "No resources found.\n"),
-            "{what}: something of the batch was stored"
-        );
-    }
+    server.assert_refused_whole(&file, &good, &cases, at, &["authorizationpolicies"]);
     agent.expect_silence().await;
 
     std::fs::write(&file, &good).expect("write");
