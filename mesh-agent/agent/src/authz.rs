@@ -352,6 +352,26 @@ pub fn verdict(
     source_ip: Ipv4Addr,
     http: Option<HttpAttributes>,
 ) -> Decision {
+    let principal = principal_of(source);
+    decide(state, dst, source, principal.as_deref(), source_ip, http)
+}
+
+/// A SPIFFE ID as principals are written: without `spiffe://`.
+fn principal_of(source: Option<&mesh_api::identity::SpiffeId>) -> Option<String> {
+    source.map(|s| {
+        let id = s.to_string();
+        id.strip_prefix("spiffe://").unwrap_or(&id).to_owned()
+    })
+}
+
+fn decide(
+    state: &crate::state::State,
+    dst: std::net::SocketAddrV4,
+    source: Option<&mesh_api::identity::SpiffeId>,
+    principal: Option<&str>,
+    source_ip: Ipv4Addr,
+    http: Option<HttpAttributes>,
+) -> Decision {
     let policies = state.authz_for(*dst.ip());
     if policies.is_empty() {
         return Decision {
@@ -360,10 +380,6 @@ pub fn verdict(
             audited: Vec::new(),
         };
     }
-    let principal = source.map(ToString::to_string);
-    let principal = principal
-        .as_deref()
-        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
     let a = Attributes {
         principal,
         namespace: source.map(|s| s.namespace()),
@@ -407,14 +423,12 @@ pub fn judge(
     source_ip: Ipv4Addr,
     http: Option<HttpAttributes>,
 ) -> Decision {
-    let d = verdict(state, dst, source, source_ip, http);
     if state.authz_for(*dst.ip()).is_empty() {
-        return d;
+        return decide(state, dst, source, None, source_ip, http);
     }
-    let principal = source.map(ToString::to_string);
-    let principal = principal
-        .as_deref()
-        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+    let principal = principal_of(source);
+    let principal = principal.as_deref();
+    let d = decide(state, dst, source, principal, source_ip, http);
     for (policy, rule) in &d.audited {
         tracing::info!(%dst, source = principal.unwrap_or("-"), %source_ip, policy, rule, http = http.is_some(), "authorization audit");
         metrics.authz(policy, "audit");

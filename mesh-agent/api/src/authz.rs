@@ -22,7 +22,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::gateway::Invalid;
+use crate::gateway::{Invalid, invalid};
 
 pub const AUTHORIZATION_POLICY_KIND: &str = "AuthorizationPolicy";
 /// Policies here apply to every workload of the mesh (Istio's
@@ -258,16 +258,6 @@ impl Pattern {
             Pattern::Suffix(p) => v.ends_with(p.as_str()),
         }
     }
-}
-
-fn invalid<T>(
-    field: impl std::fmt::Display,
-    problem: impl std::fmt::Display,
-) -> Result<T, Invalid> {
-    Err(Invalid {
-        field: field.to_string(),
-        problem: problem.to_string(),
-    })
 }
 
 fn patterns(field: &str, list: &[String]) -> Result<(), Invalid> {

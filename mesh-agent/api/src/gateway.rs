@@ -388,7 +388,11 @@ pub struct Invalid {
     pub problem: String,
 }
 
-fn invalid<T>(field: impl fmt::Display, problem: impl fmt::Display) -> Result<T, Invalid> {
+/// A check's failure at `field`.
+pub(crate) fn invalid<T>(
+    field: impl fmt::Display,
+    problem: impl fmt::Display,
+) -> Result<T, Invalid> {
     Err(Invalid {
         field: field.to_string(),
         problem: problem.to_string(),

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::gateway::{HeaderMatch, Invalid, compile_regex, is_header_name, parse_duration};
+use crate::gateway::{
+    HeaderMatch, Invalid, compile_regex, invalid, is_header_name, parse_duration,
+};
 
 pub const TRAFFIC_POLICY_KIND: &str = "TrafficPolicy";
 /// Most retries one request may make (Istio has no cap; a mistyped `100`
@@ -362,16 +364,6 @@ pub fn grpc_code(s: &str) -> Option<u32> {
         return (n < 17).then_some(n);
     }
     NAMES.iter().position(|n| *n == s).map(|i| i as u32)
-}
-
-fn invalid<T>(
-    field: impl std::fmt::Display,
-    problem: impl std::fmt::Display,
-) -> Result<T, Invalid> {
-    Err(Invalid {
-        field: field.to_string(),
-        problem: problem.to_string(),
-    })
 }
 
 /// A positive duration field.

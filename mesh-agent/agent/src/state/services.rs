@@ -212,12 +212,8 @@ impl ServiceTable {
                         endpoints,
                         next: AtomicUsize::new(0),
                         policy: Arc::new(Policy::default_for(&id)),
-                        attached: Registry::default().attach(
-                            &id,
-                            p,
-                            &[],
-                            &Policy::default_for(&id),
-                        ),
+                        // Filled by the attach below.
+                        attached: Attached::default(),
                         candidates: Vec::new(),
                     };
                     backend.attach(backend.policy.clone(), &Registry::default());

@@ -30,14 +30,13 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName};
 use mesh_api::{
-    gateway::{self, HeaderMatch, ValueMatchType},
-    pb,
+    gateway, pb,
     traffic::{self, SimpleLb, TrafficPolicySpec},
 };
 
 pub use retry::RetryPolicy;
 
-use super::routes::ValueMatch;
+use super::routes::{ValueMatch, header_matches};
 
 /// How endpoints are chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -271,22 +270,6 @@ impl Policy {
             rate_outbound: rate(&rl.outbound)?,
         })
     }
-}
-
-fn header_matches(list: &[HeaderMatch]) -> Result<Vec<(HeaderName, ValueMatch)>, String> {
-    list.iter()
-        .map(|h| {
-            let name = HeaderName::try_from(h.name.as_str())
-                .map_err(|_| format!("{:?} is not a header name", h.name))?;
-            let m = match h.kind {
-                ValueMatchType::Exact => ValueMatch::Exact(h.value.clone()),
-                ValueMatchType::RegularExpression => {
-                    ValueMatch::Regex(gateway::compile_regex(&h.value)?)
-                }
-            };
-            Ok((name, m))
-        })
-        .collect()
 }
 
 /// The policy for each Service port: one for the port wins over one for

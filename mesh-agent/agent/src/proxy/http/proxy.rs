@@ -441,9 +441,8 @@ impl HttpProxy {
             backend_timeout: timeouts.1,
             route_retry,
         };
-        let (resp, flags) = self.dispatch(&plan, parts, body, upgrade).await;
+        let (mut resp, flags) = self.dispatch(&plan, parts, body, upgrade).await;
         outcome.flags = flags;
-        let mut resp = resp;
         for f in response_filters {
             if let Some(edit) = &f.response_headers {
                 edit.apply(resp.headers_mut());
@@ -468,11 +467,15 @@ impl HttpProxy {
         let at = &be.attached;
         let mut flags = Flags::default();
         let count = |reason: &'static str| self.metrics.decision(&be.service, reason);
+        // The caller's Workload (its pod, recorded by the kernel), and its
+        // identity as text, made only when a limit or hash needs it.
+        let source_workload = plan
+            .client
+            .src_pod
+            .as_ref()
+            .and_then(|p| plan.state.local_workload(p));
         let source = || {
-            plan.client
-                .src_pod
-                .as_ref()
-                .and_then(|p| plan.state.local_workload(p))
+            source_workload
                 .and_then(|w| w.identity.as_ref())
                 .map(ToString::to_string)
         };
@@ -572,11 +575,6 @@ impl HttpProxy {
             None => (None, Some(body)),
         };
         let has_tunnel = self.forward.tunnel.is_some();
-        let source_workload = plan
-            .client
-            .src_pod
-            .as_ref()
-            .and_then(|p| plan.state.local_workload(p));
         let source_ip = source_workload.map(|w| w.ip);
         let wire = wire_to(be.app_protocol, plan.client.wire);
         let mut upgrade = upgrade;
@@ -744,7 +742,7 @@ impl HttpProxy {
             },
             None => tries.await,
         };
-        let resp = match done {
+        let mut resp = match done {
             Final::Answer(resp, more) => {
                 flags = flags.union(more);
                 resp
@@ -777,7 +775,6 @@ impl HttpProxy {
                 local_reply(flag, plan.grpc, &format!("{}: {e}", be.service))
             }
         };
-        let mut resp = resp;
         if let Some(c) = set_cookie {
             resp.headers_mut().append(header::SET_COOKIE, c);
         }

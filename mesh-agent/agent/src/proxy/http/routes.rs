@@ -566,7 +566,11 @@ fn value_match(kind: ValueMatchType, value: &str) -> Result<ValueMatch, String> 
     })
 }
 
-fn header_matches(list: &[HeaderMatch]) -> Result<Vec<(HeaderName, ValueMatch)>, String> {
+/// Compiles Gateway API header matches (also a fault's, in a
+/// TrafficPolicy).
+pub(crate) fn header_matches(
+    list: &[HeaderMatch],
+) -> Result<Vec<(HeaderName, ValueMatch)>, String> {
     list.iter()
         .map(|h| {
             let name = HeaderName::try_from(h.name.as_str())

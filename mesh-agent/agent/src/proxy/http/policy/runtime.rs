@@ -101,7 +101,7 @@ impl ServiceRuntime {
 }
 
 /// What a Backend of one state holds of the runtime.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Attached {
     pub runtime: Arc<ServiceRuntime>,
     /// Index-aligned with the Backend's endpoints.
