@@ -19,16 +19,24 @@ pub mod names {
     pub const PROG_CONNECT6: &str = "mesh_connect6";
     pub const PROG_SOCK_OPS: &str = "mesh_sock_ops";
     pub const PROG_STRICT_INGRESS: &str = "mesh_strict";
-    pub const STRICT_PODS: &str = "STRICT_PODS";
+    pub const PROG_INBOUND: &str = "mesh_inbound";
+    pub const PROG_AGENT_SOCK_OPS: &str = "mesh_agent_sock_ops";
+    pub const INBOUND_PODS: &str = "INBOUND_PODS";
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const AGENT_TUPLES: &str = "AGENT_TUPLES";
+    pub const PROBE_SOURCES: &str = "PROBE_SOURCES";
     /// Maps pinned by name in the agent's pin directory, so that they
     /// outlive an agent (see `mesh-ebpf/src/maps.rs`).
-    pub const PINNED_MAPS: [&str; 6] = [
+    pub const PINNED_MAPS: [&str; 9] = [
         ENROLLED,
-        STRICT_PODS,
+        INBOUND_PODS,
+        INBOUND_LISTENERS,
+        AGENT_TUPLES,
         SERVICE_VIPS,
         SERVICE_PORTS,
         ORIG_BY_COOKIE,
         ORIG_BY_TUPLE,
+        PROBE_SOURCES,
     ];
 }
 
@@ -40,6 +48,17 @@ pub const MAX_EXCLUDED_PORTS: u32 = 256;
 /// Service virtual IPs, and (VIP, port) pairs, the kernel knows about.
 pub const MAX_SERVICE_VIPS: u32 = 65536;
 pub const MAX_SERVICE_PORTS: u32 = 131072;
+/// Health-probe sources (`--allow-probes-from`) the kernel lets into pods.
+pub const MAX_PROBE_SOURCES: u32 = 64;
+
+/// `INBOUND_PODS` values: what the kernel does with a connection into a
+/// local pod that did not come from its node agent.
+pub mod inbound {
+    /// Refused with a reset (the SYN is answered with RST).
+    pub const STRICT: u32 = 1;
+    /// Sent to the agent's inbound plaintext listener, which judges it.
+    pub const JUDGE: u32 = 2;
+}
 
 /// Why the kernel did (or did not) redirect a connection. Index into the
 /// `DECISIONS` per-CPU array, so an operator can ask the kernel why.
@@ -71,17 +90,34 @@ pub enum Decision {
     /// connect4: a Service VIP on a port no Service owns; sent to the refusal
     /// port so the client gets "connection refused".
     NoServicePort = 11,
-    /// cgroup_skb ingress: a plaintext connection attempt into a STRICT pod
-    /// that did not come from its node agent; dropped.
-    StrictPlaintextDropped = 12,
+    /// sk_lookup: a plaintext connection into a STRICT pod that did not come
+    /// from its node agent; refused (the client gets a reset).
+    StrictRefused = 12,
     /// Native IPv6 (not IPv4-mapped): the mesh carries IPv4 only, so an
     /// enrolled pod's connect fails (EPERM) and an inbound SYN into a pod
     /// is dropped, rather than passing unmediated.
     Ipv6Refused = 13,
+    /// sk_lookup: a connection into a pod that did not come from its node
+    /// agent, sent to the agent's inbound plaintext listener to be judged.
+    InboundRedirected = 14,
+    /// sk_lookup: as above, but the agent has no listener for the pod (it
+    /// is down or restarting): refused, never let through.
+    InboundNoListener = 15,
+    /// sk_lookup: a connection into an enrolled pod's namespace for an
+    /// address the agent has no workload for: refused.
+    InboundUnknownPod = 16,
+    /// sk_lookup: a connection the node agent opened into a pod; passed.
+    InboundFromAgent = 17,
+    /// sk_lookup: a health probe from a source the operator allowed
+    /// (`--allow-probes-from`); passed.
+    ProbeAllowed = 18,
+    /// sock_ops on the agent's cgroup: the agent's connect into a pod was
+    /// recorded, so that the pod's sk_lookup lets it in.
+    AgentTupleRecorded = 19,
 }
 
 impl Decision {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Decision; Decision::COUNT as usize] = [
         Decision::Redirected,
         Decision::NotEnrolled,
@@ -95,8 +131,14 @@ impl Decision {
         Decision::TupleMissingOrig,
         Decision::MapUpdateFailed,
         Decision::NoServicePort,
-        Decision::StrictPlaintextDropped,
+        Decision::StrictRefused,
         Decision::Ipv6Refused,
+        Decision::InboundRedirected,
+        Decision::InboundNoListener,
+        Decision::InboundUnknownPod,
+        Decision::InboundFromAgent,
+        Decision::ProbeAllowed,
+        Decision::AgentTupleRecorded,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -113,8 +155,14 @@ impl Decision {
             Decision::TupleMissingOrig => "tuple_missing_orig",
             Decision::MapUpdateFailed => "map_update_failed",
             Decision::NoServicePort => "no_service_port",
-            Decision::StrictPlaintextDropped => "strict_plaintext_dropped",
+            Decision::StrictRefused => "strict_refused",
             Decision::Ipv6Refused => "ipv6_refused",
+            Decision::InboundRedirected => "inbound_redirected",
+            Decision::InboundNoListener => "inbound_no_listener",
+            Decision::InboundUnknownPod => "inbound_unknown_pod",
+            Decision::InboundFromAgent => "inbound_from_agent",
+            Decision::ProbeAllowed => "probe_allowed",
+            Decision::AgentTupleRecorded => "agent_tuple_recorded",
         }
     }
 }

@@ -7,11 +7,11 @@
 //! programs reuse those maps, so capture and STRICT hold while it starts.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use mesh_common::{
-    AgentConfig, Decision, MAX_ENROLLED, MAX_EXCLUDED_PORTS, MAX_INFLIGHT, MAX_SERVICE_PORTS,
-    MAX_SERVICE_VIPS, OrigDst, TupleKey, VipPort,
+    AgentConfig, Decision, MAX_ENROLLED, MAX_EXCLUDED_PORTS, MAX_INFLIGHT, MAX_PROBE_SOURCES,
+    MAX_SERVICE_PORTS, MAX_SERVICE_VIPS, OrigDst, TupleKey, VipPort,
 };
 
 /// Element 0: the agent's address and ports, written once at start-up.
@@ -43,10 +43,28 @@ pub static SERVICE_VIPS: HashMap<u32, u32> = HashMap::pinned(MAX_SERVICE_VIPS, 0
 #[map]
 pub static SERVICE_PORTS: HashMap<VipPort, u32> = HashMap::pinned(MAX_SERVICE_PORTS, 0);
 
-/// Pod IP (network order) -> 1 for pods in STRICT mode: only their node
-/// agent may open connections into them.
+/// Pod IP (network order) -> `mesh_common::inbound` mode, for this node's
+/// workloads: what becomes of a connection into them that their node agent
+/// did not open.
 #[map]
-pub static STRICT_PODS: HashMap<u32, u32> = HashMap::pinned(MAX_ENROLLED, 0);
+pub static INBOUND_PODS: HashMap<u32, u32> = HashMap::pinned(MAX_ENROLLED, 0);
+
+/// Pod IP (network order) -> the agent's inbound plaintext listener inside
+/// that pod's network namespace. A socket leaves the map when it closes, so
+/// a dead agent's pods refuse rather than pass.
+#[map]
+pub static INBOUND_LISTENERS: SockHash<u32> = SockHash::pinned(MAX_ENROLLED, 0);
+
+/// 4-tuples (agent address and port -> pod address and port) of the
+/// connections the agent has open or opening into pods, from its connect
+/// until the socket closes.
+#[map]
+pub static AGENT_TUPLES: LruHashMap<TupleKey, u32> = LruHashMap::pinned(MAX_INFLIGHT, 0);
+
+/// (source address, destination port or 0 for any) -> 1: health-probe
+/// sources the operator lets into pods without the agent.
+#[map]
+pub static PROBE_SOURCES: HashMap<VipPort, u32> = HashMap::pinned(MAX_PROBE_SOURCES, 0);
 
 /// One counter per `Decision`.
 #[map]

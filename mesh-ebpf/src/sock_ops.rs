@@ -14,7 +14,7 @@ use mesh_common::{Decision, TupleKey, v4_mapped};
 use crate::maps::{self, ORIG_BY_COOKIE, ORIG_BY_TUPLE};
 
 /// sock_ops programs return 1 for success; the value is otherwise unused.
-const DONE: u32 = 1;
+pub const DONE: u32 = 1;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
@@ -26,7 +26,7 @@ const AF_INET6: u32 = 10;
 /// loads made in two branches get merged into one load through a computed
 /// pointer, which it refuses.
 #[inline(always)]
-fn ipv4_addresses(ctx: &SockOpsContext) -> Option<(u32, u32)> {
+pub fn ipv4_addresses(ctx: &SockOpsContext) -> Option<(u32, u32)> {
     let ops = ctx.ops;
     // SAFETY: the context pointer is the kernel's, valid for the whole run;
     // these fields are readable whatever the socket's family.
@@ -56,6 +56,13 @@ fn ipv4_addresses(ctx: &SockOpsContext) -> Option<(u32, u32)> {
     }
 }
 
+/// The remote port, host order.
+#[inline(always)]
+pub fn remote_port(ctx: &SockOpsContext) -> u16 {
+    // remote_port holds the network-order port in its upper 16 bits.
+    u16::from_be((ctx.remote_port() >> 16) as u16)
+}
+
 #[sock_ops]
 pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
     match try_sock_ops(&ctx) {
@@ -71,8 +78,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<u32, u32> {
         return Ok(DONE);
     };
     let cfg = maps::config().ok_or(DONE)?;
-    // remote_port holds the network-order port in its upper 16 bits.
-    let remote_port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    let remote_port = remote_port(ctx);
     let agent_port = u16::from_be(cfg.outbound_port as u16);
     if remote_ip4 != cfg.agent_ip4 || remote_port != agent_port {
         return Ok(DONE);

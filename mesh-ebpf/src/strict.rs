@@ -1,15 +1,11 @@
-//! `cgroup_skb/ingress`: STRICT mode. A pod in STRICT mode accepts new TCP
-//! connections only from its node agent (which has authenticated the peer
-//! over mTLS, or is carrying a same-node connection it intercepted); a
-//! plaintext SYN from anywhere else is dropped and counted.
-//!
-//! The mesh carries IPv4 only, so a native IPv6 TCP SYN into any pod of the
-//! node, which no agent could have mediated, is dropped too (`ipv6_refused`),
-//! as is IPv6 with extension headers, which could hide one.
+//! `cgroup_skb/ingress`: the mesh carries IPv4 only, so a native IPv6 TCP
+//! SYN into any pod of the node, which no agent could have mediated, is
+//! dropped (`ipv6_refused`), as is IPv6 with extension headers, which could
+//! hide one. IPv4 connections into pods are judged by `inbound` (sk_lookup).
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use mesh_common::Decision;
 
-use crate::maps::{self, STRICT_PODS};
+use crate::maps;
 
 const PASS: i32 = 1;
 const DROP: i32 = 0;
@@ -31,35 +27,10 @@ pub fn mesh_strict(ctx: SkBuffContext) -> i32 {
 fn try_strict_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     // cgroup_skb sees the packet from its IPv4 header on.
     let version_ihl: u8 = ctx.load(0).map_err(|_| PASS)?;
-    match version_ihl >> 4 {
-        4 => {}
-        6 => return ipv6(ctx),
-        _ => return Ok(PASS),
+    if version_ihl >> 4 == 6 {
+        return ipv6(ctx);
     }
-    let protocol: u8 = ctx.load(9).map_err(|_| PASS)?;
-    if protocol != IPPROTO_TCP {
-        return Ok(PASS);
-    }
-    let header_len = usize::from(version_ihl & 0x0f) * 4;
-    let flags: u8 = ctx.load(header_len + 13).map_err(|_| PASS)?;
-    if flags & TCP_FLAG_SYN == 0 || flags & TCP_FLAG_ACK != 0 {
-        return Ok(PASS);
-    }
-    // Addresses stay in network order, as the maps hold them.
-    let src: u32 = ctx.load(12).map_err(|_| PASS)?;
-    let dst: u32 = ctx.load(16).map_err(|_| PASS)?;
-    // SAFETY: value is a u32 flag; only presence is read.
-    if unsafe { STRICT_PODS.get(dst) }.is_none() {
-        return Ok(PASS);
-    }
-    let Some(cfg) = maps::config() else {
-        return Ok(PASS);
-    };
-    if src == cfg.agent_ip4 {
-        return Ok(PASS);
-    }
-    maps::count(Decision::StrictPlaintextDropped);
-    Ok(DROP)
+    Ok(PASS)
 }
 
 fn ipv6(ctx: &SkBuffContext) -> Result<i32, i32> {

@@ -535,7 +535,11 @@ impl Cluster {
         self.admin_post(
             &info.node,
             "/enroll",
-            &json!({"pod": info.name, "cgroup": info.cgroup}),
+            &json!({
+                "pod": info.name,
+                "cgroup": info.cgroup,
+                "netns": sys::netns_path(&info.netns),
+            }),
         )?;
         self.lock_enrolled().insert(info.name.clone());
         self.save()

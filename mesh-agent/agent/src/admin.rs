@@ -231,10 +231,15 @@ async fn admin(req: Request<Incoming>, state: &State) -> Response<Body> {
             json_response(StatusCode::OK, &state.connections.snapshot())
         }
         (Method::POST, paths::ENROLL) => match body::<EnrollRequest>(req).await {
-            Ok(b) => match state.workloads.enroll(&b.namespace, &b.pod, &b.cgroup) {
-                Ok(pod) => json_response(StatusCode::OK, &pod),
-                Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
-            },
+            Ok(b) => {
+                match state
+                    .workloads
+                    .enroll(&b.namespace, &b.pod, &b.cgroup, b.netns.as_deref())
+                {
+                    Ok(pod) => json_response(StatusCode::OK, &pod),
+                    Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+                }
+            }
             Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
         (Method::POST, paths::UNENROLL) => match body::<UnenrollRequest>(req).await {

@@ -30,9 +30,13 @@ use crate::{
         },
         inbound::Inbound,
         outbound::Outbound,
+        plaintext::Plaintext,
         tunnel::TunnelClient,
     },
-    redirect::{self, Redirect, enrolment::Workloads},
+    redirect::{
+        self, Redirect,
+        enrolment::{InboundListeners, Workloads},
+    },
     state::{
         Context as StateContext, State,
         discovery::{self, Discovery},
@@ -101,6 +105,27 @@ pub struct Args {
     /// Inbound tunnel listener: mutual TLS from other nodes' agents.
     #[arg(long, default_value = "0.0.0.0:15008")]
     pub tunnel_addr: SocketAddr,
+    /// Port of the inbound plaintext listener the agent opens (on
+    /// 127.0.0.1) inside each enrolled pod's network namespace.
+    #[arg(long, default_value_t = ports::INBOUND_PLAINTEXT)]
+    pub inbound_plaintext_port: u16,
+    /// Let connections from this address into pods without the agent, as
+    /// the kubelet's health probes need when pods are STRICT: `IP` (any
+    /// port) or `IP:PORT` (repeatable). Any process that can send from that
+    /// address passes too, so name the kubelet's own address and, where
+    /// possible, the probe port.
+    #[arg(long = "allow-probes-from", value_parser = parse_probe_source)]
+    pub allow_probes_from: Vec<(Ipv4Addr, u16)>,
+}
+
+/// `IP` or `IP:PORT` (port 0 for any).
+fn parse_probe_source(s: &str) -> Result<(Ipv4Addr, u16), String> {
+    if let Ok(ip) = s.parse::<Ipv4Addr>() {
+        return Ok((ip, 0));
+    }
+    s.parse::<SocketAddrV4>()
+        .map(|a| (*a.ip(), a.port()))
+        .map_err(|_| format!("{s:?} is not an IPv4 address or IPv4 address:port"))
 }
 
 /// Where enrolment is kept in `--cache-dir`.
@@ -136,20 +161,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let node_addresses = node_addresses().context("reading this node's addresses")?;
 
+    let agent_cgroup = redirect::own_cgroup().context("finding the agent's own cgroup")?;
+    check_agent_cgroup(&agent_cgroup, &args.cgroup_root)?;
     let settings = redirect::Settings {
         object,
         cgroup_root: args.cgroup_root.clone(),
         pin_dir: args.bpf_pin_dir.clone(),
         outbound: outbound_addr,
-        agent_cgroup_id: redirect::own_cgroup_id().context("finding the agent's own cgroup")?,
+        agent_cgroup_id: redirect::cgroup_id(&agent_cgroup)
+            .with_context(|| format!("reading the agent's cgroup {}", agent_cgroup.display()))?,
         excluded_ports: args.exclude_ports.clone(),
         refusal_port: args.refusal_port,
+        agent_cgroup,
+        probe_sources: args.allow_probes_from.clone(),
     };
     let redirect = Arc::new(Redirect::attach(&settings).context("attaching kernel programs")?);
+    let (pod_events, pod_events_rx) = tokio::sync::mpsc::unbounded_channel();
     let workloads = Workloads::new(
         args.cgroup_root.clone(),
         redirect.clone(),
         args.cache_dir.as_ref().map(|d| d.join(ENROLMENT_FILE)),
+        InboundListeners {
+            port: args.inbound_plaintext_port,
+            events: pod_events,
+        },
     );
     // From here on a failure leaves the programs attached with the pinned
     // state they found: pods' connects go to a port nothing serves (fail
@@ -182,7 +217,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let install: discovery::Install = Box::new(move |state: &State| {
                 kernel
                     .sync_services(&state.services.addresses())
-                    .and_then(|()| kernel.sync_strict(&state.strict_ips()))
+                    .and_then(|()| kernel.sync_inbound(&state.inbound_modes()))
                     .map_err(|e| e.to_string())
             });
             let (d, rx, sync) = Discovery::new(
@@ -225,6 +260,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .map(|m| Arc::new(TunnelClient::new(m, metrics.clone(), connect_timeout)));
     let upstreams = Arc::new(Upstreams::new(connect_timeout));
+    let plaintext = Arc::new(Plaintext {
+        state: config.clone(),
+        metrics: metrics.clone(),
+        upstreams: upstreams.clone(),
+        connect_timeout,
+        max_connections: args.max_connections,
+    });
     let inbound = match tls_material {
         Some(creds) => {
             let listener =
@@ -274,6 +316,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
     let mut tasks = vec![
         ("outbound", tokio::spawn(proxy.run(outbound))),
+        (
+            "inbound plaintext",
+            tokio::spawn(plaintext.run(pod_events_rx)),
+        ),
         (
             "admin",
             tokio::spawn(admin::serve_admin(admin_listener, state.clone())),
@@ -326,6 +372,28 @@ async fn report_stopped_tasks(state: Arc<admin::State>) {
             }
         }
     }
+}
+
+/// The agent's connections into pods are recognised by its cgroup, so the
+/// cgroup must hold the agent alone: not the root (every process of the
+/// host), and not an ancestor of the pods (they would pass as the agent).
+fn check_agent_cgroup(agent: &std::path::Path, pods: &std::path::Path) -> anyhow::Result<()> {
+    if redirect::cgroup_level(agent)? == 0 {
+        anyhow::bail!(
+            "the agent runs in the root cgroup; start it in a cgroup of its own (its connections into pods are known by it)"
+        );
+    }
+    let pods =
+        std::fs::canonicalize(pods).with_context(|| format!("--cgroup-root {}", pods.display()))?;
+    let agent = std::fs::canonicalize(agent)?;
+    if pods.starts_with(&agent) || agent.starts_with(&pods) {
+        anyhow::bail!(
+            "the agent's cgroup {} and the pods' --cgroup-root {} must be apart (neither inside the other)",
+            agent.display(),
+            pods.display()
+        );
+    }
+    Ok(())
 }
 
 fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
@@ -389,7 +457,7 @@ fn node_addresses() -> std::io::Result<BTreeSet<Ipv4Addr>> {
     )?))
 }
 
-fn local_addresses(fib_trie: &str) -> BTreeSet<Ipv4Addr> {
+pub fn local_addresses(fib_trie: &str) -> BTreeSet<Ipv4Addr> {
     let mut found = BTreeSet::new();
     let mut last = None;
     for line in fib_trie.lines() {

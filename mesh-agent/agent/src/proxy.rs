@@ -8,6 +8,7 @@ pub mod copy;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
+pub mod plaintext;
 pub mod pool;
 pub mod route;
 pub mod tunnel;

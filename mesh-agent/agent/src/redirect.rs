@@ -10,13 +10,14 @@
 //! (`link`): at no moment is nothing attached, and nothing is stacked.
 pub mod enrolment;
 mod link;
+pub mod netns;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     net::{Ipv4Addr, SocketAddrV4},
     os::{
-        fd::{AsFd, BorrowedFd},
+        fd::{AsFd, AsRawFd, BorrowedFd},
         unix::fs::MetadataExt,
     },
     path::{Path, PathBuf},
@@ -25,9 +26,9 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -91,6 +92,12 @@ pub struct Settings {
     pub excluded_ports: Vec<u16>,
     /// A port on the agent address where nothing listens (see `AgentConfig`).
     pub refusal_port: u16,
+    /// The agent's own cgroup v2 directory: its connections into pods are
+    /// recorded there, and only those pass into pods unjudged.
+    pub agent_cgroup: PathBuf,
+    /// Health-probe sources let into pods without the agent: (address,
+    /// destination port or 0 for any).
+    pub probe_sources: Vec<(Ipv4Addr, u16)>,
 }
 
 struct Maps {
@@ -100,13 +107,17 @@ struct Maps {
     vip_ports: HashMap<MapData, VipPort, u32>,
     /// What the kernel holds now, so updates only write the difference.
     programmed: BTreeSet<SocketAddrV4>,
-    strict: HashMap<MapData, u32, u32>,
-    strict_programmed: BTreeSet<Ipv4Addr>,
+    /// This node's workloads and what the kernel does with connections
+    /// into them that the agent did not open (`mesh_common::inbound`).
+    inbound: HashMap<MapData, u32, u32>,
+    inbound_programmed: BTreeMap<Ipv4Addr, u32>,
+    listeners: SockHash<MapData, u32>,
 }
 
 pub struct Redirect {
-    // Programs live as long as this; dropped last.
-    _ebpf: Ebpf,
+    // Programs live as long as this (the per-pod inbound program is
+    // attached to each pod's namespace as it is enrolled).
+    ebpf: Mutex<Ebpf>,
     maps: Mutex<Maps>,
     decisions: PerCpuArray<MapData, u64>,
     pins: Vec<PathBuf>,
@@ -119,6 +130,9 @@ pub struct Recorded {
     pub orig_dst: SocketAddrV4,
     pub cgroup_id: u64,
 }
+
+/// Prefix of the per-pod inbound links' pins: `inbound_<cgroup id>`.
+const INBOUND_PIN: &str = "inbound_";
 
 /// Pinned links, in the order `attach` makes them.
 const PINS: [&str; 4] = [
@@ -179,7 +193,28 @@ impl Redirect {
         let decisions = take_map(&mut ebpf, names::DECISIONS)?;
         let vips = take_map(&mut ebpf, names::SERVICE_VIPS)?;
         let vip_ports: HashMap<MapData, VipPort, u32> = take_map(&mut ebpf, names::SERVICE_PORTS)?;
-        let strict: HashMap<MapData, u32, u32> = take_map(&mut ebpf, names::STRICT_PODS)?;
+        let inbound: HashMap<MapData, u32, u32> = take_map(&mut ebpf, names::INBOUND_PODS)?;
+        let listeners: SockHash<MapData, u32> = take_map(&mut ebpf, names::INBOUND_LISTENERS)?;
+        let mut probes: HashMap<MapData, VipPort, u32> = take_map(&mut ebpf, names::PROBE_SOURCES)?;
+        let wanted: std::collections::HashSet<VipPort> = settings
+            .probe_sources
+            .iter()
+            .map(|(ip, port)| VipPort {
+                ip4: u32::from_ne_bytes(ip.octets()),
+                port: u32::from(*port),
+            })
+            .collect();
+        let held: Vec<VipPort> = probes.keys().filter_map(Result::ok).collect();
+        let probe_err = |source| Error::Map {
+            name: names::PROBE_SOURCES,
+            source,
+        };
+        for stale in held.iter().filter(|k| !wanted.contains(k)) {
+            probes.remove(stale).map_err(probe_err)?;
+        }
+        for k in &wanted {
+            probes.insert(k, 1, 0).map_err(probe_err)?;
+        }
 
         let cgroup = fs::File::open(&settings.cgroup_root).map_err(|source| Error::Cgroup {
             path: settings.cgroup_root.clone(),
@@ -221,7 +256,25 @@ impl Redirect {
                 CgroupSkbAttachType::Ingress,
                 CgroupAttachMode::Single
             ));
-        info!(cgroup = %settings.cgroup_root.display(), "redirect attached");
+        // Loaded now, attached to each pod's namespace at enrolment.
+        program::<SkLookup>(&mut ebpf, names::PROG_INBOUND)?
+            .load()
+            .map_err(prog_err(names::PROG_INBOUND))?;
+        // The agent's own connections into pods. Not pinned: it must live
+        // exactly as long as this agent, whose cgroup it names.
+        let agent_cgroup =
+            fs::File::open(&settings.agent_cgroup).map_err(|source| Error::Cgroup {
+                path: settings.agent_cgroup.clone(),
+                source,
+            })?;
+        let agent_ops: &mut SockOps = program(&mut ebpf, names::PROG_AGENT_SOCK_OPS)?;
+        agent_ops
+            .load()
+            .map_err(prog_err(names::PROG_AGENT_SOCK_OPS))?;
+        agent_ops
+            .attach(&agent_cgroup, CgroupAttachMode::Single)
+            .map_err(prog_err(names::PROG_AGENT_SOCK_OPS))?;
+        info!(cgroup = %settings.cgroup_root.display(), agent_cgroup = %settings.agent_cgroup.display(), "redirect attached");
 
         // What the pinned maps already hold, so that syncs write differences.
         let programmed = vip_ports
@@ -229,21 +282,22 @@ impl Redirect {
             .filter_map(Result::ok)
             .map(|k: VipPort| SocketAddrV4::new(Ipv4Addr::from(k.ip4.to_ne_bytes()), k.port as u16))
             .collect();
-        let strict_programmed = strict
-            .keys()
+        let inbound_programmed = inbound
+            .iter()
             .filter_map(Result::ok)
-            .map(|ip: u32| Ipv4Addr::from(ip.to_ne_bytes()))
+            .map(|(ip, mode): (u32, u32)| (Ipv4Addr::from(ip.to_ne_bytes()), mode))
             .collect();
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
             maps: Mutex::new(Maps {
                 enrolled,
                 tuples,
                 vips,
                 vip_ports,
                 programmed,
-                strict,
-                strict_programmed,
+                inbound,
+                inbound_programmed,
+                listeners,
             }),
             pin_dir: settings.pin_dir.clone(),
             decisions,
@@ -327,31 +381,87 @@ impl Redirect {
         Ok(())
     }
 
-    /// Makes the kernel's set of STRICT pods equal to `wanted`: plaintext
-    /// connection attempts into them that do not come from this agent are
-    /// dropped.
-    pub fn sync_strict(&self, wanted: &BTreeSet<Ipv4Addr>) -> Result<(), Error> {
+    /// Makes the kernel's table of this node's workloads equal to `wanted`
+    /// (address -> `mesh_common::inbound` mode).
+    pub fn sync_inbound(&self, wanted: &BTreeMap<Ipv4Addr, u32>) -> Result<(), Error> {
         let mut maps = self.lock();
         let key = |ip: &Ipv4Addr| u32::from_ne_bytes(ip.octets());
-        let stale: Vec<Ipv4Addr> = maps.strict_programmed.difference(wanted).copied().collect();
-        for ip in stale {
-            let _ = maps.strict.remove(&key(&ip));
-            maps.strict_programmed.remove(&ip);
-        }
-        let new: Vec<Ipv4Addr> = wanted
-            .difference(&maps.strict_programmed)
+        let stale: Vec<Ipv4Addr> = maps
+            .inbound_programmed
+            .keys()
+            .filter(|ip| !wanted.contains_key(ip))
             .copied()
             .collect();
-        for ip in new {
-            maps.strict
-                .insert(key(&ip), 1, 0)
+        for ip in stale {
+            let _ = maps.inbound.remove(&key(&ip));
+            maps.inbound_programmed.remove(&ip);
+        }
+        for (ip, mode) in wanted {
+            if maps.inbound_programmed.get(ip) == Some(mode) {
+                continue;
+            }
+            maps.inbound
+                .insert(key(ip), *mode, 0)
                 .map_err(|source| Error::Map {
-                    name: names::STRICT_PODS,
+                    name: names::INBOUND_PODS,
                     source,
                 })?;
-            maps.strict_programmed.insert(ip);
+            maps.inbound_programmed.insert(*ip, *mode);
         }
         Ok(())
+    }
+
+    /// Attaches the inbound program to a pod's network namespace (or swaps
+    /// it into the link a previous agent pinned for that pod).
+    pub fn attach_inbound(&self, cgroup_id: u64, netns: &fs::File) -> Result<(), Error> {
+        let pin = self.inbound_pin(cgroup_id);
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let prog: &mut SkLookup = program(&mut ebpf, names::PROG_INBOUND)?;
+        let fd = prog.fd().map_err(prog_err(names::PROG_INBOUND))?.as_fd();
+        if replace_pinned(&pin, fd) {
+            return Ok(());
+        }
+        let id = prog.attach(netns).map_err(prog_err(names::PROG_INBOUND))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(prog_err(names::PROG_INBOUND))?
+            .into();
+        pin_link(link, &pin)
+    }
+
+    /// Detaches the inbound program from a pod's namespace.
+    pub fn detach_inbound(&self, cgroup_id: u64) {
+        release_stale(&self.inbound_pin(cgroup_id));
+    }
+
+    fn inbound_pin(&self, cgroup_id: u64) -> PathBuf {
+        self.pin_dir.join(format!("{INBOUND_PIN}{cgroup_id}"))
+    }
+
+    /// Makes `listener` (in a pod's namespace) the one connections into
+    /// `addresses` are handed to.
+    pub fn set_listener(
+        &self,
+        addresses: &[Ipv4Addr],
+        listener: &impl AsRawFd,
+    ) -> Result<(), Error> {
+        let mut maps = self.lock();
+        for ip in addresses {
+            maps.listeners
+                .insert(u32::from_ne_bytes(ip.octets()), listener.as_raw_fd(), 0)
+                .map_err(|source| Error::Map {
+                    name: names::INBOUND_LISTENERS,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    pub fn remove_listener(&self, addresses: &[Ipv4Addr]) {
+        let mut maps = self.lock();
+        for ip in addresses {
+            let _ = maps.listeners.remove(&u32::from_ne_bytes(ip.octets()));
+        }
     }
 
     /// Kernel decision counters, summed over CPUs.
@@ -379,6 +489,13 @@ impl Redirect {
     pub fn detach(&self) {
         for pin in &self.pins {
             release_stale(pin);
+        }
+        if let Ok(dir) = fs::read_dir(&self.pin_dir) {
+            for entry in dir.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(INBOUND_PIN) {
+                    release_stale(&entry.path());
+                }
+            }
         }
         for map in names::PINNED_MAPS {
             let _ = fs::remove_file(self.pin_dir.join(map));
@@ -410,14 +527,13 @@ pub fn cgroup_level(path: &Path) -> std::io::Result<u32> {
     Ok(rel.components().count() as u32)
 }
 
-/// cgroup id of this process's own cgroup v2 directory.
-pub fn own_cgroup_id() -> std::io::Result<u64> {
+/// This process's own cgroup v2 directory.
+pub fn own_cgroup() -> std::io::Result<PathBuf> {
     let rel = fs::read_to_string("/proc/self/cgroup")?
         .lines()
         .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
         .ok_or_else(|| std::io::Error::other("no cgroup v2 entry in /proc/self/cgroup"))?;
-    let root = cgroup2_mount()?;
-    cgroup_id(&root.join(rel.trim_start_matches('/')))
+    Ok(cgroup2_mount()?.join(rel.trim_start_matches('/')))
 }
 
 /// Where cgroup v2 is mounted, from /proc/mounts (hybrid hosts mount it at

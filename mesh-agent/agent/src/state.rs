@@ -291,12 +291,18 @@ impl State {
         self.workload_by_ip(ip).is_some_and(|w| w.node == self.node)
     }
 
-    /// IPs of this node's Workloads whose mode is STRICT: the kernel lets
-    /// only the agent open connections into them.
-    pub fn strict_ips(&self) -> BTreeSet<Ipv4Addr> {
+    /// This node's Workloads and what the kernel does with a connection
+    /// into them that the agent did not open: a STRICT one is refused,
+    /// any other is handed to the agent's inbound plaintext listener.
+    pub fn inbound_modes(&self) -> BTreeMap<Ipv4Addr, u32> {
         self.local_workloads()
-            .filter(|w| w.mtls_mode == MtlsMode::Strict)
-            .map(|w| w.ip)
+            .map(|w| {
+                let mode = match w.mtls_mode {
+                    MtlsMode::Strict => mesh_common::inbound::STRICT,
+                    MtlsMode::Permissive | MtlsMode::Disable => mesh_common::inbound::JUDGE,
+                };
+                (w.ip, mode)
+            })
             .collect()
     }
 
@@ -476,8 +482,11 @@ mod tests {
         assert!(s.is_local("198.19.1.11".parse().unwrap()));
         assert!(!s.is_local("198.19.2.11".parse().unwrap()));
         assert_eq!(
-            s.strict_ips().into_iter().collect::<Vec<_>>(),
-            ["198.19.1.11".parse::<Ipv4Addr>().unwrap()]
+            s.inbound_modes().into_iter().collect::<Vec<_>>(),
+            [(
+                "198.19.1.11".parse::<Ipv4Addr>().unwrap(),
+                mesh_common::inbound::STRICT
+            )]
         );
         assert_eq!(
             s.node_tunnel("node2"),

@@ -97,6 +97,28 @@ label_values! {
     }
 }
 
+label_values! {
+    /// Outcome of a connection the kernel handed to the inbound plaintext
+    /// listener (into a pod, not through its node agent).
+    PlaintextResult {
+        /// Allowed, and carried to the workload.
+        Forwarded => "forwarded",
+        /// Served as HTTP: each request judged on its own.
+        Http => "http",
+        /// An AuthorizationPolicy denied it.
+        Denied => "denied",
+        /// The workload is STRICT (it became so after the kernel's check).
+        Strict => "strict_refused",
+        NotLocalWorkload => "not_local_workload",
+        ConnectFailed => "connect_failed",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PlaintextLabels {
+    pub result: PlaintextResult,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: ConnectionResult,
@@ -201,6 +223,7 @@ pub struct Metrics {
     pub redirect_decisions: Family<ReasonLabels, Counter>,
     pub tunnel_handshakes: Family<HandshakeLabels, Counter>,
     pub inbound_streams: Family<InboundLabels, Counter>,
+    pub inbound_plaintext: Family<PlaintextLabels, Counter>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub authz: Family<AuthzLabels, Counter>,
 }
@@ -232,6 +255,11 @@ impl Metrics {
             "inbound_streams",
             "CONNECT streams received on the tunnel listener, by result",
             self.inbound_streams.clone(),
+        );
+        r.register(
+            "inbound_plaintext_connections",
+            "Connections into this node's pods that did not come through the agent, which the kernel handed to the inbound plaintext listener, by result",
+            self.inbound_plaintext.clone(),
         );
         r.register(
             "http_requests",
@@ -298,6 +326,12 @@ impl Metrics {
     pub fn inbound_stream(&self, result: InboundResult) {
         self.inbound_streams
             .get_or_create(&InboundLabels { result })
+            .inc();
+    }
+
+    pub fn plaintext(&self, result: PlaintextResult) {
+        self.inbound_plaintext
+            .get_or_create(&PlaintextLabels { result })
             .inc();
     }
 

@@ -24,14 +24,19 @@ fn default_namespace() -> String {
 
 /// `POST /enroll`: capture the connections of pod `namespace/pod`, whose
 /// processes live in the cgroup `cgroup` (a path under the node's pod cgroup
-/// root) and its subtree. The pod is then the Workload of that namespace and
-/// name on this node.
+/// root) and its subtree, and whose network namespace is `netns` (a
+/// namespace file such as `/run/netns/<name>`, as a CNI plugin is given it;
+/// when absent, that of a process of the cgroup). The pod is then the
+/// Workload of that namespace and name on this node.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
     pub pod: String,
     #[serde(default = "default_namespace")]
     pub namespace: String,
     pub cgroup: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
 }
 
 /// `POST /unenroll`.
@@ -50,6 +55,12 @@ pub struct EnrolledPod {
     pub name: String,
     pub cgroup: PathBuf,
     pub cgroup_id: u64,
+    /// The network namespace file it was enrolled with, if one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    /// The pod's addresses, whose inbound connections the agent judges.
+    #[serde(default)]
+    pub addresses: Vec<std::net::Ipv4Addr>,
 }
 
 /// `GET /status`.

@@ -26,6 +26,9 @@ pub mod ports {
     pub const OUTBOUND: u16 = 15001;
     /// Nothing listens here: connects to unknown VIP ports are sent here and refused.
     pub const REFUSAL: u16 = 15002;
+    /// Inside each pod's network namespace: connections into the pod that
+    /// did not come through its agent are handed here and judged.
+    pub const INBOUND_PLAINTEXT: u16 = 15006;
     pub const INBOUND_TUNNEL: u16 = 15008;
     pub const AGENT_TELEMETRY: u16 = 15020;
     pub const CONTROL_GRPC: u16 = 15012;

@@ -92,6 +92,10 @@ pub enum Command {
         /// The pod's cgroup v2 directory.
         #[arg(long)]
         cgroup: PathBuf,
+        /// The pod's network namespace file (`/run/netns/<name>`); default:
+        /// that of a process in the cgroup.
+        #[arg(long)]
+        netns: Option<PathBuf>,
     },
     /// Stop redirecting a pod's connections.
     Unenroll {
@@ -188,7 +192,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             pod,
             namespace,
             cgroup,
-        } => serde_json::to_string(&AdminClient::new(&args.admin).enroll(namespace, pod, cgroup)?)?,
+            netns,
+        } => serde_json::to_string(&AdminClient::new(&args.admin).enroll(
+            namespace,
+            pod,
+            cgroup,
+            netns.as_deref(),
+        )?)?,
         Command::Unenroll { pod, namespace } => {
             serde_json::to_string(&AdminClient::new(&args.admin).unenroll(namespace, pod)?)?
         }

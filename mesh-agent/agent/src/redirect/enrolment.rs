@@ -6,9 +6,15 @@
 //! no process can take a pod's identity by enrolling under its name. With a
 //! state file, enrolment is saved on every change and restored when the
 //! agent starts, before it serves: a restarted agent names the same sources.
+//!
+//! Enrolling also guards the pod's inbound side: the agent opens its
+//! plaintext listener inside the pod's network namespace and attaches the
+//! `inbound` program there, so connections into the pod that the agent did
+//! not open are refused or judged (see `mesh-ebpf/src/inbound.rs`).
 use std::{
     collections::HashMap,
     io::Write,
+    net::TcpListener,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
 };
@@ -17,7 +23,7 @@ use mesh_common::MAX_POD_DEPTH;
 use tracing::{info, warn};
 
 use crate::{
-    redirect::{self, Redirect},
+    redirect::{self, Redirect, netns},
     state::PodId,
 };
 
@@ -42,6 +48,15 @@ pub enum Error {
     CgroupTaken { cgroup: PathBuf, pod: PodId },
     #[error("field `pod`: {0} is not enrolled")]
     NotEnrolled(PodId),
+    #[error("field `netns`: {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "field `netns`: not given, and no process of {cgroup} names one (start the pod's first process, or pass its namespace file)"
+    )]
+    NoNetns { cgroup: PathBuf },
     #[error("enrolment state file {path}: {source}")]
     StateFile {
         path: PathBuf,
@@ -53,23 +68,57 @@ pub enum Error {
 
 pub use mesh_api::admin::EnrolledPod as Pod;
 
+/// What the inbound plaintext server is told as pods come and go.
+#[derive(Debug)]
+pub enum PodEvent {
+    /// Serve this listener (in the pod's namespace) for the pod.
+    Open {
+        cgroup_id: u64,
+        listener: TcpListener,
+    },
+    /// Stop serving the pod's listener.
+    Close { cgroup_id: u64 },
+}
+
+/// Where the pods' inbound listeners go.
+#[derive(Clone)]
+pub struct InboundListeners {
+    /// The listener port inside each pod's namespace (15006).
+    pub port: u16,
+    pub events: tokio::sync::mpsc::UnboundedSender<PodEvent>,
+}
+
+struct Enrolled {
+    pod: Pod,
+    /// Kept so the socket lives exactly as long as the enrolment (the
+    /// server holds a duplicate).
+    _listener: TcpListener,
+}
+
 /// Shared handle: the data path only reads it.
 #[derive(Clone)]
 pub struct Workloads {
     root: PathBuf,
     redirect: Arc<Redirect>,
-    by_cgroup: Arc<RwLock<HashMap<u64, Pod>>>,
+    by_cgroup: Arc<RwLock<HashMap<u64, Enrolled>>>,
     state_file: Option<PathBuf>,
+    inbound: InboundListeners,
 }
 
 impl Workloads {
     /// `state_file`: where enrolment is kept across restarts, if anywhere.
-    pub fn new(root: PathBuf, redirect: Arc<Redirect>, state_file: Option<PathBuf>) -> Self {
+    pub fn new(
+        root: PathBuf,
+        redirect: Arc<Redirect>,
+        state_file: Option<PathBuf>,
+        inbound: InboundListeners,
+    ) -> Self {
         Self {
             root,
             redirect,
             by_cgroup: Arc::default(),
             state_file,
+            inbound,
         }
     }
 
@@ -94,7 +143,7 @@ impl Workloads {
         };
         let mut restored = 0;
         for pod in saved {
-            match self.enroll(&pod.namespace, &pod.name, &pod.cgroup) {
+            match self.enroll(&pod.namespace, &pod.name, &pod.cgroup, pod.netns.as_deref()) {
                 Ok(_) => restored += 1,
                 Err(e) => warn!(pod = %pod.name, error = %e, "not restoring an enrolled pod"),
             }
@@ -104,9 +153,16 @@ impl Workloads {
     }
 
     /// Enrolls a pod: its next connect (from any process in its cgroup's
-    /// subtree) is redirected. Enrolling the same pod with the same cgroup
-    /// again changes nothing.
-    pub fn enroll(&self, namespace: &str, name: &str, cgroup: &Path) -> Result<Pod, Error> {
+    /// subtree) is redirected, and connections into it that the agent does
+    /// not open are refused or judged. Enrolling the same pod with the same
+    /// cgroup again changes nothing.
+    pub fn enroll(
+        &self,
+        namespace: &str,
+        name: &str,
+        cgroup: &Path,
+        netns: Option<&Path>,
+    ) -> Result<Pod, Error> {
         if name.trim().is_empty() {
             return Err(Error::EmptyName);
         }
@@ -131,32 +187,76 @@ impl Workloads {
             path: cgroup.to_owned(),
             source,
         })?;
+        let id = PodId {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        let mut map = self.by_cgroup.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = map.values().find(|e| PodId::of(&e.pod) == id) {
+            if held.pod.cgroup_id != cgroup_id {
+                return Err(Error::NameTaken {
+                    pod: id,
+                    cgroup: held.pod.cgroup.clone(),
+                });
+            }
+            return Ok(held.pod.clone());
+        }
+        if let Some(other) = map.get(&cgroup_id) {
+            return Err(Error::CgroupTaken {
+                cgroup: cgroup.to_owned(),
+                pod: PodId::of(&other.pod),
+            });
+        }
+        let netns_path = match netns {
+            Some(p) => p.to_owned(),
+            None => process_netns(cgroup).ok_or_else(|| Error::NoNetns {
+                cgroup: cgroup.to_owned(),
+            })?,
+        };
+        let netns_err = |source| Error::Netns {
+            path: netns_path.clone(),
+            source,
+        };
+        let netns_file = netns::open(&netns_path).map_err(netns_err)?;
+        let opened = netns::listen_in(&netns_file, self.inbound.port).map_err(netns_err)?;
+        let for_server = opened.listener.try_clone().map_err(netns_err)?;
+        // The listener is in place before the program that hands it
+        // connections, so a PERMISSIVE pod never refuses for want of it.
+        let installed = self
+            .redirect
+            .enroll(cgroup_id)
+            .and_then(|()| {
+                self.redirect
+                    .set_listener(&opened.addresses, &opened.listener)
+            })
+            .and_then(|()| self.redirect.attach_inbound(cgroup_id, &netns_file));
+        if let Err(e) = installed {
+            // All or nothing: a pod half enrolled would be captured on one
+            // side only.
+            let _ = self.redirect.unenroll(cgroup_id);
+            self.redirect.remove_listener(&opened.addresses);
+            return Err(e.into());
+        }
+        let _ = self.inbound.events.send(PodEvent::Open {
+            cgroup_id,
+            listener: for_server,
+        });
         let pod = Pod {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             cgroup: cgroup.to_owned(),
             cgroup_id,
+            netns: netns.map(Path::to_owned),
+            addresses: opened.addresses,
         };
-        let id = PodId::of(&pod);
-        let mut map = self.by_cgroup.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = map.values().find(|p| PodId::of(p) == id)
-            && held.cgroup_id != cgroup_id
-        {
-            return Err(Error::NameTaken {
-                pod: id,
-                cgroup: held.cgroup.clone(),
-            });
-        }
-        if let Some(other) = map.get(&cgroup_id)
-            && PodId::of(other) != id
-        {
-            return Err(Error::CgroupTaken {
-                cgroup: cgroup.to_owned(),
-                pod: PodId::of(other),
-            });
-        }
-        self.redirect.enroll(cgroup_id)?;
-        map.insert(cgroup_id, pod.clone());
+        info!(pod = %id, addresses = ?pod.addresses, netns = %netns_path.display(), "enrolled");
+        map.insert(
+            cgroup_id,
+            Enrolled {
+                pod: pod.clone(),
+                _listener: opened.listener,
+            },
+        );
         self.save(&map);
         Ok(pod)
     }
@@ -169,10 +269,17 @@ impl Workloads {
         let mut map = self.by_cgroup.write().unwrap_or_else(|e| e.into_inner());
         let pod = map
             .values()
-            .find(|p| PodId::of(p) == id)
-            .cloned()
+            .find(|e| PodId::of(&e.pod) == id)
+            .map(|e| e.pod.clone())
             .ok_or(Error::NotEnrolled(id))?;
         self.redirect.unenroll(pod.cgroup_id)?;
+        // Outside the mesh now: connections into it pass as they would
+        // without a mesh.
+        self.redirect.detach_inbound(pod.cgroup_id);
+        self.redirect.remove_listener(&pod.addresses);
+        let _ = self.inbound.events.send(PodEvent::Close {
+            cgroup_id: pod.cgroup_id,
+        });
         map.remove(&pod.cgroup_id);
         self.save(&map);
         Ok(pod)
@@ -181,22 +288,22 @@ impl Workloads {
     /// The pod whose cgroup the kernel recorded for a connection.
     pub fn by_cgroup(&self, cgroup_id: u64) -> Option<PodId> {
         let map = self.by_cgroup.read().unwrap_or_else(|e| e.into_inner());
-        map.get(&cgroup_id).map(PodId::of)
+        map.get(&cgroup_id).map(|e| PodId::of(&e.pod))
     }
 
     pub fn list(&self) -> Vec<Pod> {
         let map = self.by_cgroup.read().unwrap_or_else(|e| e.into_inner());
-        let mut pods: Vec<Pod> = map.values().cloned().collect();
+        let mut pods: Vec<Pod> = map.values().map(|e| e.pod.clone()).collect();
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         pods
     }
 
     /// Writes the state file (atomically: a whole file or the previous one).
-    fn save(&self, map: &HashMap<u64, Pod>) {
+    fn save(&self, map: &HashMap<u64, Enrolled>) {
         let Some(path) = &self.state_file else {
             return;
         };
-        let mut pods: Vec<&Pod> = map.values().collect();
+        let mut pods: Vec<&Pod> = map.values().map(|e| &e.pod).collect();
         pods.sort_by_key(|p| p.cgroup_id);
         let write = || -> std::io::Result<()> {
             if let Some(dir) = path.parent() {
@@ -212,4 +319,11 @@ impl Workloads {
             warn!(path = %path.display(), error = %e, "cannot save enrolment");
         }
     }
+}
+
+/// The network namespace of a process of `cgroup`, if it has one.
+fn process_netns(cgroup: &Path) -> Option<PathBuf> {
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).ok()?;
+    let pid: u32 = procs.lines().next()?.trim().parse().ok()?;
+    Some(PathBuf::from(format!("/proc/{pid}/ns/net")))
 }

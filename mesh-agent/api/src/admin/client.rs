@@ -120,11 +120,13 @@ impl AdminClient {
         namespace: &str,
         pod: &str,
         cgroup: &Path,
+        netns: Option<&Path>,
     ) -> Result<EnrolledPod, AdminError> {
         let req = EnrollRequest {
             pod: pod.to_owned(),
             namespace: namespace.to_owned(),
             cgroup: cgroup.to_owned(),
+            netns: netns.map(Path::to_owned),
         };
         self.typed("POST", paths::ENROLL, Some(&req))
     }

@@ -3,7 +3,11 @@
 //! this node, named in [`TARGET_HEADER`]. The agent sends it on as the client
 //! wrote it: HTTP/1 (its version, its request-target form, from
 //! [`H1_HEADER`]) or HTTP/2.
-use std::net::SocketAddrV4;
+//!
+//! [`plaintext`] serves the requests of a connection the kernel handed to
+//! the inbound plaintext listener: a caller without identity, judged the
+//! same way.
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -48,31 +52,7 @@ pub async fn forward(
     }
     let source_ip = crate::authz::claimed_source(req.headers(), state, source);
     req.headers_mut().remove(SOURCE_HEADER);
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
-    let d = crate::authz::judge(
-        state,
-        metrics,
-        target,
-        Some(source),
-        source_ip,
-        Some(crate::authz::HttpAttributes {
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            host: &host,
-            headers: req.headers(),
-        }),
-    );
-    if !d.allowed {
+    if !authorized(&req, state, metrics, target, Some(source), source_ip) {
         metrics.inbound_stream(InboundResult::Denied);
         return local_reply(Flag::Denied, grpc, "denied by authorization policy");
     }
@@ -101,6 +81,86 @@ pub async fn forward(
             Wire::Http2
         }
     };
+    send(upstreams, metrics, target, wire, req, grpc).await
+}
+
+/// One request of a plaintext connection into the workload at `target`
+/// from `source_ip`, which the kernel handed to the agent: judged without
+/// an identity, then sent on in the client's own HTTP version.
+pub async fn plaintext(
+    mut req: Request<Incoming>,
+    state: &State,
+    upstreams: &Upstreams,
+    metrics: &Metrics,
+    target: SocketAddrV4,
+    source_ip: Ipv4Addr,
+    wire: Wire,
+) -> Response<Body> {
+    let grpc = is_grpc(req.headers());
+    // The mesh's own headers mean something only between agents.
+    for name in [TARGET_HEADER, SOURCE_HEADER, SERVICE_HEADER, H1_HEADER] {
+        req.headers_mut().remove(name);
+    }
+    if !authorized(&req, state, metrics, target, None, source_ip) {
+        return local_reply(Flag::Denied, grpc, "denied by authorization policy");
+    }
+    match wire {
+        Wire::Http1 => {
+            let form = H1Form {
+                version: req.version(),
+                absolute: req.uri().authority().is_some(),
+            };
+            respond::to_h1(&mut req, form);
+        }
+        Wire::Http2 => respond::to_h2(&mut req),
+    }
+    send(upstreams, metrics, target, wire, req, grpc).await
+}
+
+/// Judges one request by the policies of the workload at `target` (logged
+/// and counted).
+fn authorized(
+    req: &Request<Incoming>,
+    state: &State,
+    metrics: &Metrics,
+    target: SocketAddrV4,
+    source: Option<&SpiffeId>,
+    source_ip: Ipv4Addr,
+) -> bool {
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or_default();
+    crate::authz::judge(
+        state,
+        metrics,
+        target,
+        source,
+        source_ip,
+        Some(crate::authz::HttpAttributes {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            host,
+            headers: req.headers(),
+        }),
+    )
+    .allowed
+}
+
+async fn send(
+    upstreams: &Upstreams,
+    metrics: &Metrics,
+    target: SocketAddrV4,
+    wire: Wire,
+    req: Request<Incoming>,
+    grpc: bool,
+) -> Response<Body> {
     let req = req.map(boxed);
     match upstreams.send(target, wire, req, None).await {
         Ok(Ok(resp)) => {
