@@ -69,8 +69,10 @@ def connect(args):
     out = {"ok": False}
     s = socket.socket(family, socket.SOCK_STREAM)
     s.settimeout(args.timeout)
+    start = time.monotonic()
     try:
         s.connect((args.addr, args.port))
+        out["connected"] = True
         if args.payload:
             s.sendall(args.payload.encode())
             s.shutdown(socket.SHUT_WR)
@@ -86,6 +88,8 @@ def connect(args):
         out["error"] = str(e)
         out["errno"] = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else "timeout"
     finally:
+        # Until the answer or the failure: how long a refusal kept the client waiting.
+        out["ms"] = round((time.monotonic() - start) * 1000, 2)
         s.close()
     print(json.dumps(out), flush=True)
 

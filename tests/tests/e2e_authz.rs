@@ -349,3 +349,186 @@ fn authorization_policies_allow_and_deny_as_istio_does() {
         403
     );
 }
+
+/// Where `--allow-probes-from` lets the "kubelet" in: node2's own processes
+/// reach its pods from the pods' gateway address.
+const PROBE_PORT: u16 = 9100;
+
+/// A raw TCP exchange (send `ping`, read to the end) with `ip:port` from
+/// `cmd`, a pod or a node: the reply or the error, and how long it took.
+fn raw(cmd: std::process::Command, ip: std::net::Ipv4Addr, port: u16) -> Value {
+    probe(
+        cmd,
+        &[
+            "connect",
+            "--addr",
+            &ip.to_string(),
+            "--port",
+            &port.to_string(),
+            "--payload",
+            "ping",
+            "--timeout",
+            "3",
+        ],
+    )
+}
+
+#[test]
+fn connections_that_bypass_the_agent_are_refused_if_strict_and_judged_at_15006_if_not() {
+    if !privileged_env_ready() {
+        return;
+    }
+    let mut spec = spec(2, 2);
+    spec.agent_args = vec![
+        "--allow-probes-from".into(),
+        format!("198.19.2.1:{PROBE_PORT}"),
+    ];
+    let cluster = Cluster::up(&spec).expect("cluster up");
+    assert_eq!(cluster.gateway_ip("node2").to_string(), "198.19.2.1");
+    let _echo = echo(&cluster, "node2-pod1");
+    let _health = Probe::start(
+        python_in_pod(&cluster, "node2-pod1"),
+        &[
+            "listen",
+            "--addr",
+            "0.0.0.0",
+            "--port",
+            &PROBE_PORT.to_string(),
+            "--seconds",
+            "300",
+        ],
+    );
+    let target = cluster.pod("node2-pod1").ip;
+    cluster
+        .unenroll("node1-pod2")
+        .expect("a pod outside the mesh");
+    // Callers that do not come through node2's agent: a pod outside the
+    // mesh, a process in node2's namespace, one in node1's namespace.
+    let outsiders = || {
+        [
+            (
+                "a pod outside the mesh",
+                python_in_pod(&cluster, "node1-pod2"),
+            ),
+            ("node2's namespace", python_on_node(&cluster, "node2")),
+            ("node1's namespace", python_on_node(&cluster, "node1")),
+        ]
+    };
+    let banner = "node2-pod1\nping";
+    // Through the agents: across nodes (tunnel) and on the same node.
+    for from in ["node1-pod1", "node2-pod2"] {
+        let r = raw(python_in_pod(&cluster, from), target, ECHO_PORT);
+        assert_eq!(r["reply"], banner, "{from}: {r}");
+    }
+
+    // STRICT (the default): refused in the kernel with a reset, at once,
+    // whoever the caller; and not one byte of the server's banner.
+    let refused = decision(&cluster, "node2", "strict_refused");
+    for (who, cmd) in outsiders() {
+        let r = raw(cmd, target, ECHO_PORT);
+        assert_eq!(r["errno"], "ECONNREFUSED", "{who}: {r}");
+        assert!(r.get("reply").is_none(), "{who}: {r}");
+        let ms = r["ms"].as_f64().expect("ms");
+        assert!(ms < 100.0, "{who}: refused after {ms} ms");
+    }
+    assert_eq!(decision(&cluster, "node2", "strict_refused") - refused, 3);
+    // The documented exception: health probes from the kubelet's address
+    // (node2's own namespace) to the probe port, and nothing else.
+    let allowed = decision(&cluster, "node2", "probe_allowed");
+    // (Connected and accepted: the probe server answers without reading,
+    // so a payload would be reset by the server itself.)
+    let r = probe(
+        python_on_node(&cluster, "node2"),
+        &[
+            "connect",
+            "--addr",
+            &target.to_string(),
+            "--port",
+            &PROBE_PORT.to_string(),
+        ],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(decision(&cluster, "node2", "probe_allowed") - allowed, 1);
+    let r = raw(python_on_node(&cluster, "node1"), target, PROBE_PORT);
+    assert_eq!(r["errno"], "ECONNREFUSED", "another address: {r}");
+
+    // PERMISSIVE: handed to node2's agent at :15006 and judged there as a
+    // caller without identity. No policy: let in, through the agent.
+    set_mtls_mode(&cluster, "node2-pod1", "PERMISSIVE");
+    until(|| raw(python_in_pod(&cluster, "node1-pod2"), target, ECHO_PORT)["reply"] == banner);
+    let redirected = decision(&cluster, "node2", "inbound_redirected");
+    let forwarded = r#"mesh_agent_inbound_plaintext_connections_total{result="forwarded"}"#;
+    let denied = r#"mesh_agent_inbound_plaintext_connections_total{result="denied"}"#;
+    let (forwarded0, denied0) = (
+        agent_metric(&cluster, "node2", forwarded),
+        agent_metric(&cluster, "node2", denied),
+    );
+    // ALLOW node1's address only: its processes get in, the pod outside
+    // the mesh on node1 (its own address) and node2's processes are reset
+    // before any byte of the banner.
+    let node1 = cluster.node_ip("node1");
+    let only_node1 = authz(
+        "default",
+        "only-node1",
+        &format!(
+            "  selector: {{matchLabels: {{app: node2-pod1}}}}\n  action: ALLOW\n  rules:\n  - from:\n    - source: {{ipBlocks: [\"{node1}/32\"]}}\n"
+        ),
+    );
+    apply_until(&cluster, &[only_node1], || {
+        raw(python_on_node(&cluster, "node2"), target, ECHO_PORT)["errno"] == "ECONNRESET"
+    });
+    let r = raw(python_on_node(&cluster, "node1"), target, ECHO_PORT);
+    assert_eq!(r["reply"], banner, "node1's namespace, allowed: {r}");
+    for (who, cmd) in [
+        (
+            "a pod outside the mesh",
+            python_in_pod(&cluster, "node1-pod2"),
+        ),
+        ("node2's namespace", python_on_node(&cluster, "node2")),
+    ] {
+        let r = raw(cmd, target, ECHO_PORT);
+        assert_eq!(r["errno"], "ECONNRESET", "{who}: {r}");
+        assert!(r.get("reply").is_none(), "{who} saw bytes: {r}");
+    }
+    assert!(decision(&cluster, "node2", "inbound_redirected") - redirected >= 4);
+    assert!(agent_metric(&cluster, "node2", forwarded) > forwarded0);
+    assert!(agent_metric(&cluster, "node2", denied) >= denied0 + 2);
+
+    // A policy with HTTP rules: each request of a plaintext HTTP client is
+    // judged (403 with the mesh's flag), in HTTP/1.1 as in HTTP/2.
+    let paths = authz(
+        "default",
+        "only-node1",
+        &format!(
+            "  selector: {{matchLabels: {{app: node2-pod1}}}}\n  action: ALLOW\n  rules:\n  - from:\n    - source: {{ipBlocks: [\"{node1}/32\"]}}\n    to:\n    - operation: {{paths: [\"/ok*\"]}}\n"
+        ),
+    );
+    let curl = |path: &str, h2: bool| -> String {
+        let mut cmd = cluster.node_command("node1", "curl");
+        cmd.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %header{x-mesh-flags}",
+        ])
+        .args(["--max-time", "3"]);
+        if h2 {
+            cmd.arg("--http2-prior-knowledge");
+        }
+        let out = cmd
+            .arg(format!("http://{target}:{ECHO}{path}"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    apply_until(&cluster, &[paths], || curl("/no", false) == "403 AD");
+    for h2 in [false, true] {
+        assert_eq!(curl("/ok/1", h2), "200", "h2={h2}");
+        assert_eq!(curl("/no", h2), "403 AD", "h2={h2}");
+    }
+    // Back to STRICT: refused in the kernel again.
+    remove(&cluster, "default", "only-node1");
+    set_mtls_mode(&cluster, "node2-pod1", "STRICT");
+    until(|| raw(python_on_node(&cluster, "node1"), target, ECHO_PORT)["errno"] == "ECONNREFUSED");
+}

@@ -483,10 +483,17 @@ mod tests {
         assert!(!s.is_local("198.19.2.11".parse().unwrap()));
         assert_eq!(
             s.inbound_modes().into_iter().collect::<Vec<_>>(),
-            [(
-                "198.19.1.11".parse::<Ipv4Addr>().unwrap(),
-                mesh_common::inbound::STRICT
-            )]
+            [
+                (
+                    "198.19.1.11".parse::<Ipv4Addr>().unwrap(),
+                    mesh_common::inbound::STRICT
+                ),
+                (
+                    "198.19.1.12".parse::<Ipv4Addr>().unwrap(),
+                    mesh_common::inbound::JUDGE
+                )
+            ],
+            "this node's workloads only, STRICT refused and the rest judged"
         );
         assert_eq!(
             s.node_tunnel("node2"),
