@@ -840,7 +840,12 @@ fn move_to_namespace(cluster: &Cluster, pod: &str, namespace: &str) {
         .admin_post(
             &info.node,
             "/enroll",
-            &json!({"pod": pod, "namespace": namespace, "cgroup": info.cgroup}),
+            &json!({
+                "pod": pod,
+                "namespace": namespace,
+                "cgroup": info.cgroup,
+                "netns": format!("/run/netns/{}", info.netns),
+            }),
         )
         .expect("enroll in the new namespace");
 }

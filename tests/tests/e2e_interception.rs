@@ -150,7 +150,9 @@ fn enrolment_changes_apply_to_the_next_connection() {
     let agent_ip = cluster.gateway_ip("node2");
 
     // Unenrolled, node1-pod1 reaches node2-pod1 in plaintext, which a
-    // STRICT workload (the default) would refuse.
+    // STRICT workload (the default) would refuse; PERMISSIVE, node2's agent
+    // judges it at :15006 and carries it (so the server sees that agent
+    // either way, and the kernel counters tell the two paths apart).
     set_mtls_mode(&cluster, "node2-pod1", "PERMISSIVE");
     wait_for(
         "node2-pod1 to accept plaintext",
@@ -176,16 +178,24 @@ fn enrolment_changes_apply_to_the_next_connection() {
             cluster.unenroll("node1-pod1").expect("unenroll");
         }
         let not_enrolled_before = decision(&cluster, "node1", "not_enrolled");
+        let plaintext_before = decision(&cluster, "node2", "inbound_redirected");
         client_ok(&cluster, "node1-pod1", &["tcp", "--addr", &dst]);
-        expect.push(if enrolled { agent_ip } else { client_ip });
+        expect.push(agent_ip);
         let entries = server.wait_for_entries(expect.len());
         let peers: Vec<Ipv4Addr> = server.peers();
         assert_eq!(peers, expect, "enrolled={enrolled}; log: {entries:?}");
+        assert!(!peers.contains(&client_ip), "around the agents: {peers:?}");
         let delta = decision(&cluster, "node1", "not_enrolled") - not_enrolled_before;
         assert_eq!(
             delta,
             u64::from(!enrolled),
             "not_enrolled counted only when unenrolled"
+        );
+        let delta = decision(&cluster, "node2", "inbound_redirected") - plaintext_before;
+        assert_eq!(
+            delta,
+            u64::from(!enrolled),
+            "handed to node2's agent at :15006 only when not through the tunnel"
         );
     }
 }

@@ -415,42 +415,55 @@ fn strict_permissive_and_disable_decide_who_may_connect_in_plaintext() {
     };
 
     // STRICT (the default): only node2's agent may open connections into it.
-    let dropped_before = decision(&cluster, "node2", "strict_plaintext_dropped");
+    let refused_before = decision(&cluster, "node2", "strict_refused");
     assert!(
         !plaintext("2").ok,
         "a STRICT workload must refuse plaintext"
     );
-    assert!(decision(&cluster, "node2", "strict_plaintext_dropped") > dropped_before);
+    assert!(decision(&cluster, "node2", "strict_refused") > refused_before);
     let report = client_ok(&cluster, "node1-pod2", &["tcp", "--addr", &dst]);
     assert_eq!(
         report["server"], "node2-pod1",
         "mTLS through the agents still works"
     );
 
-    // PERMISSIVE: plaintext too.
+    // PERMISSIVE: plaintext too, handed to node2's agent (which judges it
+    // at :15006 and carries it: the pod sees its agent as the peer).
     set_mtls_mode(&cluster, "node2-pod1", "PERMISSIVE");
+    let plaintext_carried = || {
+        agent_metric(
+            &cluster,
+            "node2",
+            r#"mesh_agent_inbound_plaintext_connections_total{result="forwarded"}"#,
+        )
+    };
+    let carried = plaintext_carried();
     wait_for("plaintext to be let in", Duration::from_secs(10), |last| {
         let run = plaintext("1");
         *last = run.stderr.clone();
         run.ok.then_some(())
     });
     assert!(
-        server.peers().contains(&cluster.pod("node1-pod1").ip),
-        "the plaintext client reached the pod itself"
+        plaintext_carried() > carried,
+        "judged and carried at :15006"
+    );
+    assert_eq!(
+        server.peers().last(),
+        Some(&cluster.gateway_ip("node2")),
+        "the plaintext client reached the pod through its agent"
     );
 
-    // DISABLE: mesh clients connect straight to it (node1's agent dials the
-    // pod from node1's fabric address; no tunnel, so node2's agent is not the peer).
+    // DISABLE: mesh clients connect without the tunnel (node1's agent dials
+    // the pod in plaintext, and node2's agent judges and carries that too).
     set_mtls_mode(&cluster, "node2-pod1", "DISABLE");
-    let node1 = cluster.node_ip("node1");
     wait_for(
         "node1's agent to stop tunnelling",
         Duration::from_secs(10),
         |last| {
+            let carried = plaintext_carried();
             client_ok(&cluster, "node1-pod2", &["tcp", "--addr", &dst]);
-            let peers = server.peers();
-            *last = format!("{peers:?}");
-            (peers.last() == Some(&node1)).then_some(())
+            *last = format!("{:?}", server.peers());
+            (plaintext_carried() > carried).then_some(())
         },
     );
 }

@@ -478,6 +478,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn probe_sources_are_an_address_with_or_without_a_port() {
+        let ip = Ipv4Addr::new(198, 19, 2, 1);
+        assert_eq!(parse_probe_source("198.19.2.1"), Ok((ip, 0)));
+        assert_eq!(parse_probe_source("198.19.2.1:9100"), Ok((ip, 9100)));
+        for bad in [
+            "198.19.2",
+            "198.19.2.1:",
+            "198.19.2.1:99999",
+            "[::1]:80",
+            "kubelet",
+        ] {
+            let err = parse_probe_source(bad).expect_err(bad);
+            assert!(err.contains(bad), "{err}");
+        }
+    }
+
+    #[test]
     fn local_addresses_are_the_host_local_leaves_of_the_fib() {
         let trie = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n     +-- 198.18.0.0/24 2 0 2\n        |-- 198.18.0.0\n           /24 link UNICAST\n        |-- 198.18.0.11\n           /32 host LOCAL\n        |-- 198.18.0.255\n           /32 link BROADCAST\n  +-- 127.0.0.0/8 2 0 2\n     |-- 127.0.0.1\n        /32 host LOCAL\nLocal:\n     |-- 198.19.1.1\n        /32 host LOCAL\n";
         assert_eq!(
