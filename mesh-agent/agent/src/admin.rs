@@ -2,6 +2,7 @@
 //! socket (never on a routable address), plus `/metrics` and `/healthz/ready`
 //! on the telemetry port.
 use std::{
+    collections::BTreeMap,
     convert::Infallible,
     sync::{Arc, Mutex},
     time::Instant,
@@ -14,9 +15,11 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use mesh_api::{
     admin::{
-        self, ConfigView, ConnectionState, EnrollRequest, ErrorBody, ResourceVersion, Source,
-        UnenrollRequest, paths,
+        self, AttachTarget, BpfView, ConfigView, ConnectionState, EnrollRequest, EnrolledCgroup,
+        ErrorBody, Holder, MapView, ProgramView, ResourceVersion, ServicePortView, ServiceView,
+        Source, SpecView, SyncState, UnenrollRequest, WorkloadView, paths,
     },
+    pb::resource,
     serve::{HANDSHAKE_TIMEOUT, accept_loop},
 };
 use prometheus_client::registry::Registry;
@@ -30,7 +33,7 @@ use tracing::debug;
 
 use crate::{
     certs,
-    redirect::{Redirect, enrolment::Workloads},
+    redirect::{Redirect, Target, enrolment::Workloads},
     state::{StateRx, discovery::SharedSync},
     telemetry::{ConnectionTable, Metrics},
 };
@@ -179,54 +182,9 @@ fn telemetry(req: Request<Incoming>, state: &State) -> Response<Body> {
 async fn admin(req: Request<Incoming>, state: &State) -> Response<Body> {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     match (method, path.as_str()) {
-        (Method::GET, paths::STATUS) => {
-            let decisions = state
-                .redirect
-                .decisions()
-                .into_iter()
-                .map(|(d, n)| (d.name().to_owned(), n))
-                .collect();
-            let connections = state.connections.snapshot();
-            let open_connections = connections
-                .iter()
-                .filter(|c| c.state == ConnectionState::Open)
-                .count();
-            json_response(
-                StatusCode::OK,
-                &admin::Status {
-                    node: state.node.clone(),
-                    uptime_secs: state.started.elapsed().as_secs(),
-                    enrolled: state.workloads.list(),
-                    decisions,
-                    open_connections,
-                    sync: state
-                        .sync
-                        .as_ref()
-                        .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone()),
-                    identity: state
-                        .identity
-                        .as_ref()
-                        .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone()),
-                },
-            )
-        }
-        (Method::GET, paths::CONFIG) => {
-            let config = state.config.borrow().clone();
-            json_response(
-                StatusCode::OK,
-                &ConfigView {
-                    version: config.version.clone(),
-                    resources: config
-                        .resources
-                        .values()
-                        .map(|r| ResourceVersion {
-                            key: r.key.clone(),
-                            version: r.version.clone(),
-                        })
-                        .collect(),
-                },
-            )
-        }
+        (Method::GET, paths::STATUS) => json_response(StatusCode::OK, &status(state)),
+        (Method::GET, paths::CONFIG) => json_response(StatusCode::OK, &config(state)),
+        (Method::GET, paths::BPF) => json_response(StatusCode::OK, &bpf(state)),
         (Method::GET, paths::CONNECTIONS) => {
             json_response(StatusCode::OK, &state.connections.snapshot())
         }
@@ -250,6 +208,193 @@ async fn admin(req: Request<Incoming>, state: &State) -> Response<Body> {
             Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
         (_, path) => error(StatusCode::NOT_FOUND, format!("no such endpoint {path}")),
+    }
+}
+
+fn decisions(state: &State) -> BTreeMap<String, u64> {
+    state
+        .redirect
+        .decisions()
+        .into_iter()
+        .map(|(d, n)| (d.name().to_owned(), n))
+        .collect()
+}
+
+fn sync_state(state: &State) -> Option<SyncState> {
+    state
+        .sync
+        .as_ref()
+        .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+}
+
+/// `GET /status`.
+fn status(state: &State) -> admin::Status {
+    let open_connections = state
+        .connections
+        .snapshot()
+        .iter()
+        .filter(|c| c.state == ConnectionState::Open)
+        .count();
+    admin::Status {
+        node: state.node.clone(),
+        uptime_secs: state.started.elapsed().as_secs(),
+        enrolled: state.workloads.list(),
+        decisions: decisions(state),
+        open_connections,
+        sync: sync_state(state),
+        identity: state
+            .identity
+            .as_ref()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+    }
+}
+
+/// `GET /config`: the snapshot the data path serves, by kind.
+fn config(state: &State) -> ConfigView {
+    let config = state.config.borrow().clone();
+    let mut view = ConfigView {
+        version: config.version.clone(),
+        sync: sync_state(state),
+        ..ConfigView::default()
+    };
+    let spec = |json: &str| {
+        serde_json::from_str(json).unwrap_or_else(|_| serde_json::Value::String(json.to_owned()))
+    };
+    for r in config.resources.values() {
+        view.resources.push(ResourceVersion {
+            key: r.key.clone(),
+            version: r.version.clone(),
+        });
+        let version = r.version.clone();
+        match &r.body {
+            Some(resource::Body::Workload(w)) => view.workloads.push(WorkloadView {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                version,
+                node: w.node.clone(),
+                ip: w.ip.clone(),
+                service_account: w.service_account.clone(),
+                mtls_mode: w.mtls_mode.clone(),
+                ready: w.ready,
+                labels: w.labels.clone().into_iter().collect(),
+            }),
+            Some(resource::Body::Service(s)) => view.services.push(ServiceView {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                version,
+                vips: s.vips.clone(),
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| ServicePortView {
+                        port: u16::try_from(p.port).unwrap_or(0),
+                        target_port: u16::try_from(p.target_port).unwrap_or(0),
+                        app_protocol: p.app_protocol.clone(),
+                    })
+                    .collect(),
+                endpoints: s.endpoints.iter().map(|e| e.workload.clone()).collect(),
+                ready_endpoints: s.endpoints.iter().filter(|e| e.ready).count(),
+            }),
+            Some(resource::Body::Route(route)) => view.routes.push(SpecView {
+                kind: route.kind.clone(),
+                namespace: route.namespace.clone(),
+                name: route.name.clone(),
+                version,
+                spec: spec(&route.spec_json),
+            }),
+            Some(resource::Body::Policy(policy)) => view.policies.push(SpecView {
+                kind: policy.kind.clone(),
+                namespace: policy.namespace.clone(),
+                name: policy.name.clone(),
+                version,
+                spec: spec(&policy.spec_json),
+            }),
+            Some(resource::Body::Node(_) | resource::Body::TrustBundle(_)) | None => {}
+        }
+    }
+    view
+}
+
+/// `GET /bpf`: programs and where they are attached, enrolment in the agent
+/// and in the kernel, map occupancy and the kernel's counters.
+fn bpf(state: &State) -> BpfView {
+    let pods = state.workloads.list();
+    let pod_of = |id: u64| pods.iter().find(|p| p.cgroup_id == id);
+    let programs = state
+        .redirect
+        .attachments()
+        .into_iter()
+        .map(|a| ProgramView {
+            program: a.program.to_owned(),
+            attach_type: a.attach_type.to_owned(),
+            target: match a.target {
+                Target::PodCgroupRoot(path) => AttachTarget::PodCgroupRoot { path },
+                Target::AgentCgroup(path) => AttachTarget::AgentCgroup { path },
+                Target::PodNetns(cgroup_id) => AttachTarget::PodNetns {
+                    cgroup_id,
+                    pod: pod_of(cgroup_id).map(|p| format!("{}/{}", p.namespace, p.name)),
+                    netns: pod_of(cgroup_id).and_then(|p| p.netns.clone()),
+                },
+            },
+            held: if a.pin.is_some() {
+                Holder::Pinned
+            } else {
+                Holder::Agent
+            },
+            pin: a.pin,
+            attached: a.attached,
+            link_id: a.link_id,
+            program_id: a.program_id,
+        })
+        .collect();
+    let in_kernel = state.redirect.enrolled_cgroups().unwrap_or_default();
+    let mut enrolled: Vec<EnrolledCgroup> = pods
+        .iter()
+        .map(|p| EnrolledCgroup {
+            cgroup_id: p.cgroup_id,
+            pod: Some(format!("{}/{}", p.namespace, p.name)),
+            cgroup: Some(p.cgroup.clone()),
+            in_kernel: in_kernel.contains(&p.cgroup_id),
+        })
+        .collect();
+    enrolled.extend(
+        in_kernel
+            .iter()
+            .filter(|id| pod_of(**id).is_none())
+            .map(|&cgroup_id| EnrolledCgroup {
+                cgroup_id,
+                pod: None,
+                cgroup: None,
+                in_kernel: true,
+            }),
+    );
+    let maps = state
+        .redirect
+        .occupancy()
+        .into_iter()
+        .map(|(name, usage)| match usage {
+            Ok(u) => MapView {
+                name: name.to_owned(),
+                map_type: u.map_type.to_owned(),
+                entries: u.entries,
+                max_entries: u.max_entries,
+                error: None,
+            },
+            Err(e) => MapView {
+                name: name.to_owned(),
+                map_type: String::new(),
+                entries: 0,
+                max_entries: 0,
+                error: Some(e.to_string()),
+            },
+        })
+        .collect();
+    BpfView {
+        pin_dir: state.redirect.pin_dir().to_owned(),
+        programs,
+        enrolled,
+        maps,
+        decisions: decisions(state),
     }
 }
 

@@ -25,8 +25,8 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    Ebpf, EbpfLoader, Pod,
+    maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray, SockHash},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
@@ -122,6 +122,39 @@ pub struct Redirect {
     decisions: PerCpuArray<MapData, u64>,
     pins: Vec<PathBuf>,
     pin_dir: PathBuf,
+    /// Where the programs are attached, for those who ask (`attachments`).
+    cgroup_root: PathBuf,
+    agent_cgroup: PathBuf,
+}
+
+/// One attachment of a kernel program, as this agent made it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub program: &'static str,
+    /// bpftool's name of the hook.
+    pub attach_type: &'static str,
+    pub target: Target,
+    /// The link's pin; `None`: the link is held by this process.
+    pub pin: Option<PathBuf>,
+    pub attached: bool,
+    pub link_id: Option<u32>,
+    pub program_id: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    PodCgroupRoot(PathBuf),
+    AgentCgroup(PathBuf),
+    /// The network namespace of the pod enrolled with this cgroup id.
+    PodNetns(u64),
+}
+
+/// How full a pinned map is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapUsage {
+    pub map_type: &'static str,
+    pub entries: u64,
+    pub max_entries: u32,
 }
 
 /// Original destination of a redirected connection, as the kernel recorded it.
@@ -140,6 +173,14 @@ const PINS: [&str; 4] = [
     "connect6_link",
     "sock_ops_link",
     "strict_ingress_link",
+];
+
+/// The program in each of `PINS`, and its hook as bpftool names it.
+const PINNED_PROGRAMS: [(&str, &str); 4] = [
+    (names::PROG_CONNECT4, "cgroup/connect4"),
+    (names::PROG_CONNECT6, "cgroup/connect6"),
+    (names::PROG_SOCK_OPS, "sockops"),
+    (names::PROG_STRICT_INGRESS, "cgroup_skb/ingress"),
 ];
 
 impl Redirect {
@@ -302,6 +343,8 @@ impl Redirect {
             pin_dir: settings.pin_dir.clone(),
             decisions,
             pins,
+            cgroup_root: settings.cgroup_root.clone(),
+            agent_cgroup: settings.agent_cgroup.clone(),
         })
     }
 
@@ -503,9 +546,154 @@ impl Redirect {
         info!("redirect detached");
     }
 
+    /// Every program attachment this agent made or took over: the pinned
+    /// links on the pod cgroup root, the agent's own sock_ops, and one
+    /// inbound link per pod namespace (each pinned `inbound_<cgroup id>`,
+    /// and one per enrolled cgroup, pinned or not). `attached` and the ids
+    /// come from the kernel.
+    pub fn attachments(&self) -> Vec<Attachment> {
+        let pinned = |program, attach_type, target, pin: PathBuf| {
+            let info = PinnedLink::from_pin(&pin)
+                .ok()
+                .and_then(|link| FdLink::from(link).info().ok());
+            Attachment {
+                program,
+                attach_type,
+                target,
+                attached: info.is_some(),
+                link_id: info.as_ref().map(|i| i.id()),
+                program_id: info.as_ref().map(|i| i.program_id()),
+                pin: Some(pin),
+            }
+        };
+        let mut out: Vec<Attachment> = PINNED_PROGRAMS
+            .iter()
+            .zip(&self.pins)
+            .map(|((program, hook), pin)| {
+                pinned(
+                    *program,
+                    *hook,
+                    Target::PodCgroupRoot(self.cgroup_root.clone()),
+                    pin.clone(),
+                )
+            })
+            .collect();
+        let agent_ops = self
+            .ebpf
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .program(names::PROG_AGENT_SOCK_OPS)
+            .and_then(|p| p.info().ok())
+            .map(|i| i.id());
+        out.push(Attachment {
+            program: names::PROG_AGENT_SOCK_OPS,
+            attach_type: "sockops",
+            target: Target::AgentCgroup(self.agent_cgroup.clone()),
+            pin: None,
+            // Its link lives in the loaded object, as long as this agent.
+            attached: agent_ops.is_some(),
+            link_id: None,
+            program_id: agent_ops,
+        });
+        let mut pods: BTreeSet<u64> = self.enrolled_cgroups().unwrap_or_default();
+        if let Ok(dir) = fs::read_dir(&self.pin_dir) {
+            pods.extend(dir.flatten().filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix(INBOUND_PIN)?
+                    .parse::<u64>()
+                    .ok()
+            }));
+        }
+        out.extend(pods.into_iter().map(|id| {
+            pinned(
+                names::PROG_INBOUND,
+                "sk_lookup",
+                Target::PodNetns(id),
+                self.inbound_pin(id),
+            )
+        }));
+        out
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The cgroup ids in the kernel's ENROLLED map.
+    pub fn enrolled_cgroups(&self) -> Result<BTreeSet<u64>, Error> {
+        self.lock()
+            .enrolled
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|source| Error::Map {
+                name: names::ENROLLED,
+                source,
+            })
+    }
+
+    /// Entries against capacity of every map pinned in the pin directory
+    /// (`names::PINNED_MAPS`), counted by walking its keys.
+    pub fn occupancy(&self) -> Vec<(&'static str, Result<MapUsage, Error>)> {
+        names::PINNED_MAPS
+            .iter()
+            .map(|&name| {
+                let usage = map_usage(name, &self.pin_dir.join(name))
+                    .map_err(|source| Error::Map { name, source });
+                (name, usage)
+            })
+            .collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
         self.maps.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+fn map_usage(name: &'static str, pin: &Path) -> Result<MapUsage, MapError> {
+    let data = MapData::from_pin(pin)?;
+    let info = data.info()?;
+    let max_entries = info.max_entries();
+    let (map_type, map) = match info.map_type()? {
+        MapType::Hash => ("hash", Map::HashMap(data)),
+        MapType::LruHash => ("lru_hash", Map::LruHashMap(data)),
+        MapType::SockHash => ("sockhash", Map::SockHash(data)),
+        other => {
+            return Err(MapError::InvalidMapType {
+                map_type: other as u32,
+            });
+        }
+    };
+    // Walking a map that changes may visit a key twice: never count past
+    // the capacity.
+    fn count<K: Pod>(
+        keys: impl Iterator<Item = Result<K, MapError>>,
+        max: u32,
+    ) -> Result<u64, MapError> {
+        keys.take(max as usize).try_fold(0, |n, k| k.map(|_| n + 1))
+    }
+    fn hash<K: Pod, V: Pod>(map: Map, max: u32) -> Result<u64, MapError> {
+        count(HashMap::<_, K, V>::try_from(map)?.keys(), max)
+    }
+    let entries = match name {
+        names::ENROLLED => hash::<u64, u32>(map, max_entries)?,
+        names::INBOUND_PODS | names::SERVICE_VIPS => hash::<u32, u32>(map, max_entries)?,
+        names::INBOUND_LISTENERS => count(SockHash::<_, u32>::try_from(map)?.keys(), max_entries)?,
+        names::AGENT_TUPLES => hash::<TupleKey, u32>(map, max_entries)?,
+        names::SERVICE_PORTS | names::PROBE_SOURCES => hash::<VipPort, u32>(map, max_entries)?,
+        names::ORIG_BY_COOKIE => hash::<u64, OrigDst>(map, max_entries)?,
+        names::ORIG_BY_TUPLE => hash::<TupleKey, OrigDst>(map, max_entries)?,
+        _ => {
+            return Err(MapError::InvalidName {
+                name: name.to_owned(),
+            });
+        }
+    };
+    Ok(MapUsage {
+        map_type,
+        entries,
+        max_entries,
+    })
 }
 
 /// The cgroup id the kernel reports for a cgroup v2 directory is its inode.

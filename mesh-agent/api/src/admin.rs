@@ -16,6 +16,7 @@ pub mod paths {
     pub const CONNECTIONS: &str = "/connections";
     pub const ENROLL: &str = "/enroll";
     pub const UNENROLL: &str = "/unenroll";
+    pub const BPF: &str = "/bpf";
 }
 
 fn default_namespace() -> String {
@@ -128,11 +129,73 @@ pub struct IdentityStatus {
     pub certificates: Vec<CertStatus>,
 }
 
-/// `GET /config`: the configuration being served.
+/// `GET /config`: the configuration being served: every resource's key and
+/// version, and the ones an operator asks about, by kind.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ConfigView {
     pub version: String,
     pub resources: Vec<ResourceVersion>,
+    /// Distribution state; `None` for an agent without a control server.
+    #[serde(default)]
+    pub sync: Option<SyncState>,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadView>,
+    #[serde(default)]
+    pub services: Vec<ServiceView>,
+    /// HTTPRoutes and GRPCRoutes.
+    #[serde(default)]
+    pub routes: Vec<SpecView>,
+    /// TrafficPolicies, AuthorizationPolicies and any other policy kind.
+    #[serde(default)]
+    pub policies: Vec<SpecView>,
+}
+
+/// A Workload as the agent holds it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkloadView {
+    pub namespace: String,
+    pub name: String,
+    pub version: String,
+    pub node: String,
+    pub ip: String,
+    pub service_account: String,
+    /// Effective mode: STRICT, PERMISSIVE or DISABLE.
+    pub mtls_mode: String,
+    pub ready: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A Service as the agent holds it, with its resolved endpoints.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceView {
+    pub namespace: String,
+    pub name: String,
+    pub version: String,
+    pub vips: Vec<String>,
+    pub ports: Vec<ServicePortView>,
+    /// Workload names, ready or not.
+    pub endpoints: Vec<String>,
+    pub ready_endpoints: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServicePortView {
+    pub port: u16,
+    pub target_port: u16,
+    /// Empty: not declared (the agent detects HTTP).
+    pub app_protocol: String,
+}
+
+/// A route or policy as the agent holds it: its spec as the control server
+/// validated it (the kind's own field names).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SpecView {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub version: String,
+    pub spec: serde_json::Value,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -151,7 +214,7 @@ pub enum ConnectionState {
 }
 
 /// One connection of `GET /connections`: open ones and the latest closed.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ConnectionView {
     pub id: u64,
     pub src_pod: Option<String>,
@@ -168,6 +231,94 @@ pub struct ConnectionView {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub state: ConnectionState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /bpf`: the kernel side of this node's interception.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BpfView {
+    /// Where the agent pins its links and maps (`--bpf-pin-dir`).
+    pub pin_dir: PathBuf,
+    pub programs: Vec<ProgramView>,
+    /// The agent's enrolled pods and the kernel's ENROLLED map, side by side.
+    pub enrolled: Vec<EnrolledCgroup>,
+    pub maps: Vec<MapView>,
+    /// The kernel programs' decisions by reason, since they were loaded.
+    pub decisions: BTreeMap<String, u64>,
+}
+
+/// One attachment of a kernel program.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProgramView {
+    /// Its name in the object, e.g. `mesh_connect4`.
+    pub program: String,
+    /// The hook, as bpftool names it: `cgroup/connect4`, `sockops`,
+    /// `cgroup_skb/ingress`, `sk_lookup`.
+    pub attach_type: String,
+    pub target: AttachTarget,
+    pub held: Holder,
+    /// The link's pin, for a pinned attachment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<PathBuf>,
+    /// Whether the kernel runs it there now (for a pinned one: its pin
+    /// holds a link).
+    pub attached: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program_id: Option<u32>,
+}
+
+/// Where a program is attached.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AttachTarget {
+    /// The node's pod cgroup root (`--cgroup-root`): every pod below it.
+    PodCgroupRoot { path: PathBuf },
+    /// The agent's own cgroup.
+    AgentCgroup { path: PathBuf },
+    /// The network namespace of the pod enrolled with this cgroup id.
+    PodNetns {
+        cgroup_id: u64,
+        /// `namespace/name`, when the agent has that pod enrolled.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pod: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<PathBuf>,
+    },
+}
+
+/// What keeps an attachment alive.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Holder {
+    /// A link pinned in the pin directory: it outlives the agent.
+    Pinned,
+    /// The agent's process: it ends with the agent.
+    Agent,
+}
+
+/// An enrolled cgroup, as the agent and the kernel see it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnrolledCgroup {
+    pub cgroup_id: u64,
+    /// `namespace/name`; `None`: in the kernel's map, unknown to the agent.
+    pub pod: Option<String>,
+    pub cgroup: Option<PathBuf>,
+    /// Whether the kernel's ENROLLED map holds it.
+    pub in_kernel: bool,
+}
+
+/// How full a kernel map is.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MapView {
+    pub name: String,
+    /// `hash`, `lru_hash`, `sockhash`, ...
+    pub map_type: String,
+    pub entries: u64,
+    pub max_entries: u32,
+    /// Why the map could not be read (then `entries` is 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

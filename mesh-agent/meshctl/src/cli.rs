@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tonic::{Code, Status};
 
 use mesh_api::{
-    admin::{self, AdminClient, CertStatus, ConnectionState, ConnectionView},
+    admin::AdminClient,
     authz::ROOT_NAMESPACE,
     client::{self, Target},
     identity::{self, CertStore, SpiffeId, generate_key_and_csr, node_identity, read_token},
@@ -23,6 +23,8 @@ use mesh_api::{
     names::{DEFAULT_NAMESPACE, DEFAULT_TRUST_DOMAIN, DOCUMENT_INDEX_METADATA},
     pb::{AgentsRequest, ApplyRequest, DeleteRequest, GetRequest},
 };
+
+use crate::node;
 
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", about = "Operate the mesh", version)]
@@ -35,7 +37,7 @@ pub struct Args {
         default_value = "/run/mesh/admin.sock"
     )]
     pub admin: PathBuf,
-    /// Print raw JSON instead of tables.
+    /// JSON instead of tables: for agent commands the same as `-o json`.
     #[arg(long, global = true)]
     pub json: bool,
     /// Control server: `unix:///path/to/socket` (local, no token) or
@@ -74,15 +76,54 @@ pub enum Output {
     Json,
 }
 
+/// How an agent command prints its answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    #[default]
+    Table,
+    /// The admin API's answer, as it is.
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub struct AgentOutput {
+    /// `table`, or `json`: the agent's answer as its admin API types it.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Agent status: enrolled pods and the kernel's redirect decisions.
-    Status,
+    /// Agent status: enrolled pods, configuration sync, the kernel's
+    /// redirect decisions and certificates.
+    Status {
+        #[command(flatten)]
+        out: AgentOutput,
+    },
     /// Open and recently closed connections carried by the agent.
     Connections {
         /// Only this many rows.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        #[command(flatten)]
+        out: AgentOutput,
+    },
+    /// The configuration the agent serves: workloads, services, routes and
+    /// policies, with their versions and its sync state.
+    Config {
+        #[command(flatten)]
+        out: AgentOutput,
+    },
+    /// The kernel side: programs and where they are attached, enrolled
+    /// cgroups, map occupancy and the kernel's counters by reason.
+    Bpf {
+        #[command(flatten)]
+        out: AgentOutput,
+    },
+    /// The certificates the agent holds: expiry, renewal, last error.
+    Certs {
+        #[command(flatten)]
+        out: AgentOutput,
     },
     /// Enroll a pod: its next connections go through the agent.
     Enroll {
@@ -96,12 +137,16 @@ pub enum Command {
         /// that of a process in the cgroup.
         #[arg(long)]
         netns: Option<PathBuf>,
+        #[command(flatten)]
+        out: AgentOutput,
     },
     /// Stop redirecting a pod's connections.
     Unenroll {
         pod: String,
         #[arg(short = 'n', long, default_value = DEFAULT_NAMESPACE)]
         namespace: String,
+        #[command(flatten)]
+        out: AgentOutput,
     },
     /// Create or update resources from YAML; all documents are applied or none.
     Apply {
@@ -171,42 +216,78 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(control(&args))?,
-        Command::Status => {
-            let status = AdminClient::new(&args.admin).status()?;
-            if args.json {
-                serde_json::to_string(&status)?
-            } else {
-                render_status(&status)
-            }
+        _ => agent(&args)?,
+    };
+    if !out.is_empty() {
+        println!("{out}");
+    }
+    Ok(())
+}
+
+/// The answer as JSON, or as `render` puts it.
+fn print<T: serde::Serialize>(
+    args: &Args,
+    out: &AgentOutput,
+    answer: &T,
+    render: impl FnOnce(&T) -> String,
+) -> anyhow::Result<String> {
+    if args.json || out.output == Format::Json {
+        Ok(serde_json::to_string_pretty(answer)?)
+    } else {
+        Ok(render(answer))
+    }
+}
+
+/// Runs a node-agent command; the result is what to print.
+fn agent(args: &Args) -> anyhow::Result<String> {
+    let client = AdminClient::new(&args.admin);
+    let now = now_unix_ms();
+    match &args.command {
+        Command::Status { out } => {
+            let status = client.status().map_err(node::explain)?;
+            print(args, out, &status, |s| node::status(s, now))
         }
-        Command::Connections { limit } => {
-            let mut rows = AdminClient::new(&args.admin).connections()?;
+        Command::Connections { limit, out } => {
+            let mut rows = client.connections().map_err(node::explain)?;
             rows.truncate(*limit);
-            if args.json {
-                serde_json::to_string(&rows)?
-            } else {
-                render_connections(&rows)
-            }
+            print(args, out, &rows, |r| node::connections(r))
+        }
+        Command::Config { out } => {
+            let config = client.config().map_err(node::explain)?;
+            print(args, out, &config, |c| node::config(c, now))
+        }
+        Command::Bpf { out } => {
+            let bpf = client.bpf().map_err(node::explain)?;
+            print(args, out, &bpf, node::bpf)
+        }
+        Command::Certs { out } => {
+            let identity = client.status().map_err(node::explain)?.identity;
+            print(args, out, &identity, |i| {
+                node::certs(i.as_ref(), now / 1000)
+            })
         }
         Command::Enroll {
             pod,
             namespace,
             cgroup,
             netns,
-        } => serde_json::to_string(&AdminClient::new(&args.admin).enroll(
-            namespace,
-            pod,
-            cgroup,
-            netns.as_deref(),
-        )?)?,
-        Command::Unenroll { pod, namespace } => {
-            serde_json::to_string(&AdminClient::new(&args.admin).unenroll(namespace, pod)?)?
+            out,
+        } => {
+            let pod = client
+                .enroll(namespace, pod, cgroup, netns.as_deref())
+                .map_err(node::explain)?;
+            print(args, out, &pod, |p| node::pod(p, "enrolled"))
         }
-    };
-    if !out.is_empty() {
-        println!("{out}");
+        Command::Unenroll {
+            pod,
+            namespace,
+            out,
+        } => {
+            let pod = client.unenroll(namespace, pod).map_err(node::explain)?;
+            print(args, out, &pod, |p| node::pod(p, "unenrolled"))
+        }
+        _ => unreachable!("control server commands don't use the agent"),
     }
-    Ok(())
 }
 
 /// `meshctl sign`: one signing request, with a fresh key that is thrown away.
@@ -445,11 +526,8 @@ async fn control(args: &Args) -> anyhow::Result<String> {
                 rows,
             ))
         }
-        Command::Status
-        | Command::Connections { .. }
-        | Command::Enroll { .. }
-        | Command::Unenroll { .. } => unreachable!("agent commands don't use the control server"),
         Command::Sign { .. } => unreachable!("handled above"),
+        _ => unreachable!("agent commands don't use the control server"),
     }
 }
 
@@ -617,16 +695,7 @@ fn render_documents(
                         .map(|d| {
                             vec![
                                 text(&d["metadata"]["name"]),
-                                joined(&d["spec"]["parentRefs"], |p| {
-                                    let name = match &p["namespace"] {
-                                        Value::Null => text(&p["name"]),
-                                        ns => format!("{}/{}", text(ns), text(&p["name"])),
-                                    };
-                                    match &p["port"] {
-                                        Value::Null => name,
-                                        port => format!("{name}:{port}"),
-                                    }
-                                }),
+                                route_parents(&d["spec"]),
                                 d["spec"]["rules"]
                                     .as_array()
                                     .map_or(0, Vec::len)
@@ -688,6 +757,20 @@ fn joined(items: &Value, item: impl Fn(&Value) -> String) -> String {
     }
 }
 
+/// A route's `parentRefs`: `echo`, `other/echo:80`.
+pub(crate) fn route_parents(spec: &Value) -> String {
+    joined(&spec["parentRefs"], |p| {
+        let name = match &p["namespace"] {
+            Value::Null => text(&p["name"]),
+            ns => format!("{}/{}", text(ns), text(&p["name"])),
+        };
+        match &p["port"] {
+            Value::Null => name,
+            port => format!("{name}:{port}"),
+        }
+    })
+}
+
 fn workload_row(d: &Value) -> Vec<String> {
     let spec = &d["spec"];
     vec![
@@ -731,7 +814,7 @@ fn service_row(d: &Value) -> Vec<String> {
     ]
 }
 
-fn traffic_policy_row(d: &Value) -> Vec<String> {
+pub(crate) fn traffic_policy_row(d: &Value) -> Vec<String> {
     let spec = &d["spec"];
     let target = &spec["targetRef"];
     let target = match &target["port"] {
@@ -784,7 +867,7 @@ fn traffic_policy_summary(spec: &Value) -> String {
 /// SELECTOR is `app=web,tier=x`; without one, `*` (every workload of the
 /// namespace), or `(mesh)` in the root namespace (every workload of the
 /// mesh).
-fn authorization_policy_row(d: &Value) -> Vec<String> {
+pub(crate) fn authorization_policy_row(d: &Value) -> Vec<String> {
     let spec = &d["spec"];
     let labels: Vec<String> = spec["selector"]["matchLabels"]
         .as_object()
@@ -808,7 +891,7 @@ fn authorization_policy_row(d: &Value) -> Vec<String> {
 }
 
 /// Left-aligned columns, as wide as their widest cell.
-fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -831,78 +914,41 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
         .join("\n")
 }
 
-fn render_status(s: &admin::Status) -> String {
-    let mut out = format!(
-        "node {}  up {}s  open connections {}\n\nenrolled pods:\n",
-        s.node, s.uptime_secs, s.open_connections
-    );
-    for p in &s.enrolled {
-        out += &format!("  {:<24} cgroup {}\n", p.name, p.cgroup_id);
-    }
-    out += "\nkernel decisions:\n";
-    for (k, n) in &s.decisions {
-        out += &format!("  {k:<22} {n}\n");
-    }
-    if let Some(identity) = &s.identity {
-        out += &format!(
-            "\ncertificates (trust domain {}, trust bundle {}):\n",
-            identity.trust_domain,
-            if identity.trust_bundle {
-                "received"
-            } else {
-                "missing"
-            }
-        );
-        let now = now_unix_ms() / 1000;
-        let line = |c: &CertStatus| {
-            let expires = c.not_after_unix.map_or_else(
-                || "none held".to_owned(),
-                |t| format!("expires in {}s", t.saturating_sub(now)),
-            );
-            let error = c
-                .last_error
-                .as_deref()
-                .map(|e| format!("  last error ({} failures): {e}", c.failures))
-                .unwrap_or_default();
-            format!("  {:<60} {expires}{error}\n", c.identity)
-        };
-        out += &line(&identity.node);
-        for c in &identity.certificates {
-            out += &line(c);
-        }
-    }
-    out
-}
-
-fn render_connections(rows: &[ConnectionView]) -> String {
-    let mut out = format!(
-        "{:<6} {:<8} {:<20} {:<22} {:<22} {:>12} {:>12} {:>8}\n",
-        "ID", "STATE", "SOURCE POD", "PEER", "ORIGINAL DST", "SENT", "RECEIVED", "MS"
-    );
-    for c in rows {
-        let state = match c.state {
-            ConnectionState::Open => "open",
-            ConnectionState::Closed => "closed",
-            ConnectionState::Failed => "failed",
-        };
-        out += &format!(
-            "{:<6} {:<8} {:<20} {:<22} {:<22} {:>12} {:>12} {:>8}\n",
-            c.id,
-            state,
-            c.src_pod.as_deref().unwrap_or("-"),
-            c.peer.to_string(),
-            c.orig_dst.to_string(),
-            c.bytes_sent,
-            c.bytes_received,
-            c.duration_ms,
-        );
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_agent_command_takes_dash_o_json_and_json_stays_an_alias() {
+        Args::command().debug_assert();
+        for cmd in ["status", "connections", "config", "bpf", "certs"] {
+            let args = Args::try_parse_from(["meshctl", cmd, "-o", "json"]).unwrap();
+            let out = match args.command {
+                Command::Status { out }
+                | Command::Connections { out, .. }
+                | Command::Config { out }
+                | Command::Bpf { out }
+                | Command::Certs { out } => out,
+                other => panic!("{cmd}: {other:?}"),
+            };
+            assert_eq!(out.output, Format::Json, "{cmd}");
+            let args = Args::try_parse_from(["meshctl", "--json", cmd]).unwrap();
+            assert!(args.json, "{cmd}");
+            let args = Args::try_parse_from(["meshctl", cmd, "--output", "table"]).unwrap();
+            assert!(!args.json, "{cmd}");
+        }
+        // `get` keeps its own -o (yaml or json).
+        let args = Args::try_parse_from(["meshctl", "get", "wl", "-o", "yaml"]).unwrap();
+        assert!(matches!(
+            args.command,
+            Command::Get {
+                output: Some(Output::Yaml),
+                ..
+            }
+        ));
+        assert!(Args::try_parse_from(["meshctl", "bpf", "-o", "yaml"]).is_err());
+    }
 
     #[test]
     fn a_traffic_policy_row_names_its_target_and_what_it_sets() {

@@ -1,5 +1,6 @@
 //! `meshctl`: the operator CLI.
 mod cli;
+mod node;
 
 use clap::Parser;
 

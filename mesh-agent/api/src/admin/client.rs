@@ -13,8 +13,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use super::{
-    ConfigView, ConnectionView, EnrollRequest, EnrolledPod, ErrorBody, Status, UnenrollRequest,
-    paths,
+    BpfView, ConfigView, ConnectionView, EnrollRequest, EnrolledPod, ErrorBody, Status,
+    UnenrollRequest, paths,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -109,6 +109,10 @@ impl AdminClient {
 
     pub fn config(&self) -> Result<ConfigView, AdminError> {
         self.typed("GET", paths::CONFIG, None::<&()>)
+    }
+
+    pub fn bpf(&self) -> Result<BpfView, AdminError> {
+        self.typed("GET", paths::BPF, None::<&()>)
     }
 
     pub fn connections(&self) -> Result<Vec<ConnectionView>, AdminError> {
