@@ -94,17 +94,53 @@ pub fn readiness(state: &State) -> Result<(), Vec<String>> {
 
 type Body = Full<Bytes>;
 
+/// `GET /tap?<filter>`: the live stream of `meshctl tap`, one JSON
+/// [`mesh_api::tap::TapEvent`] per line, until the client leaves.
+pub const TAP_PATH: &str = "/tap";
+
+fn tap(
+    req: &Request<Incoming>,
+    state: &State,
+) -> Response<http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>> {
+    match mesh_api::tap::TapFilter::from_query(req.uri().query().unwrap_or_default()) {
+        Ok(filter) => Response::builder()
+            .header("content-type", "application/x-ndjson")
+            .body(
+                state
+                    .metrics
+                    .tap
+                    .subscribe(filter)
+                    .into_body()
+                    .boxed_unsync(),
+            )
+            .expect("static response"),
+        Err(e) => Response::builder()
+            .status(StatusCode::BAD_REQUEST)
+            .header("content-type", "application/json")
+            .body(
+                Full::new(Bytes::from(
+                    serde_json::to_vec(&mesh_api::admin::ErrorBody { error: e })
+                        .unwrap_or_default(),
+                ))
+                .boxed_unsync(),
+            )
+            .expect("static response"),
+    }
+}
+
 /// Connections served at once: the admin socket (meshctl, the cluster
 /// tooling) and the telemetry port (scrapers, probes).
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 const MAX_TELEMETRY_CONNECTIONS: usize = 256;
 
 /// One HTTP/1.1 connection answered by `handle`.
-async fn serve_http1<I, F, Fut>(io: I, handle: F)
+async fn serve_http1<I, F, Fut, B>(io: I, handle: F)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+    Fut: std::future::Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let svc = service_fn(move |req| {
         let answer = handle(req);
@@ -129,7 +165,13 @@ pub async fn serve_admin(listener: UnixListener, state: Arc<State>) {
             let state = state.clone();
             serve_http1(stream, move |req| {
                 let state = state.clone();
-                async move { admin(req, &state).await }
+                async move {
+                    // The live tap streams; every other answer is whole.
+                    if req.method() == Method::GET && req.uri().path() == TAP_PATH {
+                        return tap(&req, &state);
+                    }
+                    admin(req, &state).await.map(BodyExt::boxed_unsync)
+                }
             })
         },
     )

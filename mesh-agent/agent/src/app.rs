@@ -116,6 +116,10 @@ pub struct Args {
     /// possible, the probe port.
     #[arg(long = "allow-probes-from", value_parser = parse_probe_source)]
     pub allow_probes_from: Vec<(Ipv4Addr, u16)>,
+    /// Where JSON access log lines go (`-`: stdout), for the Services whose
+    /// TrafficPolicy sets `accessLog`; without it nothing is logged.
+    #[arg(long)]
+    pub access_log: Option<PathBuf>,
 }
 
 /// `IP` or `IP:PORT` (port 0 for any).
@@ -195,7 +199,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
-    let connections = Arc::new(ConnectionTable::new(1024));
+    if let Some(path) = &args.access_log {
+        metrics
+            .access_log
+            .start(path.clone())
+            .with_context(|| format!("opening the access log {}", path.display()))?;
+    }
+    let connections = Arc::new(ConnectionTable::new(1024, &metrics));
 
     let ctx = StateContext {
         node: args.node.clone(),

@@ -120,6 +120,18 @@ pub struct Decision {
     pub audited: Vec<(String, usize)>,
 }
 
+impl Decision {
+    /// `allow` or `deny`, with the deciding policy and rule when one did.
+    pub fn describe(&self) -> String {
+        let verb = if self.allowed { "allow" } else { "deny" };
+        match &self.by {
+            Some((policy, rule)) => format!("{verb} ({policy} rule {rule})"),
+            None if self.allowed => verb.to_owned(),
+            None => format!("{verb} (no ALLOW policy matches)"),
+        }
+    }
+}
+
 fn patterns(list: &[String]) -> Result<Vec<Pattern>, String> {
     list.iter().map(|s| Pattern::parse(s)).collect()
 }

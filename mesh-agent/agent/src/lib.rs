@@ -9,9 +9,12 @@
 //! - [`authz`]: the AuthorizationPolicies, compiled, and the verdict on a
 //!   connection or request;
 //! - [`certs`]: the workload and node certificates the tunnel presents;
-//! - [`telemetry`]: metrics and the connection table;
+//! - [`telemetry`]: metrics and the connection table; [`tap`]: the live
+//!   stream of requests and connections for `meshctl tap`; [`access_log`]:
+//!   JSON lines of the Services that ask for them;
 //! - [`admin`]: the admin API for `meshctl`, `/metrics` and readiness;
 //! - [`app`]: the wiring of `mesh-agent`.
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod authz;
@@ -19,4 +22,5 @@ pub mod certs;
 pub mod proxy;
 pub mod redirect;
 pub mod state;
+pub mod tap;
 pub mod telemetry;

@@ -226,6 +226,10 @@ pub struct Metrics {
     pub inbound_plaintext: Family<PlaintextLabels, Counter>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub authz: Family<AuthzLabels, Counter>,
+    /// The live stream of `meshctl tap`; its drops are counted here.
+    pub tap: Arc<crate::tap::Tap>,
+    /// `--access-log`, for the Services whose TrafficPolicy asks.
+    pub access_log: Arc<crate::access_log::AccessLog>,
 }
 
 impl Metrics {
@@ -285,6 +289,26 @@ impl Metrics {
             "resilience_decisions",
             "Decisions of the Services' traffic policies (retries, budgets, circuit breakers, outlier ejections, faults, rate limits), by destination Service and reason",
             self.decisions.clone(),
+        );
+        r.register(
+            "access_log_lines",
+            "Access log lines written (queued for the writer)",
+            self.access_log.written.clone(),
+        );
+        r.register(
+            "access_log_dropped_lines",
+            "Access log lines dropped because the writer fell behind",
+            self.access_log.dropped.clone(),
+        );
+        r.register(
+            "tap_tappers",
+            "Live taps (meshctl tap) connected now",
+            self.tap.tappers.clone(),
+        );
+        r.register(
+            "tap_dropped_events",
+            "Events of the live tap (meshctl tap) that a tapper fell too far behind to receive",
+            self.tap.dropped.clone(),
         );
         r.register(
             "redirect_decisions",
@@ -391,6 +415,9 @@ pub struct ConnectionTable {
     next_id: AtomicU64,
     inner: Mutex<TableInner>,
     capacity: usize,
+    /// Closed connections are tapped, and logged when sampled.
+    tap: Arc<crate::tap::Tap>,
+    access_log: Arc<crate::access_log::AccessLog>,
 }
 
 #[derive(Default)]
@@ -400,11 +427,13 @@ struct TableInner {
 }
 
 impl ConnectionTable {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, metrics: &Metrics) -> Self {
         Self {
             next_id: AtomicU64::new(1),
             inner: Mutex::default(),
             capacity,
+            tap: metrics.tap.clone(),
+            access_log: metrics.access_log.clone(),
         }
     }
 
@@ -432,6 +461,7 @@ impl ConnectionTable {
             table: self.clone(),
             live,
             error: None,
+            log: false,
         }
     }
 
@@ -457,6 +487,8 @@ pub struct Tracked {
     table: Arc<ConnectionTable>,
     pub live: Arc<Live>,
     pub error: Option<String>,
+    /// Access-logged when it closes.
+    pub log: bool,
 }
 
 impl Tracked {
@@ -473,6 +505,16 @@ impl Drop for Tracked {
             ConnectionState::Closed
         };
         let view = self.live.view(state, self.error.take());
+        let event = || {
+            mesh_api::tap::TapEvent::Connection(mesh_api::tap::ConnectionEvent {
+                direction: mesh_api::tap::Direction::Outbound,
+                connection: view.clone(),
+            })
+        };
+        self.table.tap.publish(event);
+        if self.log {
+            self.table.access_log.write(&event());
+        }
         let mut inner = self.table.lock();
         inner.open.remove(&self.live.id);
         if inner.closed.len() == self.table.capacity {

@@ -13,6 +13,7 @@
 //! - [`client`]: how agents and `meshctl` reach the control server;
 //! - [`authz`]: our AuthorizationPolicy (Istio's meaning) and its checks;
 //! - [`admin`]: the node agent's admin API (types and a blocking client);
+//!   [`tap`]: the live stream `meshctl tap` reads from it;
 //! - [`serve`]: the accept loop every listener runs; [`logging`].
 pub mod admin;
 pub mod authz;
@@ -29,4 +30,5 @@ pub mod names;
 pub mod pb;
 #[cfg(feature = "grpc")]
 pub mod serve;
+pub mod tap;
 pub mod traffic;

@@ -42,6 +42,20 @@ pub struct TrafficPolicySpec {
     pub fault: Option<Fault>,
     #[serde(default)]
     pub rate_limit: Option<RateLimits>,
+    /// JSON access logs of the Service's requests and connections, written
+    /// by the caller's agent to its `--access-log`; absent: none.
+    #[serde(default)]
+    pub access_log: Option<AccessLog>,
+}
+
+/// Istio Telemetry's access logging, per Service.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessLog {
+    /// Share of requests and connections logged, 0..=100 (Istio's
+    /// `randomSamplingPercentage`). Default 100.
+    #[serde(default)]
+    pub sampling: Option<f64>,
 }
 
 /// The Service a policy applies to, in the policy's own namespace (Gateway
@@ -616,6 +630,11 @@ impl TrafficPolicySpec {
                 }
                 percentage("spec.fault.abort.percentage", a.percentage)?;
             }
+        }
+        if let Some(log) = &self.access_log
+            && let Some(p) = log.sampling
+        {
+            percentage("spec.accessLog.sampling", p)?;
         }
         if let Some(rl) = &self.rate_limit {
             for (dir, l) in [("inbound", &rl.inbound), ("outbound", &rl.outbound)] {

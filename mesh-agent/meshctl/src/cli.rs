@@ -125,6 +125,34 @@ pub enum Command {
         #[command(flatten)]
         out: AgentOutput,
     },
+    /// A live stream of the requests and connections the agent carries,
+    /// with source and destination identity, route, status, latency, flags
+    /// and policy verdict; filtered by the agent. Runs until interrupted.
+    Tap {
+        /// A pod (`name` or `namespace/name`): the source or the destination.
+        #[arg(long)]
+        pod: Option<String>,
+        /// The namespace of the source or destination.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// A Service (`name` or `namespace/name`).
+        #[arg(long)]
+        service: Option<String>,
+        /// A path prefix (requests only).
+        #[arg(long)]
+        path: Option<String>,
+        /// A response code (requests only).
+        #[arg(long)]
+        status: Option<u16>,
+        /// A SPIFFE ID: the source or the destination.
+        #[arg(long)]
+        identity: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        #[command(flatten)]
+        out: AgentOutput,
+    },
     /// Enroll a pod: its next connections go through the agent.
     Enroll {
         pod: String,
@@ -207,6 +235,28 @@ pub enum Command {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Command::Tap {
+        pod,
+        namespace,
+        service,
+        path,
+        status,
+        identity,
+        count,
+        out,
+    } = &args.command
+    {
+        let filter = mesh_api::tap::TapFilter {
+            pod: pod.clone(),
+            namespace: namespace.clone(),
+            service: service.clone(),
+            path: path.clone(),
+            status: *status,
+            identity: identity.clone(),
+        };
+        let json = args.json || out.output == Format::Json;
+        return crate::tap::run(&args.admin, &filter, json, *count, &mut std::io::stdout());
+    }
     let out = match &args.command {
         Command::Apply { .. }
         | Command::Get { .. }

@@ -1,6 +1,7 @@
 //! `meshctl`: the operator CLI.
 mod cli;
 mod node;
+mod tap;
 
 use clap::Parser;
 

@@ -137,20 +137,28 @@ enum Route {
     /// select (99 DENY that do not match, one ALLOW that does).
     #[serde(rename = "mesh+authz")]
     MeshAuthz,
+    /// As `mesh`, with one live tap (`meshctl tap -o json`, unfiltered)
+    /// reading every event of each agent.
+    #[serde(rename = "mesh+tap")]
+    MeshTap,
     Nginx,
 }
 
 impl Route {
-    const ALL: [Route; 5] = [
+    const ALL: [Route; 6] = [
         Route::Direct,
         Route::Mesh,
         Route::MeshPolicy,
         Route::MeshAuthz,
+        Route::MeshTap,
         Route::Nginx,
     ];
 
     fn is_mesh(self) -> bool {
-        matches!(self, Route::Mesh | Route::MeshPolicy | Route::MeshAuthz)
+        matches!(
+            self,
+            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz | Route::MeshTap
+        )
     }
 
     /// The pod that answers this route.
@@ -163,7 +171,7 @@ impl Route {
 
     fn client(self) -> &'static str {
         match self {
-            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz => MESH_CLIENT,
+            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz | Route::MeshTap => MESH_CLIENT,
             Route::Direct | Route::Nginx => DIRECT_CLIENT,
         }
     }
@@ -176,6 +184,7 @@ impl fmt::Display for Route {
             Route::Mesh => "mesh",
             Route::MeshPolicy => "mesh+policy",
             Route::MeshAuthz => "mesh+authz",
+            Route::MeshTap => "mesh+tap",
             Route::Nginx => "nginx",
         })
     }
@@ -409,8 +418,12 @@ impl Bench<'_> {
         let gateway = self.cluster.gateway_ip(CLIENT_NODE);
         match (route, proto) {
             (Route::Direct, _) => format!("http://{upstream}:{ECHO_PORT}{PATH}"),
-            (Route::Mesh, Proto::Http1) => format!("http://{H1_VIP}:{SERVICE_PORT}{PATH}"),
-            (Route::Mesh, Proto::H2c) => format!("http://{H2C_VIP}:{SERVICE_PORT}{PATH}"),
+            (Route::Mesh | Route::MeshTap, Proto::Http1) => {
+                format!("http://{H1_VIP}:{SERVICE_PORT}{PATH}")
+            }
+            (Route::Mesh | Route::MeshTap, Proto::H2c) => {
+                format!("http://{H2C_VIP}:{SERVICE_PORT}{PATH}")
+            }
             (Route::MeshPolicy, Proto::Http1) => {
                 format!("http://{H1_POLICY_VIP}:{SERVICE_PORT}{PATH}")
             }
@@ -469,7 +482,7 @@ impl Bench<'_> {
         let expected = match route {
             Route::Direct => proto.echo_version(),
             Route::Nginx => "HTTP/1.1",
-            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz => {
+            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz | Route::MeshTap => {
                 eprintln!(
                     "xtask: {proto} through the mesh reaches {UPSTREAM} as {}",
                     echo["version"]
@@ -537,20 +550,31 @@ impl Bench<'_> {
     ) -> Result<(LoadRun, Vec<ProxyCost>)> {
         let proxies: Vec<(String, u32)> = match route {
             Route::Direct => Vec::new(),
-            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz => [CLIENT_NODE, UPSTREAM_NODE]
-                .into_iter()
-                .map(|node| {
-                    let pid = self
-                        .cluster
-                        .agent_pid(node)
-                        .with_context(|| format!("the agent of {node} is not running"))?;
-                    Ok((format!("{node} agent"), pid))
-                })
-                .collect::<Result<_>>()?,
+            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz | Route::MeshTap => {
+                [CLIENT_NODE, UPSTREAM_NODE]
+                    .into_iter()
+                    .map(|node| {
+                        let pid = self
+                            .cluster
+                            .agent_pid(node)
+                            .with_context(|| format!("the agent of {node} is not running"))?;
+                        Ok((format!("{node} agent"), pid))
+                    })
+                    .collect::<Result<_>>()?
+            }
             Route::Nginx => match nginx {
                 Ok(nginx) => vec![("nginx".to_string(), nginx.pid())],
                 Err(err) => bail!("{err:#}"),
             },
+        };
+        // One live tap per agent for the mesh+tap rows, for the whole run.
+        let _tappers = if route == Route::MeshTap {
+            [CLIENT_NODE, UPSTREAM_NODE]
+                .into_iter()
+                .map(|node| Tapper::start(self.cluster, node))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
         };
         let before = proxies
             .iter()
@@ -949,6 +973,14 @@ fn aims(rows: &[Row]) -> Vec<Aim> {
     );
     aims.push(
         Aim::at_most(
+            "one live tap per agent adds <= 5% agent CPU per HTTP/1.1 request (mesh+tap / mesh - 1, saturation)".into(),
+            (cpu(Route::MeshTap) / cpu(Route::Mesh) - 1.0) * 100.0,
+            5.0,
+        )
+        .in_unit("%"),
+    );
+    aims.push(
+        Aim::at_most(
             "a default TrafficPolicy adds <= 2 us agent CPU per HTTP/1.1 request (mesh+policy - mesh, saturation)".into(),
             cpu(Route::MeshPolicy) - cpu(Route::Mesh),
             2.0,
@@ -1047,6 +1079,51 @@ fn print_report(report: &Report) {
             )
         };
         println!("  {verdict:<7} {}: {figure}", aim.aim);
+    }
+}
+
+/// `meshctl tap -o json` on a node's admin socket, reading every event into
+/// nothing; killed on drop.
+struct Tapper(std::process::Child);
+
+impl Tapper {
+    fn start(cluster: &Cluster, node: &str) -> Result<Tapper> {
+        let socket = &cluster.node(node).admin_socket;
+        let child = Command::new(cluster::default_meshctl_bin())
+            .arg("--admin")
+            .arg(socket)
+            .args(["tap", "-o", "json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting meshctl tap")?;
+        // Subscribed once the agent counts it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = cluster
+                .node_command(node, "curl")
+                .args(["-sf", "http://127.0.0.1:15020/metrics"])
+                .stdin(Stdio::null())
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            if text.lines().any(|l| l.trim() == "mesh_agent_tap_tappers 1") {
+                return Ok(Tapper(child));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "meshctl tap on {node} never subscribed"
+            );
+            thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Tapper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -100,6 +100,7 @@ impl Outbound {
             let state = self.state.borrow();
             match state.services.lookup(recorded.orig_dst) {
                 Lookup::Service(b) => {
+                    tracked.log = self.metrics.access_log.sample(b.policy.access_log);
                     let limit = b.policy.limits.max_connections;
                     match b.attached.runtime.connections.try_hold(limit) {
                         Some(h) => Some(h),

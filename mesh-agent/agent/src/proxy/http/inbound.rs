@@ -25,11 +25,32 @@ use crate::{
 };
 
 pub async fn forward(
+    req: Request<Incoming>,
+    state: &State,
+    upstreams: &Upstreams,
+    metrics: &Metrics,
+    source: &SpiffeId,
+) -> Response<Body> {
+    let tapped = metrics.tap.active().then(|| {
+        let target = req
+            .headers()
+            .get(TARGET_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse::<SocketAddrV4>().ok());
+        let source_ip = crate::authz::claimed_source(req.headers(), state, source);
+        Tapped::start(&req, state, target, Some(source), source_ip)
+    });
+    let mut verdict = None;
+    let resp = forward_judged(req, state, upstreams, metrics, source, &mut verdict).await;
+    Tapped::finish(tapped, metrics, resp, verdict)
+}
+
+async fn forward_judged(
     mut req: Request<Incoming>,
     state: &State,
     upstreams: &Upstreams,
     metrics: &Metrics,
     source: &SpiffeId,
+    verdict: &mut Option<String>,
 ) -> Response<Body> {
     let grpc = is_grpc(req.headers());
     let target = req
@@ -52,7 +73,15 @@ pub async fn forward(
     }
     let source_ip = crate::authz::claimed_source(req.headers(), state, source);
     req.headers_mut().remove(SOURCE_HEADER);
-    if !authorized(&req, state, metrics, target, Some(source), source_ip) {
+    if !authorized(
+        &req,
+        state,
+        metrics,
+        target,
+        Some(source),
+        source_ip,
+        verdict,
+    ) {
         metrics.inbound_stream(InboundResult::Denied);
         return local_reply(Flag::Denied, grpc, "denied by authorization policy");
     }
@@ -96,13 +125,19 @@ pub async fn plaintext(
     source_ip: Ipv4Addr,
     wire: Wire,
 ) -> Response<Body> {
-    let grpc = is_grpc(req.headers());
     // The mesh's own headers mean something only between agents.
     for name in [TARGET_HEADER, SOURCE_HEADER, SERVICE_HEADER, H1_HEADER] {
         req.headers_mut().remove(name);
     }
-    if !authorized(&req, state, metrics, target, None, source_ip) {
-        return local_reply(Flag::Denied, grpc, "denied by authorization policy");
+    let tapped = metrics
+        .tap
+        .active()
+        .then(|| Tapped::start(&req, state, Some(target), None, source_ip));
+    let grpc = is_grpc(req.headers());
+    let mut verdict = None;
+    if !authorized(&req, state, metrics, target, None, source_ip, &mut verdict) {
+        let resp = local_reply(Flag::Denied, grpc, "denied by authorization policy");
+        return Tapped::finish(tapped, metrics, resp, verdict);
     }
     match wire {
         Wire::Http1 => {
@@ -114,7 +149,75 @@ pub async fn plaintext(
         }
         Wire::Http2 => respond::to_h2(&mut req),
     }
-    send(upstreams, metrics, target, wire, req, grpc).await
+    let resp = send(upstreams, metrics, target, wire, req, grpc).await;
+    Tapped::finish(tapped, metrics, resp, verdict)
+}
+
+/// An inbound request as a tapper sees it, from its arrival.
+struct Tapped {
+    event: mesh_api::tap::RequestEvent,
+    start: std::time::Instant,
+}
+
+impl Tapped {
+    fn start(
+        req: &Request<Incoming>,
+        state: &State,
+        target: Option<SocketAddrV4>,
+        source: Option<&SpiffeId>,
+        source_ip: Ipv4Addr,
+    ) -> Tapped {
+        let name = |w: &crate::state::Workload| format!("{}/{}", w.namespace, w.name);
+        let mut event = crate::tap::request_event(
+            req,
+            mesh_api::tap::Direction::Inbound,
+            state.workload_by_ip(source_ip).map(name),
+            source.map(ToString::to_string),
+            None,
+        );
+        event.source_ip = (!source_ip.is_unspecified()).then_some(source_ip);
+        if let Some(t) = target {
+            event.upstream = Some(std::net::SocketAddr::V4(t));
+            if let Some(w) = state.workload_by_ip(*t.ip()) {
+                event.destination_workload = Some(name(w));
+                event.destination_identity = w.identity.as_ref().map(ToString::to_string);
+            }
+        }
+        Tapped {
+            event,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// Publishes the event with the answer's fields; returns the answer.
+    fn finish(
+        tapped: Option<Tapped>,
+        metrics: &Metrics,
+        resp: Response<Body>,
+        verdict: Option<String>,
+    ) -> Response<Body> {
+        if let Some(Tapped { mut event, start }) = tapped {
+            event.duration_ms = start.elapsed().as_secs_f64() * 1000.0;
+            event.code = resp.status().as_u16();
+            event.grpc_status = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            event.flags = resp
+                .headers()
+                .get(super::FLAGS_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            event.response_bytes = crate::tap::content_length(resp.headers());
+            event.verdict = verdict;
+            metrics
+                .tap
+                .publish(|| mesh_api::tap::TapEvent::Request(event));
+        }
+        resp
+    }
 }
 
 /// Judges one request by the policies of the workload at `target` (logged
@@ -126,6 +229,7 @@ fn authorized(
     target: SocketAddrV4,
     source: Option<&SpiffeId>,
     source_ip: Ipv4Addr,
+    verdict: &mut Option<String>,
 ) -> bool {
     let host = req
         .uri()
@@ -137,7 +241,7 @@ fn authorized(
                 .and_then(|h| h.to_str().ok())
         })
         .unwrap_or_default();
-    crate::authz::judge(
+    let d = crate::authz::judge(
         state,
         metrics,
         target,
@@ -149,8 +253,11 @@ fn authorized(
             host,
             headers: req.headers(),
         }),
-    )
-    .allowed
+    );
+    if metrics.tap.active() {
+        *verdict = Some(d.describe());
+    }
+    d.allowed
 }
 
 async fn send(

@@ -130,6 +130,8 @@ pub struct Policy {
     pub fault: Option<Fault>,
     pub rate_inbound: Option<ratelimit::Config>,
     pub rate_outbound: Option<ratelimit::Config>,
+    /// Share of requests and connections access-logged, 0..=1; 0: none.
+    pub access_log: f64,
 }
 
 impl Policy {
@@ -150,6 +152,7 @@ impl Policy {
             fault: None,
             rate_inbound: None,
             rate_outbound: None,
+            access_log: 0.0,
         }
     }
 
@@ -268,6 +271,10 @@ impl Policy {
             fault,
             rate_inbound: rate(&rl.inbound)?,
             rate_outbound: rate(&rl.outbound)?,
+            access_log: spec
+                .access_log
+                .as_ref()
+                .map_or(0.0, |l| l.sampling.unwrap_or(100.0) / 100.0),
         })
     }
 }

@@ -94,6 +94,8 @@ impl SendError {
 struct Outcome {
     route: String,
     flags: Flags,
+    /// The endpoint of the last try, if one was tried.
+    upstream: Option<SocketAddrV4>,
 }
 
 /// A routed request's destination and limits, for [`HttpProxy::dispatch`].
@@ -286,7 +288,20 @@ impl HttpProxy {
     async fn handle(&self, req: Request<Incoming>, c: &Client) -> Response<Body> {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
+        let log = self.metrics.access_log.enabled() && {
+            let state = self.state.borrow();
+            state
+                .services
+                .by_name(&c.service, c.port)
+                .is_some_and(|b| self.metrics.access_log.sample(b.policy.access_log))
+        };
+        let mut tapped = (log || self.metrics.tap.active()).then(|| self.tap_request(&req, c));
         let (mut resp, outcome) = self.route(req, c, grpc).await;
+        if let Some(ev) = tapped.as_mut()
+            && !outcome.route.is_empty()
+        {
+            ev.route = Some(outcome.route.clone());
+        }
         let flags = outcome.flags.label();
         if !outcome.flags.is_empty()
             && let Ok(v) = HeaderValue::from_str(&flags)
@@ -325,7 +340,52 @@ impl HttpProxy {
                 route: outcome.route,
             })
             .observe(start.elapsed().as_secs_f64());
+        if let Some(mut ev) = tapped {
+            ev.duration_ms = start.elapsed().as_secs_f64() * 1000.0;
+            ev.code = resp.status().as_u16();
+            ev.grpc_status = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            ev.flags = outcome.flags.label();
+            if outcome.flags.is_empty() {
+                ev.flags.clear();
+            }
+            ev.response_bytes = crate::tap::content_length(resp.headers());
+            ev.upstream = outcome.upstream.map(std::net::SocketAddr::V4);
+            if let Some(up) = outcome.upstream {
+                let state = self.state.borrow();
+                if let Some(w) = state.workload_by_ip(*up.ip()) {
+                    ev.destination_workload = Some(format!("{}/{}", w.namespace, w.name));
+                    ev.destination_identity = w.identity.as_ref().map(ToString::to_string);
+                }
+            }
+            let event = mesh_api::tap::TapEvent::Request(ev);
+            if log {
+                self.metrics.access_log.write(&event);
+            }
+            self.metrics.tap.publish(|| event);
+        }
         resp
+    }
+
+    /// What a tapper sees of a request from a pod of this node, before its
+    /// answer.
+    fn tap_request(&self, req: &Request<Incoming>, c: &Client) -> mesh_api::tap::RequestEvent {
+        let source_identity = c.src_pod.as_ref().and_then(|p| {
+            let state = self.state.borrow();
+            state
+                .local_workload(p)
+                .and_then(|w| w.identity.as_ref().map(ToString::to_string))
+        });
+        crate::tap::request_event(
+            req,
+            mesh_api::tap::Direction::Outbound,
+            c.src_pod.as_ref().map(ToString::to_string),
+            source_identity,
+            Some(c.service.clone()),
+        )
     }
 
     async fn route(
@@ -351,6 +411,7 @@ impl HttpProxy {
         let mut outcome = Outcome {
             route: String::new(),
             flags: Flags::default(),
+            upstream: None,
         };
         let reply = |flag: Flag, detail: String, mut outcome: Outcome| {
             outcome.flags.insert(flag);
@@ -441,8 +502,9 @@ impl HttpProxy {
             backend_timeout: timeouts.1,
             route_retry,
         };
-        let (mut resp, flags) = self.dispatch(&plan, parts, body, upgrade).await;
+        let (mut resp, flags, upstream) = self.dispatch(&plan, parts, body, upgrade).await;
         outcome.flags = flags;
+        outcome.upstream = upstream;
         for f in response_filters {
             if let Some(edit) = &f.response_headers {
                 edit.apply(resp.headers_mut());
@@ -461,7 +523,7 @@ impl HttpProxy {
         parts: Parts,
         body: Body,
         upgrade: Option<hyper::upgrade::OnUpgrade>,
-    ) -> (Response<Body>, Flags) {
+    ) -> (Response<Body>, Flags, Option<SocketAddrV4>) {
         let be = plan.backend;
         let policy = &*be.policy;
         let at = &be.attached;
@@ -486,6 +548,7 @@ impl HttpProxy {
             return (
                 rate_limited(plan.grpc, &be.service, wait),
                 Flag::RateLimited.into(),
+                None,
             );
         }
         if let Some(f) = &policy.fault
@@ -503,7 +566,7 @@ impl HttpProxy {
             {
                 count("fault_abort");
                 flags.insert(Flag::FaultInjected);
-                return (fault_reply(abort, plan.grpc), flags);
+                return (fault_reply(abort, plan.grpc), flags, None);
             }
         }
         let Some(_active) = at
@@ -517,7 +580,7 @@ impl HttpProxy {
                 "Service {}: {} requests in flight, the most allowed",
                 be.service, policy.limits.max_requests
             );
-            return (local_reply(Flag::Overflow, plan.grpc, &detail), flags);
+            return (local_reply(Flag::Overflow, plan.grpc, &detail), flags, None);
         };
         let retry = match (plan.route_retry, &policy.retry) {
             (Some(r), base) => Some(RetryPolicy::with_route(base.as_ref(), r)),
@@ -742,6 +805,10 @@ impl HttpProxy {
             },
             None => tries.await,
         };
+        let upstream = match &done {
+            Final::Tried(_, _, addr) => Some(*addr),
+            _ => None,
+        };
         let mut resp = match done {
             Final::Answer(resp, more) => {
                 flags = flags.union(more);
@@ -778,7 +845,7 @@ impl HttpProxy {
         if let Some(c) = set_cookie {
             resp.headers_mut().append(header::SET_COOKIE, c);
         }
-        (resp, flags)
+        (resp, flags, upstream)
     }
 
     /// Where a mirror's copy of the request goes, if it is mirrored this

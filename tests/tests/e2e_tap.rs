@@ -1,0 +1,408 @@
+//! `meshctl tap` end to end: a tapper on a node sees the requests and
+//! connections its agent carries, with the right fields, in a terminal (a
+//! pseudo terminal from `script`) and as JSON, filtered by the agent; and a
+//! known number of requests shows up as exactly that many events.
+mod support;
+
+use std::{
+    io::Read,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use support::*;
+use xtask::cluster::{Cluster, default_meshctl_bin};
+
+const WEB_VIP: &str = "198.18.230.1";
+const TCP_VIP: &str = "198.18.230.2";
+
+/// `meshctl --admin <node's socket> tap <args>` in a pseudo terminal, its
+/// output (the terminal's) collected until it exits.
+fn tap_in_pty(cluster: &Cluster, node: &str, args: &[&str]) -> Child {
+    let socket = cluster.node(node).admin_socket.clone();
+    let mut line = format!(
+        "{} --admin {} tap",
+        default_meshctl_bin().display(),
+        socket.display()
+    );
+    for a in args {
+        line += &format!(" '{a}'");
+    }
+    Command::new("script")
+        .args(["-qfec", &line, "/dev/null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("script(1) runs meshctl tap in a pty")
+}
+
+fn finish(mut child: Child) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "meshctl tap never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut out)
+        .expect("tap output");
+    assert!(
+        child.wait().expect("exit").success(),
+        "meshctl tap failed:\n{out}"
+    );
+    out.replace('\r', "")
+}
+
+/// Waits until the agent of `node` has `n` tappers, so no event is missed
+/// (one that left is noticed within the agent's 1 s heartbeat: wait for 0
+/// before starting another).
+fn wait_for_tappers(cluster: &Cluster, node: &str, n: u64) {
+    wait_for("the tapper to subscribe", Duration::from_secs(10), |last| {
+        let now = agent_metric(cluster, node, "mesh_agent_tap_tappers");
+        *last = format!("{now} tappers");
+        (now == n).then_some(())
+    });
+}
+
+fn requests(cluster: &Cluster, from: &str, paths: &[&str]) -> Value {
+    let reqs: Vec<Value> = paths
+        .iter()
+        .map(|p| {
+            json!({"method": "GET", "path": p, "headers": {
+                "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            }})
+        })
+        .collect();
+    probe(
+        python_in_pod(cluster, from),
+        &[
+            "http",
+            "--addr",
+            WEB_VIP,
+            "--requests",
+            &Value::Array(reqs).to_string(),
+        ],
+    )
+}
+
+#[test]
+fn meshctl_tap_shows_what_the_agent_carries_with_its_fields() {
+    let Some(cluster) = cluster() else { return };
+    let _servers = [echo(&cluster, "node2-pod1")];
+    let docs = [
+        cluster.workload_yaml("node1-pod1", &[]),
+        cluster.workload_yaml("node2-pod1", &[]),
+        format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: web, namespace: default}}\n\
+             spec:\n  vips: [\"{WEB_VIP}\"]\n  ports: [{{name: http, port: 80, targetPort: {ECHO}, appProtocol: http}}]\n  selector: {{app: node2-pod1}}\n"
+        ),
+        service_yaml(
+            "tcp",
+            TCP_VIP,
+            7000,
+            u32::from(ECHO_PORT),
+            &[("app", "node2-pod1")],
+        ),
+    ];
+    cluster.apply(&yaml_stream(&docs)).expect("apply");
+    wait_for("web to answer", Duration::from_secs(20), |last| {
+        let out = requests(&cluster, "node1-pod1", &["/"]);
+        *last = out.to_string();
+        (out[0]["status"] == 200).then_some(())
+    });
+
+    // In a terminal: the caller's node shows 3 outbound requests, the
+    // destination's node 3 inbound ones, each with its fields.
+    let outbound = tap_in_pty(&cluster, "node1", &["--count", "3", "--path", "/tapped"]);
+    let inbound = tap_in_pty(&cluster, "node2", &["--count", "3", "--path", "/tapped"]);
+    wait_for_tappers(&cluster, "node1", 1);
+    wait_for_tappers(&cluster, "node2", 1);
+    let answers = requests(
+        &cluster,
+        "node1-pod1",
+        &["/tapped/1", "/tapped/2", "/tapped/3"],
+    );
+    assert!(
+        answers
+            .as_array()
+            .expect("answers")
+            .iter()
+            .all(|a| a["status"] == 200),
+        "{answers}"
+    );
+    let out = finish(outbound);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "a header and three requests:\n{out}");
+    assert!(lines[0].starts_with("DIR"), "{out}");
+    for (i, line) in lines[1..].iter().enumerate() {
+        for field in [
+            "out",
+            "default/node1-pod1",
+            "default/web",
+            &format!("GET /tapped/{}", i + 1),
+            "200",
+        ] {
+            assert!(line.contains(field), "{field:?} in {line:?}\n{out}");
+        }
+        // Columns line up under the header.
+        assert_eq!(lines[0].find("STATUS"), line.find("200"), "aligned:\n{out}");
+    }
+    let out = finish(inbound);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    for line in &lines[1..] {
+        for field in ["in", "default/node1-pod1", "200", "allow"] {
+            assert!(line.contains(field), "{field:?} in {line:?}\n{out}");
+        }
+    }
+
+    // As JSON, filtered by status at the agent: a denied request is the one
+    // event, with its verdict, identities, trace id and flag.
+    let deny = "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+                metadata: {name: no-secret, namespace: default}\nspec:\n  \
+                selector: {matchLabels: {app: node2-pod1}}\n  action: DENY\n  \
+                rules: [{to: [{operation: {paths: [\"/secret\"]}}]}]\n";
+    cluster.apply(deny).expect("apply the DENY");
+    wait_for("the DENY to apply", Duration::from_secs(20), |last| {
+        let out = requests(&cluster, "node1-pod1", &["/secret"]);
+        *last = out.to_string();
+        (out[0]["status"] == 403).then_some(())
+    });
+    wait_for_tappers(&cluster, "node2", 0);
+    let json_tap = tap_in_pty(
+        &cluster,
+        "node2",
+        &["-o", "json", "--count", "1", "--status", "403"],
+    );
+    wait_for_tappers(&cluster, "node2", 1);
+    requests(&cluster, "node1-pod1", &["/fine", "/secret", "/fine"]);
+    let out = finish(json_tap);
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert_eq!(events.len(), 1, "{out}");
+    let e = &events[0];
+    assert_eq!(e["type"], "request", "{e}");
+    assert_eq!(e["direction"], "inbound");
+    assert_eq!(e["path"], "/secret");
+    assert_eq!(e["code"], 403);
+    assert_eq!(e["flags"], "AD");
+    assert_eq!(e["verdict"], "deny (default/no-secret rule 0)");
+    assert_eq!(
+        e["source_identity"],
+        "spiffe://cluster.local/ns/default/sa/node1-pod1"
+    );
+    assert_eq!(
+        e["destination_identity"],
+        "spiffe://cluster.local/ns/default/sa/node2-pod1"
+    );
+    assert_eq!(e["destination_workload"], "default/node2-pod1");
+    assert_eq!(e["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+
+    // A TCP connection shows when it closes, with its bytes. (Without the
+    // DENY: on a connection its HTTP conditions are ignored, so it would
+    // deny every connection, as Istio's would.)
+    meshctl_ok(
+        &cluster,
+        &[
+            "delete",
+            "authorizationpolicy",
+            "no-secret",
+            "-n",
+            "default",
+        ],
+    );
+    wait_for("the DENY to go", Duration::from_secs(20), |last| {
+        let out = requests(&cluster, "node1-pod1", &["/secret"]);
+        *last = out.to_string();
+        (out[0]["status"] == 200).then_some(())
+    });
+    wait_for_tappers(&cluster, "node1", 0);
+    let conn_tap = tap_in_pty(
+        &cluster,
+        "node1",
+        &["-o", "json", "--count", "1", "--service", "tcp"],
+    );
+    wait_for_tappers(&cluster, "node1", 1);
+    let reply = probe(
+        python_in_pod(&cluster, "node1-pod1"),
+        &[
+            "connect",
+            "--addr",
+            TCP_VIP,
+            "--port",
+            "7000",
+            "--payload",
+            "ping",
+        ],
+    );
+    assert_eq!(reply["reply"], "node2-pod1\nping", "{reply}");
+    let out = finish(conn_tap);
+    let e: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"));
+    assert_eq!(e["type"], "connection", "{e}");
+    assert_eq!(e["service"], "default/tcp");
+    assert_eq!(e["src_pod"], "node1-pod1");
+    assert_eq!(e["bytes_sent"], 4);
+    assert_eq!(e["bytes_received"], "node2-pod1\nping".len());
+
+    // A bad filter is refused by the agent, naming it.
+    let err = cluster
+        .admin_get("node1", "/tap?statu=500")
+        .expect_err("an unknown filter");
+    assert!(
+        format!("{err:#}").contains("unknown filter `statu`"),
+        "{err:#}"
+    );
+    // And no agent: the error names the socket.
+    let out = Command::new(default_meshctl_bin())
+        .args(["--admin", "/run/mesh/no-such.sock", "tap"])
+        .output()
+        .expect("meshctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no agent answers on /run/mesh/no-such.sock"),
+        "{err}"
+    );
+}
+
+/// The access log lines (JSON) in `node`'s agent log, of `type`.
+fn access_log(cluster: &Cluster, node: &str, kind: &str) -> Vec<Value> {
+    std::fs::read_to_string(&cluster.node(node).agent_log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["type"] == kind)
+        .collect()
+}
+
+#[test]
+fn access_logs_are_written_per_service_as_sampled() {
+    if !privileged_env_ready() {
+        return;
+    }
+    let mut spec = spec(2, 2);
+    // To stdout: each agent's own log file.
+    spec.agent_args = vec!["--access-log".into(), "-".into()];
+    let cluster = Cluster::up(&spec).expect("cluster up");
+    let _servers = [echo(&cluster, "node2-pod1")];
+    let http = |name: &str, vip: &str| {
+        format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  vips: [\"{vip}\"]\n  ports: [{{name: http, port: 80, targetPort: {ECHO}, appProtocol: http}}]\n  selector: {{app: node2-pod1}}\n"
+        )
+    };
+    let policy = |name: &str, sampling: u32| {
+        format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  targetRef: {{kind: Service, name: {name}}}\n  accessLog: {{sampling: {sampling}}}\n"
+        )
+    };
+    let docs = [
+        cluster.workload_yaml("node1-pod1", &[]),
+        cluster.workload_yaml("node2-pod1", &[]),
+        http("web", WEB_VIP),
+        http("half", "198.18.230.3"),
+        http("quiet", "198.18.230.4"),
+        service_yaml(
+            "tcp",
+            TCP_VIP,
+            7000,
+            u32::from(ECHO_PORT),
+            &[("app", "node2-pod1")],
+        ),
+        policy("web", 100),
+        policy("half", 50),
+        policy("tcp", 100),
+    ];
+    cluster.apply(&yaml_stream(&docs)).expect("apply");
+    let get = |vip: &str, n: usize| {
+        let reqs: Vec<Value> = (0..n)
+            .map(|i| json!({"method": "GET", "path": format!("/logged/{i}"), "headers": {}}))
+            .collect();
+        probe(
+            python_in_pod(&cluster, "node1-pod1"),
+            &[
+                "http",
+                "--addr",
+                vip,
+                "--requests",
+                &Value::Array(reqs).to_string(),
+            ],
+        )
+    };
+    wait_for("web to answer", Duration::from_secs(20), |last| {
+        let out = get(WEB_VIP, 1);
+        *last = out.to_string();
+        (out[0]["status"] == 200).then_some(())
+    });
+    let before = access_log(&cluster, "node1", "request").len();
+    let ok = |out: &Value| {
+        out.as_array()
+            .is_some_and(|a| a.iter().all(|r| r["status"] == 200))
+    };
+    assert!(ok(&get(WEB_VIP, 20)));
+    assert!(ok(&get("198.18.230.3", 200)));
+    assert!(ok(&get("198.18.230.4", 20)));
+    let reply = probe(
+        python_in_pod(&cluster, "node1-pod1"),
+        &[
+            "connect",
+            "--addr",
+            TCP_VIP,
+            "--port",
+            "7000",
+            "--payload",
+            "ping",
+        ],
+    );
+    assert_eq!(reply["reply"], "node2-pod1\nping");
+    let by_service = |service: &str| -> Vec<Value> {
+        access_log(&cluster, "node1", "request")
+            .into_iter()
+            .skip(before)
+            .filter(|l| l["destination_service"] == service)
+            .collect()
+    };
+    wait_for(
+        "the access log to be written",
+        Duration::from_secs(10),
+        |last| {
+            let n = by_service("default/web").len();
+            *last = format!("{n} lines for web");
+            (n == 20).then_some(())
+        },
+    );
+    // Every request of web, with the fields Envoy users look for.
+    let web = by_service("default/web");
+    for (i, line) in web.iter().enumerate() {
+        assert_eq!(line["path"], format!("/logged/{i}"), "{line}");
+        assert_eq!(line["method"], "GET");
+        assert_eq!(line["code"], 200);
+        assert_eq!(line["direction"], "outbound");
+        assert_eq!(line["source_workload"], "default/node1-pod1");
+        assert_eq!(
+            line["destination_identity"],
+            "spiffe://cluster.local/ns/default/sa/node2-pod1"
+        );
+        assert!(line["start_unix_ms"].as_u64().unwrap_or(0) > 0, "{line}");
+        assert!(line["upstream"].is_string(), "{line}");
+    }
+    // Half of half's (binomial, 200 draws: well within 60..140), none of quiet's.
+    let half = by_service("default/half").len();
+    assert!((60..=140).contains(&half), "{half} of 200 at 50%");
+    assert!(by_service("default/quiet").is_empty());
+    // And the TCP Service's connection, when it closed.
+    let conns: Vec<Value> = access_log(&cluster, "node1", "connection")
+        .into_iter()
+        .filter(|l| l["service"] == "default/tcp")
+        .collect();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    assert_eq!(conns[0]["bytes_sent"], 4);
+}
