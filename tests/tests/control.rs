@@ -79,6 +79,22 @@ impl Server {
         }
     }
 
+    /// Waits until a sample of `/metrics` reads `value`.
+    async fn wait_for_metric(&self, sample: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let now = self.metric(sample);
+            if now == Some(value) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{sample} is {now:?}, not {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Every stored document of both kinds, as JSON text.
     async fn everything(&self) -> Vec<String> {
         let mut op = self.operator().await;
@@ -282,7 +298,20 @@ async fn agents_get_every_workload_and_service_and_the_trust_bundle_then_only_ch
         .apply(&workload("echo-3", "n2", "198.18.2.11", "echo"))
         .await
         .expect("apply");
-    let change = n1.recv_and_ack().await;
+    let change = n1.recv().await;
+    assert_eq!(
+        server.metric("mesh_control_push_latency_seconds_count"),
+        Some(0.0),
+        "the first sync brings what was committed before the agent came: not a push"
+    );
+    n1.ack(&change).await;
+    server
+        .wait_for_metric("mesh_control_push_latency_seconds_count", 1.0)
+        .await;
+    let pushed = server
+        .metric("mesh_control_push_latency_seconds_sum")
+        .expect("_sum");
+    assert!(pushed > 0.0 && pushed < WAIT.as_secs_f64(), "{pushed}");
     assert_eq!(
         keys(&change),
         ["Service/default/echo", "Workload/default/echo-3"]
@@ -311,6 +340,9 @@ async fn agents_get_every_workload_and_service_and_the_trust_bundle_then_only_ch
     let removal = n1.recv_and_ack().await;
     assert_eq!(removal.removed_resources, ["Service/default/other"]);
     assert!(removal.resources.is_empty());
+    server
+        .wait_for_metric("mesh_control_push_latency_seconds_count", 2.0)
+        .await;
 
     let agents = op
         .agents(AgentsRequest {})
@@ -583,6 +615,20 @@ async fn bad_input_is_refused_by_field_and_value_and_changes_nothing() {
         );
         assert_eq!(server.everything().await, before, "after {expected}");
     }
+    let rejected = |reason: &str| {
+        server.metric(&format!(
+            "mesh_control_apply_rejected_total{{reason=\"{reason}\"}}"
+        ))
+    };
+    for (reason, count) in [
+        ("parse", Some(1.0)),
+        ("unknown_kind", Some(1.0)),
+        ("invalid", Some(2.0)),
+        ("conflict", Some(1.0)),
+        ("store", None),
+    ] {
+        assert_eq!(rejected(reason), count, "{reason}");
+    }
 
     // meshctl says the same, names the file, and exits 1.
     std::fs::write(dir.0.join("a.yaml"), &valid).expect("write");
@@ -606,6 +652,7 @@ async fn bad_input_is_refused_by_field_and_value_and_changes_nothing() {
     );
     assert!(stderr.contains("b.yaml, document 1"), "{stderr}");
     assert_eq!(server.everything().await, before);
+    assert_eq!(rejected("invalid"), Some(3.0));
 }
 
 #[tokio::test]

@@ -28,11 +28,12 @@ pub mod store;
 pub mod tls;
 
 use std::{
+    collections::VecDeque,
     convert::Infallible,
     future::Future,
     path::Path,
     sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -43,7 +44,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use mesh_api::serve::{HANDSHAKE_TIMEOUT, accept_loop};
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 use tokio::{
@@ -70,6 +76,9 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 const MAX_PENDING_RESETS: usize = 64;
 const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 const MAX_METRICS_CONNECTIONS: usize = 256;
+/// How many recent commits the server remembers the time of, to time
+/// pushes; an agent further behind is timed from the oldest one kept.
+const COMMITS_KEPT: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -108,9 +117,14 @@ pub struct ResultLabels {
 }
 
 /// Metrics of the control server, prefix `mesh_control_`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     pub connected_agents: Gauge,
+    /// Seconds from a commit to an agent's ACK of the response that brings
+    /// it (see [`server`]).
+    pub push_latency: Histogram,
+    /// Applies refused, by [`resources::Error::reason`] (or `store`).
+    pub apply_rejected: Family<ReasonLabels, Counter>,
     pub responses: Counter,
     pub response_bytes: Counter,
     pub acks: Counter,
@@ -122,6 +136,26 @@ pub struct Metrics {
     pub tls_handshakes: Family<ResultLabels, Counter>,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            connected_agents: Gauge::default(),
+            // 1 ms doubling to about 33 s.
+            push_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            apply_rejected: Family::default(),
+            responses: Counter::default(),
+            response_bytes: Counter::default(),
+            acks: Counter::default(),
+            nacks: Counter::default(),
+            unauthenticated_streams: Counter::default(),
+            store_revision: Gauge::default(),
+            sign_refused: Family::default(),
+            certificates_issued: Family::default(),
+            tls_handshakes: Family::default(),
+        }
+    }
+}
+
 impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("mesh_control");
@@ -129,6 +163,16 @@ impl Metrics {
             "connected_agents",
             "Agent streams open now",
             self.connected_agents.clone(),
+        );
+        r.register(
+            "push_latency_seconds",
+            "Time from a configuration change being committed to an agent acknowledging the response that brings it (timed from the oldest change a response carries)",
+            self.push_latency.clone(),
+        );
+        r.register(
+            "apply_rejected",
+            "Applies refused by the operator API, by reason (parse, empty, unknown_kind, invalid, duplicate, conflict, broken_reference, store)",
+            self.apply_rejected.clone(),
         );
         r.register(
             "responses",
@@ -189,7 +233,31 @@ pub struct ControlPlane {
     revision: watch::Sender<u64>,
     agents: Agents,
     metrics: Metrics,
+    commits: Mutex<Commits>,
     authority: Option<Arc<Authority>>,
+}
+
+/// When the most recent revisions were committed (at most [`COMMITS_KEPT`]),
+/// oldest first.
+#[derive(Debug, Default)]
+struct Commits(VecDeque<(u64, Instant)>);
+
+impl Commits {
+    fn record(&mut self, revision: u64, at: Instant) {
+        if self.0.len() == COMMITS_KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back((revision, at));
+    }
+
+    /// When the oldest kept revision in `after+1..=through` was committed.
+    fn first_after(&self, after: u64, through: u64) -> Option<Instant> {
+        let i = self.0.partition_point(|(revision, _)| *revision <= after);
+        self.0
+            .get(i)
+            .filter(|(revision, _)| *revision <= through)
+            .map(|(_, at)| *at)
+    }
 }
 
 /// A panic while a lock was held is a bug that was already reported; keep
@@ -234,6 +302,7 @@ impl ControlPlane {
             revision: watch::Sender::new(revision),
             agents: Agents::default(),
             metrics,
+            commits: Mutex::default(),
             authority: authority.map(Arc::new),
         })
     }
@@ -254,9 +323,38 @@ impl ControlPlane {
         self.view.read().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// An agent that held revision `after` acknowledged a response that
+    /// completes `through`: times it from the first change it brought, if
+    /// that commit is still remembered (it was made since this server
+    /// started).
+    pub(crate) fn pushed(&self, after: u64, through: u64) {
+        let committed = lock(&self.commits).first_after(after, through);
+        if let Some(committed) = committed {
+            self.metrics
+                .push_latency
+                .observe(committed.elapsed().as_secs_f64());
+        }
+    }
+
     /// Parses, validates and applies YAML documents as one transaction.
     /// Blocks on the disk: call it off the async runtime.
     pub fn apply(&self, yaml: &str, dry_run: bool) -> Result<Applied, Error> {
+        let applied = self.try_apply(yaml, dry_run);
+        if let Err(e) = &applied {
+            let reason = match e {
+                Error::Rejected(rejected) => rejected.reason(),
+                // Past the checks, an apply fails only in the store.
+                _ => "store",
+            };
+            self.metrics
+                .apply_rejected
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+        }
+        applied
+    }
+
+    fn try_apply(&self, yaml: &str, dry_run: bool) -> Result<Applied, Error> {
         let batch = resources::parse_documents(yaml)?;
         let mut store = lock(&self.store);
         let plan = store.state().plan_apply(batch)?;
@@ -313,6 +411,7 @@ impl ControlPlane {
     /// is released, so views change in revision order.
     fn commit(&self, store: &mut Store, changes: &[Change]) -> Result<u64, Error> {
         let revision = store.commit(changes)?;
+        lock(&self.commits).record(revision, Instant::now());
         self.view
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -529,4 +628,33 @@ fn telemetry(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Byte
         .header("content-type", content_type)
         .body(Full::from(body))
         .expect("static response parts")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_push_is_timed_from_the_first_commit_it_brings_and_old_commits_are_forgotten() {
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut commits = Commits::default();
+        for revision in 1..=3 {
+            commits.record(revision, at(revision * 10));
+        }
+        assert_eq!(commits.first_after(1, 3), Some(at(20)));
+        assert_eq!(commits.first_after(0, 1), Some(at(10)));
+        assert_eq!(commits.first_after(3, 4), None, "not committed yet");
+        assert_eq!(commits.first_after(2, 2), None, "nothing new");
+
+        for revision in 4..=COMMITS_KEPT as u64 + 10 {
+            commits.record(revision, at(revision * 10));
+        }
+        assert_eq!(commits.0.len(), COMMITS_KEPT);
+        assert_eq!(
+            commits.first_after(1, 20),
+            Some(at(110)),
+            "an agent further behind is timed from the oldest commit kept"
+        );
+    }
 }

@@ -721,6 +721,24 @@ impl Error {
             | Error::BrokenReference(_) => None,
         }
     }
+
+    /// Why the batch was refused, as the `reason` label of
+    /// `mesh_control_apply_rejected_total`: a small fixed set.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::MalformedYaml { .. } => "parse",
+            Error::NoDocuments => "empty",
+            Error::InvalidDocument(invalid) => match invalid.problem {
+                Problem::UnknownKind { .. }
+                | Problem::UnknownApiVersion { .. }
+                | Problem::WrongApiVersion { .. } => "unknown_kind",
+                _ => "invalid",
+            },
+            Error::DuplicateDocument { .. } => "duplicate",
+            Error::AddressConflict(_) | Error::MtlsPolicyConflict(_) => "conflict",
+            Error::BrokenReference(_) => "broken_reference",
+        }
+    }
 }
 
 /// Parses and validates a YAML stream of one or more documents. Empty
@@ -1661,6 +1679,26 @@ spec:
         assert_eq!(s.ports[1].target_port, 9000);
         assert_eq!(s.ports[1].app_protocol, None, "not declared: detected");
         assert_eq!(r[0].id().to_string(), "Service/shop/echo");
+    }
+
+    #[test]
+    fn each_refusal_has_a_reason_of_a_fixed_set() {
+        let reason = |yaml: &str| parse_documents(yaml).expect_err("refused").reason();
+        assert_eq!(reason("kind: [Service\n"), "parse");
+        assert_eq!(reason("---\n"), "empty");
+        assert_eq!(
+            reason(&SERVICE.replace("kind: Service", "kind: Gateway")),
+            "unknown_kind"
+        );
+        assert_eq!(
+            reason(&SERVICE.replace("mesh.dev/v1alpha1", "mesh.dev/v9")),
+            "unknown_kind"
+        );
+        assert_eq!(
+            reason(&SERVICE.replace("port: 9000", "port: 70000")),
+            "invalid"
+        );
+        assert_eq!(reason(&format!("{SERVICE}---{SERVICE}")), "duplicate");
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! request names must be that one. After each response the stream waits for the agent's
 //! ACK or NACK (by nonce) before it sends the next; changes made meanwhile
 //! are coalesced into that next response.
+//!
+//! Push latency (`mesh_control_push_latency_seconds`) is observed once per
+//! ACK of a response that completes a newer revision than the agent held,
+//! from the commit of the first revision after that one: the oldest change
+//! the response carries. What the agent's first sync brings was committed
+//! before it subscribed and is not timed.
 use std::{
     collections::{BTreeMap, BTreeSet},
     convert::Infallible,
@@ -129,6 +135,8 @@ fn now_unix_ms() -> u64 {
 struct Sent {
     nonce: String,
     version: String,
+    /// `version` as a revision; `None` before the first complete response.
+    revision: Option<u64>,
     keys: Vec<String>,
 }
 
@@ -289,11 +297,12 @@ impl DistributionService {
             });
         }
         let held = first.initial_resource_versions.len();
-        let subscription = Subscription::new(
-            &first.node,
-            first.initial_resource_versions,
-            &self.plane.view(),
-        );
+        let (subscription, synced_through) = {
+            let view = self.plane.view();
+            let subscription =
+                Subscription::new(&first.node, first.initial_resource_versions, &view);
+            (subscription, view.revision())
+        };
         let (outbound, responses) = mpsc::channel(1);
         let span = info_span!("agent", node = %first.node, peer = ?peer, via = %caller.via);
         let stream = AgentStream {
@@ -303,6 +312,7 @@ impl DistributionService {
             outbound,
             stop: self.stop.clone(),
             pending: None,
+            synced_through,
         };
         tokio::spawn(
             async move {
@@ -346,6 +356,9 @@ struct AgentStream {
     outbound: mpsc::Sender<Result<EncodedResponse, Status>>,
     stop: watch::Receiver<bool>,
     pending: Option<Sent>,
+    /// The revision the agent holds, for push latency: at first the one
+    /// its initial sync completes.
+    synced_through: u64,
 }
 
 impl AgentStream {
@@ -425,6 +438,7 @@ impl AgentStream {
         metrics.response_bytes.inc_by(delta.bytes as u64);
         self.pending = Some(Sent {
             nonce: nonce.clone(),
+            revision: delta.system_version_info.parse().ok(),
             version: delta.system_version_info.clone(),
             keys,
         });
@@ -450,6 +464,10 @@ impl AgentStream {
             None => {
                 metrics.acks.inc();
                 debug!(version = %sent.version, "agent acknowledged");
+                if let Some(revision) = sent.revision.filter(|r| *r > self.synced_through) {
+                    self.plane.pushed(self.synced_through, revision);
+                    self.synced_through = revision;
+                }
                 agents.acked(node, &sent);
             }
             Some(error) => {
@@ -466,6 +484,9 @@ impl AgentStream {
                         .retry_with_next_change(sent.keys.iter().cloned());
                 } else {
                     // Rejected in part: everything else took effect.
+                    if let Some(revision) = sent.revision {
+                        self.synced_through = self.synced_through.max(revision);
+                    }
                     let applied = Sent {
                         keys: sent
                             .keys
@@ -491,6 +512,7 @@ mod tests {
         Sent {
             nonce: "1".into(),
             version: version.into(),
+            revision: version.parse().ok(),
             keys: keys.iter().map(|k| (*k).to_owned()).collect(),
         }
     }
