@@ -406,3 +406,150 @@ fn access_logs_are_written_per_service_as_sampled() {
     assert_eq!(conns.len(), 1, "{conns:?}");
     assert_eq!(conns[0]["bytes_sent"], 4);
 }
+
+/// A tmux session (a pseudo terminal of 160x40) running one command; killed
+/// on drop.
+struct Tmux(String);
+
+impl Tmux {
+    fn start(name: &str, command: &str) -> Tmux {
+        let ok = Command::new("tmux")
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                name,
+                "-x",
+                "160",
+                "-y",
+                "40",
+                command,
+            ])
+            .status()
+            .expect("tmux")
+            .success();
+        assert!(ok, "tmux new-session");
+        Tmux(name.to_owned())
+    }
+
+    /// What the terminal shows now.
+    fn screen(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.0])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn meshctl_top_renders_in_a_terminal_and_its_numbers_match_the_metrics() {
+    let Some(cluster) = cluster() else { return };
+    let _servers = [echo(&cluster, "node2-pod1")];
+    let docs = [
+        cluster.workload_yaml("node1-pod1", &[]),
+        cluster.workload_yaml("node2-pod1", &[]),
+        format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: web, namespace: default}}\n\
+             spec:\n  vips: [\"{WEB_VIP}\"]\n  ports: [{{name: http, port: 80, targetPort: {ECHO}, appProtocol: http}}]\n  selector: {{app: node2-pod1}}\n"
+        ),
+    ];
+    cluster.apply(&yaml_stream(&docs)).expect("apply");
+    wait_for("web to answer", Duration::from_secs(20), |last| {
+        let out = requests(&cluster, "node1-pod1", &["/"]);
+        *last = out.to_string();
+        (out[0]["status"] == 200).then_some(())
+    });
+    let sample = r#"mesh_agent_http_requests_total{source_workload="default/node1-pod1",destination_service="default/web",route="",code="200",grpc_status="",flags="-"}"#;
+    let counted = agent_metric(&cluster, "node1", sample);
+    assert!(
+        counted > 0,
+        "the sample is the one the requests count under"
+    );
+
+    // In a terminal (tmux), refreshing in place.
+    let socket = cluster.node("node1").admin_socket.clone();
+    let session = format!("mesh-top-{}", std::process::id());
+    let tmux = Tmux::start(
+        &session,
+        &format!(
+            "{} --admin {} top --by service --interval-ms 200",
+            default_meshctl_bin().display(),
+            socket.display()
+        ),
+    );
+    wait_for_tappers(&cluster, "node1", 1);
+    let paths: Vec<String> = (0..25).map(|i| format!("/top/{i}")).collect();
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    requests(&cluster, "node1-pod1", &paths);
+    let row = wait_for(
+        "top to show the 25 requests",
+        Duration::from_secs(10),
+        |last| {
+            let screen = tmux.screen();
+            *last = screen.clone();
+            screen
+                .lines()
+                .find(|l| l.contains("default/web"))
+                .filter(|l| l.split_whitespace().any(|c| c == "25"))
+                .map(str::to_owned)
+        },
+    );
+    let screen = tmux.screen();
+    assert!(screen.contains("meshctl top"), "{screen}");
+    assert!(
+        screen.contains("REQUESTS") && screen.contains("P99 MS"),
+        "{screen}"
+    );
+    assert!(row.contains("100.0%"), "all succeeded: {row}");
+    assert_eq!(
+        agent_metric(&cluster, "node1", sample) - counted,
+        25,
+        "the metrics counted what top shows"
+    );
+    drop(tmux);
+
+    // Piped: a plain table per refresh.
+    wait_for_tappers(&cluster, "node1", 0);
+    let piped = Command::new(default_meshctl_bin())
+        .arg("--admin")
+        .arg(&socket)
+        .args([
+            "top",
+            "--by",
+            "service",
+            "--count",
+            "1",
+            "--interval-ms",
+            "3000",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("meshctl top");
+    wait_for_tappers(&cluster, "node1", 1);
+    requests(&cluster, "node1-pod1", &["/a", "/b", "/c"]);
+    let out = piped.wait_with_output().expect("meshctl top");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("NAME"), "{text}");
+    let web = lines
+        .iter()
+        .find(|l| l.starts_with("default/web"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let cells: Vec<&str> = web.split_whitespace().collect();
+    assert_eq!(cells[1], "3", "{text}");
+    assert_eq!(
+        lines[0].find("REQUESTS"),
+        web.find(" 3 ").map(|i| i + 1),
+        "{text}"
+    );
+}

@@ -153,6 +153,30 @@ pub enum Command {
         #[command(flatten)]
         out: AgentOutput,
     },
+    /// A live table of request rate, success rate and latency percentiles
+    /// per route, Service or pod, refreshing in place in a terminal (plain
+    /// text when piped), from the agent's tap stream.
+    Top {
+        /// What a row is.
+        #[arg(long, value_enum, default_value_t = crate::top::By::Route)]
+        by: crate::top::By,
+        /// Count the requests this node's pods receive, not the ones they make.
+        #[arg(long)]
+        inbound: bool,
+        /// A pod (`name` or `namespace/name`): the source or the destination.
+        #[arg(long)]
+        pod: Option<String>,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(long)]
+        service: Option<String>,
+        /// Refresh every this many milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Stop after this many refreshes.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Enroll a pod: its next connections go through the agent.
     Enroll {
         pod: String,
@@ -256,6 +280,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         let json = args.json || out.output == Format::Json;
         return crate::tap::run(&args.admin, &filter, json, *count, &mut std::io::stdout());
+    }
+    if let Command::Top {
+        by,
+        inbound,
+        pod,
+        namespace,
+        service,
+        interval_ms,
+        count,
+    } = &args.command
+    {
+        let filter = mesh_api::tap::TapFilter {
+            pod: pod.clone(),
+            namespace: namespace.clone(),
+            service: service.clone(),
+            ..Default::default()
+        };
+        return crate::top::run(
+            &args.admin,
+            &filter,
+            *by,
+            *inbound,
+            std::time::Duration::from_millis((*interval_ms).max(100)),
+            *count,
+        );
     }
     let out = match &args.command {
         Command::Apply { .. }

@@ -2,6 +2,7 @@
 mod cli;
 mod node;
 mod tap;
+mod top;
 
 use clap::Parser;
 

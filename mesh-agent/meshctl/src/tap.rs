@@ -32,57 +32,16 @@ pub fn run(
     count: Option<u64>,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let mut stream = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "no agent answers on {} (is mesh-agent running on this node? pass --admin)",
-            socket.display()
-        )
-    })?;
-    // HTTP/1.0: the body runs until the agent closes, line by line.
-    let query = filter.to_query();
-    write!(
-        stream,
-        "GET /tap{}{query} HTTP/1.0\r\nHost: agent\r\n\r\n",
-        if query.is_empty() { "" } else { "?" }
-    )?;
-    let mut reader = BufReader::new(stream);
-    let mut status = String::new();
-    reader.read_line(&mut status)?;
-    let code: u16 = status
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("{}: not an HTTP answer: {status:?}", socket.display()))?;
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
-            break;
-        }
-    }
-    if code != 200 {
-        let mut body = String::new();
-        std::io::Read::read_to_string(&mut reader, &mut body)?;
-        let error =
-            serde_json::from_str::<mesh_api::admin::ErrorBody>(&body).map_or(body, |e| e.error);
-        bail!("the agent refused the tap: {error}");
-    }
+    let mut events = Events::open(socket, filter)?;
     if !json {
         writeln!(out, "{}", row(COLUMNS.map(|(h, _)| h.to_owned())))?;
         out.flush()?;
     }
     let mut seen = 0u64;
     while count.is_none_or(|c| seen < c) {
-        line.clear();
-        if reader.read_line(&mut line)? == 0 {
+        let Some(event) = events.next_event()? else {
             break;
-        }
-        if line.trim().is_empty() {
-            // The agent's heartbeat.
-            continue;
-        }
-        let event: TapEvent = serde_json::from_str(line.trim())
-            .with_context(|| format!("the agent sent an unreadable event: {line:?}"))?;
+        };
         seen += 1;
         if json {
             writeln!(out, "{}", serde_json::to_string(&event)?)?;
@@ -92,6 +51,71 @@ pub fn run(
         out.flush()?;
     }
     Ok(())
+}
+
+/// The agent's tap stream, event by event.
+pub struct Events {
+    reader: BufReader<UnixStream>,
+    line: String,
+}
+
+impl Events {
+    /// Subscribes to the agent at `socket`; its answer is checked.
+    pub fn open(socket: &Path, filter: &TapFilter) -> anyhow::Result<Events> {
+        let mut stream = UnixStream::connect(socket).with_context(|| {
+            format!(
+                "no agent answers on {} (is mesh-agent running on this node? pass --admin)",
+                socket.display()
+            )
+        })?;
+        // HTTP/1.0: the body runs until the agent closes, line by line.
+        let query = filter.to_query();
+        write!(
+            stream,
+            "GET /tap{}{query} HTTP/1.0\r\nHost: agent\r\n\r\n",
+            if query.is_empty() { "" } else { "?" }
+        )?;
+        let mut reader = BufReader::new(stream);
+        let mut status = String::new();
+        reader.read_line(&mut status)?;
+        let code: u16 = status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("{}: not an HTTP answer: {status:?}", socket.display()))?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                break;
+            }
+        }
+        if code != 200 {
+            let mut body = String::new();
+            std::io::Read::read_to_string(&mut reader, &mut body)?;
+            let error =
+                serde_json::from_str::<mesh_api::admin::ErrorBody>(&body).map_or(body, |e| e.error);
+            bail!("the agent refused the tap: {error}");
+        }
+        Ok(Events { reader, line })
+    }
+
+    /// The next event; `None` when the agent closed the stream.
+    pub fn next_event(&mut self) -> anyhow::Result<Option<TapEvent>> {
+        loop {
+            self.line.clear();
+            if self.reader.read_line(&mut self.line)? == 0 {
+                return Ok(None);
+            }
+            if self.line.trim().is_empty() {
+                // The agent's heartbeat.
+                continue;
+            }
+            let event = serde_json::from_str(self.line.trim())
+                .with_context(|| format!("the agent sent an unreadable event: {:?}", self.line))?;
+            return Ok(Some(event));
+        }
+    }
 }
 
 /// One event as a table row.
