@@ -128,15 +128,7 @@ pub fn request_event<B>(
     source_identity: Option<String>,
     destination_service: Option<String>,
 ) -> RequestEvent {
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
+    let authority = crate::proxy::http::respond::authority(req.uri(), req.headers())
         .unwrap_or_default()
         .to_owned();
     RequestEvent {

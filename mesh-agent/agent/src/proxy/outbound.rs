@@ -337,7 +337,7 @@ enum Upstream {
 }
 
 /// Closes with a reset, so the client sees a refusal rather than an empty reply.
-fn refuse(socket: TcpStream) {
+pub(crate) fn refuse(socket: TcpStream) {
     let _ = socket.set_zero_linger();
     drop(socket);
 }

@@ -29,6 +29,7 @@ use tokio::{
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
+    proxy::outbound::refuse,
     proxy::{
         copy_bidirectional,
         http::{
@@ -228,10 +229,4 @@ impl Plaintext {
             debug!(error = %e, "plaintext HTTP connection ended");
         }
     }
-}
-
-/// Closes with a reset: the client sees a refusal, not an empty reply.
-fn refuse(socket: TcpStream) {
-    let _ = socket.set_zero_linger();
-    drop(socket);
 }

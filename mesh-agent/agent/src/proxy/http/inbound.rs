@@ -231,16 +231,7 @@ fn authorized(
     source_ip: Ipv4Addr,
     verdict: &mut Option<String>,
 ) -> bool {
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or_default();
+    let host = respond::authority(req.uri(), req.headers()).unwrap_or_default();
     let d = crate::authz::judge(
         state,
         metrics,

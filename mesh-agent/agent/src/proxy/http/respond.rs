@@ -83,20 +83,17 @@ pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     })
 }
 
-/// The host a request is for, without a port: the URI's authority (HTTP/2,
-/// absolute form), else the Host header.
+/// The authority a request is for: the URI's (HTTP/2, absolute form), else
+/// the Host header.
+pub fn authority<'a>(uri: &'a http::Uri, headers: &'a http::HeaderMap) -> Option<&'a str> {
+    uri.authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+}
+
+/// The host a request is for, without a port (see [`authority`]).
 pub fn request_host(parts: &Parts) -> Option<String> {
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })?;
+    let authority = authority(&parts.uri, &parts.headers)?;
     let host = match authority.split_once(']') {
         // [v6]:port
         Some((v6, _)) if authority.starts_with('[') => format!("{v6}]"),
