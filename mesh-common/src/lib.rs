@@ -25,9 +25,10 @@ pub mod names {
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const AGENT_TUPLES: &str = "AGENT_TUPLES";
     pub const PROBE_SOURCES: &str = "PROBE_SOURCES";
+    pub const TCP_STATS: &str = "TCP_STATS";
     /// Maps pinned by name in the agent's pin directory, so that they
     /// outlive an agent (see `mesh-ebpf/src/maps.rs`).
-    pub const PINNED_MAPS: [&str; 9] = [
+    pub const PINNED_MAPS: [&str; 10] = [
         ENROLLED,
         INBOUND_PODS,
         INBOUND_LISTENERS,
@@ -37,6 +38,7 @@ pub mod names {
         ORIG_BY_COOKIE,
         ORIG_BY_TUPLE,
         PROBE_SOURCES,
+        TCP_STATS,
     ];
 }
 
@@ -50,6 +52,10 @@ pub const MAX_SERVICE_VIPS: u32 = 65536;
 pub const MAX_SERVICE_PORTS: u32 = 131072;
 /// Health-probe sources (`--allow-probes-from`) the kernel lets into pods.
 pub const MAX_PROBE_SOURCES: u32 = 64;
+
+/// Remote addresses the kernel keeps TCP statistics of (`TCP_STATS`, LRU:
+/// the least recently used destination makes room for a new one).
+pub const MAX_TCP_DESTINATIONS: u32 = 4096;
 
 /// `INBOUND_PODS` values: what the kernel does with a connection into a
 /// local pod that did not come from its node agent.
@@ -249,6 +255,74 @@ pub struct TupleKey {
     pub dst_port: u32,
 }
 
+/// Finite buckets of [`TcpStats::srtt_buckets`]: bucket `i` holds the
+/// connections whose smoothed RTT at close was at most `64 us << i` (64 us
+/// to about 2.1 s); the last slot holds the longer ones.
+pub const SRTT_BUCKETS: usize = 16;
+/// The upper bound of bucket 0, in microseconds (`64 << i` for bucket `i`).
+pub const SRTT_BUCKET_MIN_US: u32 = 64;
+
+/// The bucket of [`TcpStats::srtt_buckets`] a smoothed RTT (microseconds)
+/// falls in: the bit length of `(srtt - 1) / 64`, capped at the overflow
+/// slot. Written as a fixed ladder, as the verifier wants no loops.
+#[inline(always)]
+pub const fn srtt_bucket(srtt_us: u32) -> usize {
+    let mut x = srtt_us.saturating_sub(1) >> 6;
+    let mut bits = 0;
+    if x >= 1 << 16 {
+        x >>= 16;
+        bits += 16;
+    }
+    if x >= 1 << 8 {
+        x >>= 8;
+        bits += 8;
+    }
+    if x >= 1 << 4 {
+        x >>= 4;
+        bits += 4;
+    }
+    if x >= 1 << 2 {
+        x >>= 2;
+        bits += 2;
+    }
+    if x >= 1 << 1 {
+        x >>= 1;
+        bits += 1;
+    }
+    bits += x as usize;
+    if bits > SRTT_BUCKETS {
+        SRTT_BUCKETS
+    } else {
+        bits
+    }
+}
+
+/// TCP statistics of the agent's own connections to one remote IPv4
+/// address, summed by the kernel (`TCP_STATS`, per CPU: user space adds
+/// the CPUs up). Everything only grows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpStats {
+    /// Connects that reached ESTABLISHED.
+    pub established: u64,
+    /// Connections that closed, from any state.
+    pub closed: u64,
+    /// Of those, the ones that closed before they were established
+    /// (refused, reset or timed out in SYN_SENT).
+    pub failed: u64,
+    /// Segments retransmitted (`tcp_sock.total_retrans` at close).
+    pub retransmits: u64,
+    /// Bytes the remote acknowledged (sent) and bytes received, at close.
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    /// Sum of the smoothed RTT at close of the connections in the buckets,
+    /// microseconds.
+    pub srtt_sum_us: u64,
+    /// Connections by smoothed RTT at close (see [`srtt_bucket`]); an
+    /// established connection is counted in exactly one.
+    pub srtt_buckets: [u64; SRTT_BUCKETS + 1],
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, #[repr(C)], no padding, every bit pattern valid.
@@ -259,6 +333,8 @@ mod user {
     unsafe impl aya::Pod for super::TupleKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::VipPort {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TcpStats {}
 }
 
 #[cfg(test)]
@@ -298,5 +374,25 @@ mod tests {
         assert!(is_v6_loopback(words(Ipv6Addr::LOCALHOST)));
         assert!(!is_v6_loopback(words(Ipv6Addr::UNSPECIFIED)));
         assert!(!is_v6_loopback(words(Ipv4Addr::LOCALHOST.to_ipv6_mapped())));
+    }
+
+    #[test]
+    fn srtt_buckets_hold_what_their_upper_bound_says() {
+        let bound = |i: usize| u64::from(SRTT_BUCKET_MIN_US) << i;
+        for srtt in (0..70_000).chain([2_097_151, 2_097_152, 2_097_153, u32::MAX]) {
+            let b = srtt_bucket(srtt);
+            assert!(b <= SRTT_BUCKETS, "{srtt}");
+            if b < SRTT_BUCKETS {
+                assert!(u64::from(srtt) <= bound(b), "{srtt} us in bucket {b}");
+            }
+            if b > 0 {
+                assert!(u64::from(srtt) > bound(b - 1), "{srtt} us in bucket {b}");
+            }
+        }
+        assert_eq!(srtt_bucket(64), 0);
+        assert_eq!(srtt_bucket(65), 1);
+        assert_eq!(srtt_bucket(128), 1);
+        assert_eq!(srtt_bucket(129), 2);
+        assert_eq!(srtt_bucket(u32::MAX), SRTT_BUCKETS);
     }
 }

@@ -3,15 +3,16 @@
 //!
 //! The state that must survive an agent restart is pinned by name in the
 //! agent's pin directory (`pinned`): enrolment, the STRICT set, the Service
-//! addresses and in-flight original destinations. A restarted agent's
+//! addresses, in-flight original destinations and the TCP statistics. A restarted agent's
 //! programs reuse those maps, so capture and STRICT hold while it starts.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockHash},
 };
 use mesh_common::{
     AgentConfig, Decision, MAX_ENROLLED, MAX_EXCLUDED_PORTS, MAX_INFLIGHT, MAX_PROBE_SOURCES,
-    MAX_SERVICE_PORTS, MAX_SERVICE_VIPS, OrigDst, TupleKey, VipPort,
+    MAX_SERVICE_PORTS, MAX_SERVICE_VIPS, MAX_TCP_DESTINATIONS, OrigDst, TcpStats, TupleKey,
+    VipPort,
 };
 
 /// Element 0: the agent's address and ports, written once at start-up.
@@ -65,6 +66,13 @@ pub static AGENT_TUPLES: LruHashMap<TupleKey, u32> = LruHashMap::pinned(MAX_INFL
 /// sources the operator lets into pods without the agent.
 #[map]
 pub static PROBE_SOURCES: HashMap<VipPort, u32> = HashMap::pinned(MAX_PROBE_SOURCES, 0);
+
+/// Remote IPv4 address (network order) -> TCP statistics of the agent's
+/// connections to it (`agent_ops`). Per CPU, so the programs add without
+/// atomics; pinned, so a restarted agent's counters carry on.
+#[map]
+pub static TCP_STATS: LruPerCpuHashMap<u32, TcpStats> =
+    LruPerCpuHashMap::pinned(MAX_TCP_DESTINATIONS, 0);
 
 /// One counter per `Decision`.
 #[map]

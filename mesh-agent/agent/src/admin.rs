@@ -32,7 +32,8 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
-    certs,
+    certs, health,
+    kernel_stats::{Destinations, KernelStats},
     redirect::{Redirect, Target, enrolment::Workloads},
     state::{StateRx, discovery::SharedSync},
     telemetry::{ConnectionTable, Metrics},
@@ -44,6 +45,9 @@ pub struct State {
     pub redirect: Arc<Redirect>,
     pub workloads: Workloads,
     pub metrics: Arc<Metrics>,
+    /// Brought up to date at each scrape, as the kernel's counters are.
+    pub kernel_stats: Arc<KernelStats>,
+    pub health: Arc<health::Health>,
     pub registry: Registry,
     pub connections: Arc<ConnectionTable>,
     /// Distribution state, when the agent has a control server.
@@ -198,6 +202,7 @@ fn telemetry(req: Request<Incoming>, state: &State) -> Response<Body> {
     match req.uri().path() {
         "/metrics" => {
             state.metrics.sync_decisions(&state.redirect.decisions());
+            sync_kernel_stats_and_health(state);
             let mut out = String::new();
             match prometheus_client::encoding::text::encode(&mut out, &state.registry) {
                 Ok(()) => Response::builder()
@@ -219,6 +224,24 @@ fn telemetry(req: Request<Incoming>, state: &State) -> Response<Body> {
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
+}
+
+/// The kernel's TCP statistics and the health gauges, from the same views
+/// `/status` and `/bpf` answer with.
+fn sync_kernel_stats_and_health(state: &State) {
+    let destinations = Destinations::of(&state.config.borrow());
+    state
+        .kernel_stats
+        .sync(&state.redirect.tcp_stats(), &destinations);
+    let identity = state
+        .identity
+        .as_ref()
+        .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone());
+    state.health.set(&health::Snapshot::of(
+        sync_state(state).as_ref(),
+        identity.as_ref(),
+        &state.redirect.attachments(),
+    ));
 }
 
 async fn admin(req: Request<Incoming>, state: &State) -> Response<Body> {

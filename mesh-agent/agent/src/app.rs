@@ -23,6 +23,8 @@ use mesh_api::{
 use crate::{
     admin,
     certs::{self, Manager, TlsMaterial},
+    health::Health,
+    kernel_stats::KernelStats,
     proxy::{
         http::{
             proxy::{Forwarder, HttpProxy},
@@ -199,6 +201,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    let kernel_stats = Arc::new(KernelStats::default());
+    kernel_stats.register(&mut registry);
+    let health = Arc::new(Health::default());
+    health.register(&mut registry);
     if let Some(path) = &args.access_log {
         metrics
             .access_log
@@ -317,6 +323,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         redirect: redirect.clone(),
         workloads,
         metrics,
+        kernel_stats,
+        health,
         registry,
         connections,
         sync,

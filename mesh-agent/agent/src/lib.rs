@@ -12,6 +12,9 @@
 //! - [`telemetry`]: metrics and the connection table; [`tap`]: the live
 //!   stream of requests and connections for `meshctl tap`; [`access_log`]:
 //!   JSON lines of the Services that ask for them;
+//! - [`kernel_stats`]: the kernel's TCP statistics of the agent's
+//!   connections, per destination; [`health`]: configuration, certificate
+//!   and kernel program gauges;
 //! - [`admin`]: the admin API for `meshctl`, `/metrics` and readiness;
 //! - [`app`]: the wiring of `mesh-agent`.
 pub mod access_log;
@@ -19,6 +22,8 @@ pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod certs;
+pub mod health;
+pub mod kernel_stats;
 pub mod proxy;
 pub mod redirect;
 pub mod state;

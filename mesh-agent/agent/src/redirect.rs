@@ -26,13 +26,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray, SockHash},
+    maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray, PerCpuHashMap, SockHash},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
-use mesh_common::{AgentConfig, Decision, MAX_POD_DEPTH, OrigDst, TupleKey, VipPort, names};
+use mesh_common::{
+    AgentConfig, Decision, MAX_POD_DEPTH, OrigDst, TcpStats, TupleKey, VipPort, names,
+};
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +122,7 @@ pub struct Redirect {
     ebpf: Mutex<Ebpf>,
     maps: Mutex<Maps>,
     decisions: PerCpuArray<MapData, u64>,
+    tcp_stats: PerCpuHashMap<MapData, u32, TcpStats>,
     pins: Vec<PathBuf>,
     pin_dir: PathBuf,
     /// Where the programs are attached, for those who ask (`attachments`).
@@ -232,6 +235,7 @@ impl Redirect {
         let enrolled = take_map(&mut ebpf, names::ENROLLED)?;
         let tuples = take_map(&mut ebpf, names::ORIG_BY_TUPLE)?;
         let decisions = take_map(&mut ebpf, names::DECISIONS)?;
+        let tcp_stats = take_map(&mut ebpf, names::TCP_STATS)?;
         let vips = take_map(&mut ebpf, names::SERVICE_VIPS)?;
         let vip_ports: HashMap<MapData, VipPort, u32> = take_map(&mut ebpf, names::SERVICE_PORTS)?;
         let inbound: HashMap<MapData, u32, u32> = take_map(&mut ebpf, names::INBOUND_PODS)?;
@@ -342,6 +346,7 @@ impl Redirect {
             }),
             pin_dir: settings.pin_dir.clone(),
             decisions,
+            tcp_stats,
             pins,
             cgroup_root: settings.cgroup_root.clone(),
             agent_cgroup: settings.agent_cgroup.clone(),
@@ -522,6 +527,31 @@ impl Redirect {
             .collect()
     }
 
+    /// The kernel's TCP statistics of the agent's connections, per remote
+    /// address, summed over CPUs (see `mesh-ebpf/src/agent_ops.rs`).
+    pub fn tcp_stats(&self) -> Vec<(Ipv4Addr, TcpStats)> {
+        self.tcp_stats
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ip, per_cpu)| {
+                let total = per_cpu.iter().fold(TcpStats::default(), |mut t, c| {
+                    t.established += c.established;
+                    t.closed += c.closed;
+                    t.failed += c.failed;
+                    t.retransmits += c.retransmits;
+                    t.bytes_acked += c.bytes_acked;
+                    t.bytes_received += c.bytes_received;
+                    t.srtt_sum_us += c.srtt_sum_us;
+                    for (sum, n) in t.srtt_buckets.iter_mut().zip(c.srtt_buckets) {
+                        *sum += n;
+                    }
+                    t
+                });
+                (Ipv4Addr::from(ip.to_ne_bytes()), total)
+            })
+            .collect()
+    }
+
     /// Whether every program is still in its pinned link.
     pub fn attached(&self) -> bool {
         self.pins.iter().all(|p| p.exists())
@@ -658,6 +688,7 @@ fn map_usage(name: &'static str, pin: &Path) -> Result<MapUsage, MapError> {
         MapType::Hash => ("hash", Map::HashMap(data)),
         MapType::LruHash => ("lru_hash", Map::LruHashMap(data)),
         MapType::SockHash => ("sockhash", Map::SockHash(data)),
+        MapType::LruPerCpuHash => ("lru_percpu_hash", Map::PerCpuLruHashMap(data)),
         other => {
             return Err(MapError::InvalidMapType {
                 map_type: other as u32,
@@ -683,6 +714,10 @@ fn map_usage(name: &'static str, pin: &Path) -> Result<MapUsage, MapError> {
         names::SERVICE_PORTS | names::PROBE_SOURCES => hash::<VipPort, u32>(map, max_entries)?,
         names::ORIG_BY_COOKIE => hash::<u64, OrigDst>(map, max_entries)?,
         names::ORIG_BY_TUPLE => hash::<TupleKey, OrigDst>(map, max_entries)?,
+        names::TCP_STATS => count(
+            PerCpuHashMap::<_, u32, TcpStats>::try_from(map)?.keys(),
+            max_entries,
+        )?,
         _ => {
             return Err(MapError::InvalidName {
                 name: name.to_owned(),
