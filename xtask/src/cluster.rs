@@ -20,7 +20,7 @@ mod state;
 mod sys;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::net::Ipv4Addr;
@@ -141,6 +141,42 @@ pub struct Cluster {
     control: Option<Child>,
     keep: bool,
     torn_down: bool,
+}
+
+/// The flags every agent of the local cluster starts with (the DaemonSet in
+/// deploy/ passes the same ones; mesh-crds' deploy test compares them).
+pub fn agent_args(
+    info: &NodeInfo,
+    bpf_object: &Path,
+    control: Option<&ControlInfo>,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--node".into(),
+        info.name.clone().into(),
+        "--cgroup-root".into(),
+        info.pods_cgroup.clone().into(),
+        "--agent-ip".into(),
+        info.gateway_ip.to_string().into(),
+        "--admin-socket".into(),
+        info.admin_socket.clone().into(),
+        "--bpf-pin-dir".into(),
+        info.bpf_pin_dir.clone().into(),
+        "--bpf-object".into(),
+        bpf_object.into(),
+    ];
+    if let Some(ctl) = control {
+        args.extend([
+            "--control-addr".into(),
+            ctl.url().into(),
+            "--ca-bundle".into(),
+            ctl.ca_bundle().into(),
+            "--token-file".into(),
+            info.token_file.clone().into(),
+            "--cache-dir".into(),
+            info.cache_dir.clone().into(),
+        ]);
+    }
+    args
 }
 
 impl Cluster {
@@ -733,29 +769,10 @@ impl Cluster {
             _ => {}
         }
         let mut cmd = Command::new(&self.state.agent_bin);
-        cmd.arg("--node")
-            .arg(&info.name)
-            .arg("--cgroup-root")
-            .arg(&info.pods_cgroup)
-            .arg("--agent-ip")
-            .arg(info.gateway_ip.to_string())
-            .arg("--admin-socket")
-            .arg(&info.admin_socket)
-            .arg("--bpf-pin-dir")
-            .arg(&info.bpf_pin_dir)
-            .arg("--bpf-object")
-            .arg(&self.state.bpf_object);
-        if let Some(ctl) = &self.state.control {
-            cmd.arg("--control-addr")
-                .arg(ctl.info.url())
-                .arg("--ca-bundle")
-                .arg(ctl.info.ca_bundle())
-                .arg("--token-file")
-                .arg(&info.token_file)
-                .arg("--cache-dir")
-                .arg(&info.cache_dir);
-        }
-        cmd.args(&self.state.agent_args).env("RUST_LOG", "info");
+        let control = self.state.control.as_ref().map(|c| &c.info);
+        cmd.args(agent_args(&info, &self.state.bpf_object, control))
+            .args(&self.state.agent_args)
+            .env("RUST_LOG", "info");
 
         let mut log = OpenOptions::new()
             .create(true)

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod bench;
 pub mod cluster;
+pub mod crds;
 pub mod demo;
 pub mod deps;
 pub mod ebpf;

@@ -25,6 +25,11 @@ enum Command {
     },
     /// Bring up a 2-node cluster, send traffic through the agents, show what they carried.
     Demo,
+    /// Write deploy/crds from the Rust types of our kinds (--check: only compare).
+    Crds {
+        #[arg(long)]
+        check: bool,
+    },
     /// Benchmarks: the node agents on a local cluster (l4, http), the control server under many agents (control).
     Bench {
         #[command(subcommand)]
@@ -39,6 +44,7 @@ fn main() -> ExitCode {
         Command::BuildEbpf => xtask::ebpf::build().map(|_| ExitCode::SUCCESS),
         Command::Test { filter } => xtask::test::run(filter.as_deref()).map(|()| ExitCode::SUCCESS),
         Command::Demo => xtask::demo::run().map(|()| ExitCode::SUCCESS),
+        Command::Crds { check } => xtask::crds::run(check).map(|()| ExitCode::SUCCESS),
         Command::Bench { bench } => bench.run().map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {

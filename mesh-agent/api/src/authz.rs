@@ -31,6 +31,20 @@ pub const ROOT_NAMESPACE: &str = "mesh-system";
 pub const MAX_RULES: usize = 64;
 pub const MAX_VALUES: usize = 256;
 
+#[cfg_attr(feature = "crd", derive(kube::CustomResource, schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "crd",
+    kube(
+        group = "mesh.dev",
+        version = "v1alpha1",
+        kind = "AuthorizationPolicy",
+        doc = "Who may call the workloads it selects (Istio's AuthorizationPolicy).",
+        plural = "authorizationpolicies",
+        shortname = "ap",
+        namespaced,
+        category = "mesh"
+    )
+)]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
@@ -42,6 +56,7 @@ pub struct AuthorizationPolicySpec {
     pub rules: Vec<Rule>,
 }
 
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Selector {
@@ -49,6 +64,7 @@ pub struct Selector {
     pub match_labels: BTreeMap<String, String>,
 }
 
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
@@ -60,6 +76,7 @@ pub enum Action {
 
 /// Matches when every part given matches: any of `from`, any of `to`, and
 /// all of `when`.
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
@@ -71,12 +88,14 @@ pub struct Rule {
     pub when: Vec<Condition>,
 }
 
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct From {
     pub source: Source,
 }
 
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
@@ -98,6 +117,7 @@ pub struct Source {
     pub not_ip_blocks: Vec<String>,
 }
 
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct To {
@@ -106,6 +126,7 @@ pub struct To {
 
 /// `ports` and `notPorts` apply to every connection; the others are HTTP
 /// only (a policy with them turns on HTTP handling of the ports it covers).
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
@@ -130,6 +151,7 @@ pub struct Operation {
 
 /// Istio's `when`: `key` is `request.headers[<name>]`, `source.ip`,
 /// `source.namespace`, `source.principal` or `destination.port`.
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {

@@ -125,6 +125,7 @@ fn root() -> String {
     "/".into()
 }
 
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ValueMatchType {
     #[default]
@@ -133,6 +134,7 @@ pub enum ValueMatchType {
 }
 
 /// A header or query-parameter match (the same shape in the Gateway API).
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderMatch {

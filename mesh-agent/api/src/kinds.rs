@@ -83,6 +83,7 @@ impl fmt::Display for Kind {
     }
 }
 
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Protocol {
     #[serde(rename = "TCP")]
@@ -100,6 +101,7 @@ impl Protocol {
     }
 }
 
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AppProtocol {
@@ -122,6 +124,7 @@ impl AppProtocol {
 
 /// Who may connect into a workload: STRICT (only mTLS through the tunnel),
 /// PERMISSIVE (mTLS or plaintext), DISABLE (plaintext; no tunnel).
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum MtlsMode {

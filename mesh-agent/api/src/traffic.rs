@@ -26,6 +26,20 @@ pub const MAX_RETRY_BUFFER: u64 = 16 << 20;
 pub const MAX_FAULT_DELAY: Duration = Duration::from_secs(300);
 pub const MAX_HEADER_MATCHES: usize = 16;
 
+#[cfg_attr(feature = "crd", derive(kube::CustomResource, schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "crd",
+    kube(
+        group = "mesh.dev",
+        version = "v1alpha1",
+        kind = "TrafficPolicy",
+        doc = "How the node agents treat requests to one Service: load balancing, retries, circuit breaking, outlier detection, faults, rate limits, access logs.",
+        plural = "trafficpolicies",
+        shortname = "tp",
+        namespaced,
+        category = "mesh"
+    )
+)]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
@@ -49,6 +63,7 @@ pub struct TrafficPolicySpec {
 }
 
 /// Istio Telemetry's access logging, per Service.
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AccessLog {
@@ -60,6 +75,7 @@ pub struct AccessLog {
 
 /// The Service a policy applies to, in the policy's own namespace (Gateway
 /// API policy attachment's `targetRefs` shape).
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TargetRef {
@@ -77,6 +93,7 @@ pub struct TargetRef {
 }
 
 /// Istio DestinationRule `trafficPolicy.loadBalancer`.
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancer {
@@ -92,6 +109,7 @@ pub struct LoadBalancer {
     pub prefer_same_node: bool,
 }
 
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum SimpleLb {
@@ -104,6 +122,7 @@ pub enum SimpleLb {
 }
 
 /// Exactly one key.
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConsistentHash {
@@ -121,6 +140,7 @@ pub struct ConsistentHash {
 
 /// Istio `httpCookie`: hash on this cookie; with a `ttl`, a request without
 /// it gets one generated and set on the response.
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HashCookie {
@@ -132,6 +152,7 @@ pub struct HashCookie {
 }
 
 /// Istio VirtualService `retries`, with Envoy's backoff and retry budget.
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Retries {
@@ -163,6 +184,7 @@ pub struct Retries {
 
 /// Envoy `retry_back_off`: full jitter between 0 and
 /// `min(maxInterval, baseInterval * 2^(retry-1))`.
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Backoff {
@@ -177,6 +199,7 @@ pub struct Backoff {
 /// Envoy `retry_budget`: retries in flight may be at most `percent` of the
 /// requests in flight to the Service, but `minRetryConcurrency` are always
 /// allowed.
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryBudget {
@@ -208,6 +231,7 @@ fn default_min_retry_concurrency() -> u32 {
 
 /// Envoy `circuit_breakers.thresholds` (Istio `connectionPool`), per Service
 /// and agent. Beyond a limit the agent answers 503 `UO` at once.
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CircuitBreaker {
@@ -227,6 +251,7 @@ pub struct CircuitBreaker {
 }
 
 /// Envoy `outlier_detection` (Istio `outlierDetection`), consecutive errors.
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetection {
@@ -254,6 +279,7 @@ pub struct OutlierDetection {
 }
 
 /// Istio `HTTPFaultInjection`, optionally only for matching requests.
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Fault {
@@ -266,6 +292,7 @@ pub struct Fault {
     pub abort: Option<FaultAbort>,
 }
 
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultDelay {
@@ -274,6 +301,7 @@ pub struct FaultDelay {
     pub percentage: f64,
 }
 
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultAbort {
@@ -288,6 +316,7 @@ pub struct FaultAbort {
 
 /// Envoy local rate limit (token bucket): at the caller's agent
 /// (`outbound`) and at the destination's (`inbound`).
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimits {
@@ -297,6 +326,7 @@ pub struct RateLimits {
     pub outbound: Option<RateLimit>,
 }
 
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimit {
