@@ -274,7 +274,9 @@ fn meshctl_shows_a_nodes_config_bpf_certs_and_status_as_json_and_tables() {
         assert!(m.error.is_none() && m.max_entries > 0, "{m:?}");
         assert!(m.entries <= u64::from(m.max_entries), "{m:?}");
     }
-    assert_eq!(bpf.maps.len(), 9, "{:?}", bpf.maps);
+    assert_eq!(bpf.maps.len(), 10, "{:?}", bpf.maps);
+    assert_eq!(map("TCP_STATS").map_type, "lru_percpu_hash");
+    assert_eq!(map("TCP_STATS").max_entries, 4096);
     assert_eq!(map("ENROLLED").entries, ids.len() as u64);
     assert_eq!(map("ENROLLED").max_entries, 4096);
     // Both of node1's pods are workloads of node1, with their listeners.

@@ -1,6 +1,6 @@
 //! The kernel's TCP statistics of the agent's own connections (the
 //! `TCP_STATS` map `mesh-ebpf/src/agent_ops.rs` fills, per remote address)
-//! as Prometheus metrics per destination, prefix `mesh_agent_tcp_`.
+//! as Prometheus metrics per destination, prefix `mesh_agent_kernel_tcp_`.
 //!
 //! A destination is named, never by its raw address: the Workload's
 //! `namespace/name` when the address is a Workload's, the peer node's name
@@ -228,32 +228,32 @@ impl KernelStats {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("mesh_agent");
         r.register(
-            "tcp_connections_established",
+            "kernel_tcp_connections_established",
             "The agent's connects that reached ESTABLISHED, by destination (Workload namespace/name, peer node, or other), as the kernel saw them",
             self.established.clone(),
         );
         r.register(
-            "tcp_connections_closed",
+            "kernel_tcp_connections_closed",
             "The agent's connections that closed, from any state, by destination",
             self.closed.clone(),
         );
         r.register(
-            "tcp_connect_failures",
+            "kernel_tcp_connect_failures",
             "The agent's connections that closed before they were established (refused, reset, timed out), by destination",
             self.failed.clone(),
         );
         r.register(
-            "tcp_retransmits",
+            "kernel_tcp_retransmits",
             "Segments the kernel retransmitted on the agent's connections, counted at close, by destination",
             self.retransmits.clone(),
         );
         r.register(
-            "tcp_bytes",
+            "kernel_tcp_bytes",
             "Bytes of the agent's connections at close, by destination: sent (acknowledged by the remote) and received",
             self.bytes.clone(),
         );
         r.register(
-            "tcp_srtt_seconds",
+            "kernel_tcp_srtt_seconds",
             "Smoothed round-trip time of the agent's established connections at close, by destination",
             self.srtt.clone(),
         );
@@ -426,17 +426,17 @@ mod tests {
         stats.sync(&[(web, one)], &Destinations::of(&state()));
         let text = scrape(&registry);
         for line in [
-            "mesh_agent_tcp_connections_established_total{destination=\"default/web\"} 2",
-            "mesh_agent_tcp_connections_closed_total{destination=\"default/web\"} 3",
-            "mesh_agent_tcp_connect_failures_total{destination=\"default/web\"} 1",
-            "mesh_agent_tcp_retransmits_total{destination=\"default/web\"} 4",
-            "mesh_agent_tcp_bytes_total{destination=\"default/web\",direction=\"sent\"} 200",
-            "mesh_agent_tcp_bytes_total{destination=\"default/web\",direction=\"received\"} 20",
-            "mesh_agent_tcp_srtt_seconds_count{destination=\"default/web\"} 2",
-            "mesh_agent_tcp_srtt_seconds_sum{destination=\"default/web\"} 0.0002",
-            "mesh_agent_tcp_srtt_seconds_bucket{le=\"0.000064\",destination=\"default/web\"} 0",
-            "mesh_agent_tcp_srtt_seconds_bucket{le=\"0.000128\",destination=\"default/web\"} 2",
-            "mesh_agent_tcp_srtt_seconds_bucket{le=\"+Inf\",destination=\"default/web\"} 2",
+            "mesh_agent_kernel_tcp_connections_established_total{destination=\"default/web\"} 2",
+            "mesh_agent_kernel_tcp_connections_closed_total{destination=\"default/web\"} 3",
+            "mesh_agent_kernel_tcp_connect_failures_total{destination=\"default/web\"} 1",
+            "mesh_agent_kernel_tcp_retransmits_total{destination=\"default/web\"} 4",
+            "mesh_agent_kernel_tcp_bytes_total{destination=\"default/web\",direction=\"sent\"} 200",
+            "mesh_agent_kernel_tcp_bytes_total{destination=\"default/web\",direction=\"received\"} 20",
+            "mesh_agent_kernel_tcp_srtt_seconds_count{destination=\"default/web\"} 2",
+            "mesh_agent_kernel_tcp_srtt_seconds_sum{destination=\"default/web\"} 0.0002",
+            "mesh_agent_kernel_tcp_srtt_seconds_bucket{le=\"0.000064\",destination=\"default/web\"} 0",
+            "mesh_agent_kernel_tcp_srtt_seconds_bucket{le=\"0.000128\",destination=\"default/web\"} 2",
+            "mesh_agent_kernel_tcp_srtt_seconds_bucket{le=\"+Inf\",destination=\"default/web\"} 2",
         ] {
             assert!(text.contains(line), "no {line} in\n{text}");
         }
