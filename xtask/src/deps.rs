@@ -24,6 +24,7 @@ pub const RUN_PACKAGES: &[&str] = &[
     "bpftool",
     "curl",
     "tcpdump",
+    "nftables",
     "nginx",
     "haproxy",
     "wrk",
