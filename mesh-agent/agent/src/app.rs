@@ -122,6 +122,15 @@ pub struct Args {
     /// TrafficPolicy sets `accessLog`; without it nothing is logged.
     #[arg(long)]
     pub access_log: Option<PathBuf>,
+    /// OTLP gRPC collector (`http://host:port`, e.g. an OpenTelemetry
+    /// Collector on :4317) for a span per hop of every HTTP request; without
+    /// it no spans are made and trace headers pass as they came.
+    #[arg(long, value_parser = crate::trace::parse_endpoint)]
+    pub otlp_endpoint: Option<String>,
+    /// Share (0..=1) of new traces kept; a request whose caller already
+    /// decided (the sampled flag of `traceparent` or B3) follows it.
+    #[arg(long, default_value_t = 1.0, value_parser = crate::trace::parse_sampling, requires = "otlp_endpoint")]
+    pub trace_sampling: f64,
 }
 
 /// `IP` or `IP:PORT` (port 0 for any).
@@ -210,6 +219,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .access_log
             .start(path.clone())
             .with_context(|| format!("opening the access log {}", path.display()))?;
+    }
+    if let Some(endpoint) = &args.otlp_endpoint {
+        metrics.trace.start(&crate::trace::Settings {
+            endpoint: endpoint.clone(),
+            sampling: args.trace_sampling,
+            node: args.node.clone(),
+        })?;
     }
     let connections = Arc::new(ConnectionTable::new(1024, &metrics));
 

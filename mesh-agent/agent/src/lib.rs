@@ -11,7 +11,8 @@
 //! - [`certs`]: the workload and node certificates the tunnel presents;
 //! - [`telemetry`]: metrics and the connection table; [`tap`]: the live
 //!   stream of requests and connections for `meshctl tap`; [`access_log`]:
-//!   JSON lines of the Services that ask for them;
+//!   JSON lines of the Services that ask for them; [`trace`]: a span per
+//!   hop, exported over OTLP;
 //! - [`kernel_stats`]: the kernel's TCP statistics of the agent's
 //!   connections, per destination; [`health`]: configuration, certificate
 //!   and kernel program gauges;
@@ -29,3 +30,4 @@ pub mod redirect;
 pub mod state;
 pub mod tap;
 pub mod telemetry;
+pub mod trace;

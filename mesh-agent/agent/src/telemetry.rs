@@ -230,6 +230,8 @@ pub struct Metrics {
     pub tap: Arc<crate::tap::Tap>,
     /// `--access-log`, for the Services whose TrafficPolicy asks.
     pub access_log: Arc<crate::access_log::AccessLog>,
+    /// Spans per hop (`--otlp-endpoint`); off until started.
+    pub trace: Arc<crate::trace::Tracing>,
 }
 
 impl Metrics {
@@ -309,6 +311,16 @@ impl Metrics {
             "tap_dropped_events",
             "Events of the live tap (meshctl tap) that a tapper fell too far behind to receive",
             self.tap.dropped.clone(),
+        );
+        r.register(
+            "trace_spans_exported",
+            "Spans of the requests this agent carried that the trace collector accepted (--otlp-endpoint)",
+            self.trace.exported.clone(),
+        );
+        r.register(
+            "trace_spans_dropped",
+            "Spans lost, by reason: queue_full (the exporter fell behind) or export_failed (the collector did not accept them)",
+            self.trace.dropped.clone(),
         );
         r.register(
             "redirect_decisions",

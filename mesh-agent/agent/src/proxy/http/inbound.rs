@@ -25,7 +25,7 @@ use crate::{
 };
 
 pub async fn forward(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     state: &State,
     upstreams: &Upstreams,
     metrics: &Metrics,
@@ -39,8 +39,12 @@ pub async fn forward(
         let source_ip = crate::authz::claimed_source(req.headers(), state, source);
         Tapped::start(&req, state, target, Some(source), source_ip)
     });
+    let span = metrics.trace.tunnelled(&mut req, state, source);
     let mut verdict = None;
     let resp = forward_judged(req, state, upstreams, metrics, source, &mut verdict).await;
+    if let Some(span) = span {
+        span.end("", &resp);
+    }
     Tapped::finish(tapped, metrics, resp, verdict)
 }
 
@@ -135,8 +139,12 @@ pub async fn plaintext(
         .then(|| Tapped::start(&req, state, Some(target), None, source_ip));
     let grpc = is_grpc(req.headers());
     let mut verdict = None;
+    let span = (metrics.trace).inbound(&mut req, state, None, Some(target), source_ip);
     if !authorized(&req, state, metrics, target, None, source_ip, &mut verdict) {
         let resp = local_reply(Flag::Denied, grpc, "denied by authorization policy");
+        if let Some(span) = span {
+            span.end("", &resp);
+        }
         return Tapped::finish(tapped, metrics, resp, verdict);
     }
     match wire {
@@ -150,6 +158,9 @@ pub async fn plaintext(
         Wire::Http2 => respond::to_h2(&mut req),
     }
     let resp = send(upstreams, metrics, target, wire, req, grpc).await;
+    if let Some(span) = span {
+        span.end("", &resp);
+    }
     Tapped::finish(tapped, metrics, resp, verdict)
 }
 

@@ -285,7 +285,7 @@ impl HttpProxy {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, c: &Client) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Incoming>, c: &Client) -> Response<Body> {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
         let log = self.metrics.access_log.enabled() && {
@@ -295,8 +295,16 @@ impl HttpProxy {
                 .by_name(&c.service, c.port)
                 .is_some_and(|b| self.metrics.access_log.sample(b.policy.access_log))
         };
+        // The span's context goes on in the request's headers (and a new
+        // trace's id into the tap event).
+        let span =
+            (self.metrics.trace).outbound(&mut req, &self.state, c.src_pod.as_ref(), &c.service);
         let mut tapped = (log || self.metrics.tap.active()).then(|| self.tap_request(&req, c));
         let (mut resp, outcome) = self.route(req, c, grpc).await;
+        if let Some(span) = span {
+            let flags = outcome.flags.label();
+            span.end_outbound(&self.state, &outcome.route, outcome.upstream, &flags, &resp);
+        }
         if let Some(ev) = tapped.as_mut()
             && !outcome.route.is_empty()
         {
