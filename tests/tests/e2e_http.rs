@@ -395,12 +395,23 @@ fn http_routes_match_filter_split_and_redirect_as_the_gateway_api_says() {
         "10% of 2,000 to v2, got {v2}: {out}"
     );
 
-    // Request metrics, bounded labels.
-    let routed = agent_metric(
-        &cluster,
-        "node1",
-        r#"mesh_agent_http_requests_total{source_workload="default/node1-pod1",destination_service="default/split",route="default/split",code="200",grpc_status="",flags="-"}"#,
-    );
+    // Request metrics, bounded labels: one series per endpoint's workload,
+    // all through the tunnel (node1 has no endpoint of `split`).
+    let routed: u64 = V1
+        .iter()
+        .chain([&V2])
+        .map(|w| {
+            agent_metric(
+                &cluster,
+                "node1",
+                &format!(
+                    "mesh_agent_http_requests_total{{source_workload=\"default/node1-pod1\",source_namespace=\"default\",\
+                     source_identity=\"spiffe://cluster.local/ns/default/sa/node1-pod1\",destination_service=\"default/split\",\
+                     destination_workload=\"default/{w}\",mtls=\"true\",route=\"default/split\",code=\"200\",grpc_status=\"\",flags=\"-\"}}"
+                ),
+            )
+        })
+        .sum();
     assert_eq!(routed, 2000, "each request counted once, with its route");
 }
 

@@ -468,7 +468,7 @@ fn meshctl_top_renders_in_a_terminal_and_its_numbers_match_the_metrics() {
         *last = out.to_string();
         (out[0]["status"] == 200).then_some(())
     });
-    let sample = r#"mesh_agent_http_requests_total{source_workload="default/node1-pod1",destination_service="default/web",route="",code="200",grpc_status="",flags="-"}"#;
+    let sample = r#"mesh_agent_http_requests_total{source_workload="default/node1-pod1",source_namespace="default",source_identity="spiffe://cluster.local/ns/default/sa/node1-pod1",destination_service="default/web",destination_workload="default/node2-pod1",mtls="true",route="",code="200",grpc_status="",flags="-"}"#;
     let counted = agent_metric(&cluster, "node1", sample);
     assert!(
         counted > 0,
@@ -552,4 +552,234 @@ fn meshctl_top_renders_in_a_terminal_and_its_numbers_match_the_metrics() {
         web.find(" 3 ").map(|i| i + 1),
         "{text}"
     );
+}
+
+/// `node`'s sample, once it reaches `want` (counters of connections close
+/// a moment after the client has its answer).
+fn metric_reaches(cluster: &Cluster, node: &str, sample: &str, want: u64) -> u64 {
+    wait_for(sample, Duration::from_secs(10), |last| {
+        let now = agent_metric(cluster, node, sample);
+        *last = format!("{now}, want {want}");
+        (now >= want).then_some(now)
+    })
+}
+
+/// Like [`metric_reaches`], `None` when it does not within 10 s.
+fn wait_for_metric(cluster: &Cluster, node: &str, sample: &str, want: u64) -> Option<u64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = agent_metric(cluster, node, sample);
+        if now >= want {
+            return Some(now);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn request_and_tcp_metrics_count_exactly_what_was_sent_with_their_labels() {
+    let Some(cluster) = cluster() else { return };
+    let _servers = [echo(&cluster, "node2-pod1"), echo(&cluster, "node1-pod2")];
+    let http = |name: &str, vip: &str, app: &str| {
+        format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  vips: [\"{vip}\"]\n  ports: [{{name: http, port: 80, targetPort: {ECHO}, appProtocol: http}}]\n  selector: {{app: {app}}}\n"
+        )
+    };
+    let docs = [
+        cluster.workload_yaml("node1-pod1", &[]),
+        cluster.workload_yaml("node1-pod2", &[]),
+        cluster.workload_yaml("node2-pod1", &[]),
+        http("web", WEB_VIP, "node2-pod1"),
+        http("near", "198.18.230.5", "node1-pod2"),
+        service_yaml(
+            "tcp",
+            TCP_VIP,
+            7000,
+            u32::from(ECHO_PORT),
+            &[("app", "node2-pod1")],
+        ),
+    ];
+    cluster.apply(&yaml_stream(&docs)).expect("apply");
+    let post = |vip: &str, n: usize| {
+        let reqs: Vec<Value> = (0..n)
+            .map(|i| json!({"method": "POST", "path": format!("/counted/{i}"), "headers": {}, "body": "x".repeat(100)}))
+            .collect();
+        let out = probe(
+            python_in_pod(&cluster, "node1-pod1"),
+            &[
+                "http",
+                "--addr",
+                vip,
+                "--requests",
+                &Value::Array(reqs).to_string(),
+            ],
+        );
+        let answers = out.as_array().expect("answers").clone();
+        assert!(answers.iter().all(|a| a["status"] == 200), "{out}");
+    };
+    wait_for("web to answer", Duration::from_secs(20), |last| {
+        let out = requests(&cluster, "node1-pod1", &["/"]);
+        *last = out.to_string();
+        (out[0]["status"] == 200).then_some(())
+    });
+    wait_for("near to answer", Duration::from_secs(20), |_| {
+        let reqs = json!([{"method": "GET", "path": "/", "headers": {}}]).to_string();
+        let out = probe(
+            python_in_pod(&cluster, "node1-pod1"),
+            &["http", "--addr", "198.18.230.5", "--requests", &reqs],
+        );
+        (out[0]["status"] == 200).then_some(())
+    });
+
+    let labels = |service: &str, workload: &str, mtls: bool| {
+        format!(
+            "source_workload=\"default/node1-pod1\",source_namespace=\"default\",\
+             source_identity=\"spiffe://cluster.local/ns/default/sa/node1-pod1\",\
+             destination_service=\"default/{service}\",destination_workload=\"default/{workload}\",\
+             mtls=\"{mtls}\",route=\"\",code=\"200\",grpc_status=\"\",flags=\"-\""
+        )
+    };
+    let far = format!(
+        "mesh_agent_http_requests_total{{{}}}",
+        labels("web", "node2-pod1", true)
+    );
+    let near = format!(
+        "mesh_agent_http_requests_total{{{}}}",
+        labels("near", "node1-pod2", false)
+    );
+    let sizes = |name: &str, service: &str, part: &str| {
+        format!(
+            "mesh_agent_http_{name}_size_bytes_{part}{{destination_service=\"default/{service}\",route=\"\"}}"
+        )
+    };
+    let before = [
+        agent_metric(&cluster, "node1", &far),
+        agent_metric(&cluster, "node1", &near),
+        agent_metric(&cluster, "node1", &sizes("request", "web", "count")),
+        agent_metric(&cluster, "node1", &sizes("request", "web", "sum")),
+        agent_metric(&cluster, "node1", &sizes("response", "web", "count")),
+    ];
+    post(WEB_VIP, 7);
+    post("198.18.230.5", 5);
+    // Cross node through the tunnel, same node directly; each counted once,
+    // by the caller's agent, with the labels of who called whom.
+    let page = |node: &str| {
+        let out = cluster
+            .node_command(node, "curl")
+            .args(["-sf", "http://127.0.0.1:15020/metrics"])
+            .output()
+            .expect("curl the metrics");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let lines = |node: &str, prefix: &str| {
+        page(node)
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        agent_metric(&cluster, "node1", &far) - before[0],
+        7,
+        "{far} in\n{}",
+        lines("node1", "mesh_agent_http_requests_total")
+    );
+    assert_eq!(agent_metric(&cluster, "node1", &near) - before[1], 5);
+    assert_eq!(
+        metric_reaches(
+            &cluster,
+            "node1",
+            &sizes("request", "web", "count"),
+            before[2] + 7
+        ) - before[2],
+        7
+    );
+    assert_eq!(
+        agent_metric(&cluster, "node1", &sizes("request", "web", "sum")) - before[3],
+        700,
+        "request bodies as sent"
+    );
+    assert_eq!(
+        metric_reaches(
+            &cluster,
+            "node1",
+            &sizes("response", "web", "count"),
+            before[4] + 7
+        ) - before[4],
+        7
+    );
+    assert!(
+        agent_metric(&cluster, "node1", &sizes("response", "web", "sum")) > 0,
+        "responses have bodies"
+    );
+    let text = page("node1");
+    assert!(text.contains("mesh_agent_http_requests_total"), "{text}");
+    for forbidden in ["198.18.", "/counted/"] {
+        assert!(
+            !text
+                .lines()
+                .filter(|l| l.starts_with("mesh_agent_http") || l.starts_with("mesh_agent_tcp"))
+                .any(|l| l.contains(forbidden)),
+            "no addresses or raw paths in labels ({forbidden})"
+        );
+    }
+
+    // Three TCP connections across nodes: opened, closed and bytes, on the
+    // caller's agent and on the destination's, each exactly.
+    let outbound = "side=\"outbound\",source_workload=\"default/node1-pod1\",\
+                    destination_service=\"default/tcp\",destination_workload=\"default/node2-pod1\",mtls=\"true\"";
+    let inbound = "side=\"inbound\",source_workload=\"default/node1-pod1\",\
+                   destination_service=\"\",destination_workload=\"default/node2-pod1\",mtls=\"true\"";
+    let tcp = |node: &str, labels: &str| {
+        [
+            "connections_opened",
+            "connections_closed",
+            "sent_bytes",
+            "received_bytes",
+        ]
+        .map(|m| {
+            agent_metric(
+                &cluster,
+                node,
+                &format!("mesh_agent_tcp_{m}_total{{{labels}}}"),
+            )
+        })
+    };
+    let before = [tcp("node1", outbound), tcp("node2", inbound)];
+    for _ in 0..3 {
+        let reply = probe(
+            python_in_pod(&cluster, "node1-pod1"),
+            &[
+                "connect",
+                "--addr",
+                TCP_VIP,
+                "--port",
+                "7000",
+                "--payload",
+                "ping",
+            ],
+        );
+        assert_eq!(reply["reply"], "node2-pod1\nping", "{reply}");
+    }
+    let reply_len = "node2-pod1\nping".len() as u64;
+    for (i, (node, labels)) in [("node1", outbound), ("node2", inbound)]
+        .into_iter()
+        .enumerate()
+    {
+        let closed = format!("mesh_agent_tcp_connections_closed_total{{{labels}}}");
+        if wait_for_metric(&cluster, node, &closed, before[i][1] + 3).is_none() {
+            panic!("{closed} in\n{}", lines(node, "mesh_agent_tcp"));
+        }
+        let after = tcp(node, labels);
+        let moved: Vec<u64> = after.iter().zip(&before[i]).map(|(a, b)| a - b).collect();
+        assert_eq!(
+            moved,
+            vec![3, 3, 3 * 4, 3 * reply_len],
+            "{node}: opened, closed, sent, received"
+        );
+    }
 }

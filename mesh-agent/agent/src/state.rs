@@ -268,6 +268,14 @@ impl State {
         self.by_ip.get(&ip).map(|&i| &self.workloads[i])
     }
 
+    /// `namespace/name` of the Workload that has `ip`, or empty: a bounded
+    /// metric label, never the address.
+    pub fn workload_name(&self, ip: Ipv4Addr) -> String {
+        self.workload_by_ip(ip)
+            .map(|w| format!("{}/{}", w.namespace, w.name))
+            .unwrap_or_default()
+    }
+
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
         self.by_name
             .get(&(namespace.to_owned(), name.to_owned()))

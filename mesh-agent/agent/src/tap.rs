@@ -19,6 +19,9 @@ use tokio::sync::broadcast::{self, error::RecvError};
 pub const BUFFER: usize = 4096;
 /// A quiet stream sends an empty line this often.
 const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a tapper lets events gather after the first before it takes
+/// them all in one batch: short for a human, long for a busy data path.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 
 pub struct Tap {
     tx: broadcast::Sender<Arc<TapEvent>>,
@@ -86,16 +89,60 @@ impl Tapper {
     /// The next event the filter lets through, or what was missed.
     pub async fn next(&mut self) -> Option<TapEvent> {
         loop {
-            match self.rx.recv().await {
-                Ok(event) if self.filter.matches(&event) => return Some((*event).clone()),
-                Ok(_) => {}
-                Err(RecvError::Lagged(n)) => {
-                    self.tap.dropped.inc_by(n);
-                    return Some(TapEvent::Dropped { dropped: n });
-                }
-                Err(RecvError::Closed) => return None,
+            let got = self.rx.recv().await;
+            match self.accept(got) {
+                Got::End => return None,
+                Got::Skip => {}
+                Got::Event(event) => return Some((*event).clone()),
+                Got::Dropped(dropped) => return Some(TapEvent::Dropped { dropped }),
             }
         }
+    }
+
+    /// What a tapper is given of one receipt.
+    fn accept(&self, got: Result<Arc<TapEvent>, RecvError>) -> Got {
+        match got {
+            Ok(event) if self.filter.matches(&event) => Got::Event(event),
+            Ok(_) => Got::Skip,
+            Err(RecvError::Lagged(n)) => {
+                self.tap.dropped.inc_by(n);
+                Got::Dropped(n)
+            }
+            Err(RecvError::Closed) => Got::End,
+        }
+    }
+
+    /// Appends, as JSON lines, the next event the filter lets through and
+    /// then, after [`LINGER`], every event that came meanwhile (at most a
+    /// ring's worth): one write and one wake-up per batch, not per event,
+    /// which is what keeps a busy tap cheap for the agent. `false` when the
+    /// stream ended.
+    async fn next_batch(&mut self, out: &mut Vec<u8>) -> bool {
+        loop {
+            let got = self.rx.recv().await;
+            match self.accept(got) {
+                Got::End => return false,
+                Got::Skip => {}
+                got => {
+                    got.write(out);
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(LINGER).await;
+        for _ in 0..BUFFER {
+            let got = match self.rx.try_recv() {
+                Ok(event) => Ok(event),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                Err(broadcast::error::TryRecvError::Empty) => break,
+                Err(broadcast::error::TryRecvError::Closed) => Err(RecvError::Closed),
+            };
+            match self.accept(got) {
+                Got::End => break,
+                got => got.write(out),
+            }
+        }
+        true
     }
 
     /// The stream as an HTTP body: one JSON event per line.
@@ -103,19 +150,42 @@ impl Tapper {
         self,
     ) -> StreamBody<impl futures::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send> {
         StreamBody::new(futures::stream::unfold(self, |mut tapper| async move {
+            let mut out = Vec::new();
             // An empty line when nothing happened for a while: writing it is
             // how a tapper that left is noticed (and stops costing).
-            let line = match tokio::time::timeout(HEARTBEAT, tapper.next()).await {
-                Ok(Some(event)) => {
-                    let mut line = serde_json::to_vec(&event).unwrap_or_default();
-                    line.push(b'\n');
-                    line
-                }
-                Ok(None) => return None,
-                Err(_) => b"\n".to_vec(),
-            };
-            Some((Ok(Frame::data(Bytes::from(line))), tapper))
+            match tokio::time::timeout(HEARTBEAT, tapper.next_batch(&mut out)).await {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(_) => out.push(b'\n'),
+            }
+            Some((Ok(Frame::data(Bytes::from(out))), tapper))
         }))
+    }
+}
+
+/// One receipt from the ring, as a tapper sees it.
+enum Got {
+    End,
+    /// The filter drops it.
+    Skip,
+    /// Serialized straight from the ring's copy, which all tappers share.
+    Event(Arc<TapEvent>),
+    Dropped(u64),
+}
+
+impl Got {
+    /// Appends the receipt as a JSON line (nothing for a skipped one).
+    fn write(self, out: &mut Vec<u8>) {
+        let written = match self {
+            Got::End | Got::Skip => return,
+            Got::Event(event) => serde_json::to_writer(&mut *out, &*event),
+            Got::Dropped(dropped) => {
+                serde_json::to_writer(&mut *out, &TapEvent::Dropped { dropped })
+            }
+        };
+        if written.is_ok() {
+            out.push(b'\n');
+        }
     }
 }
 
@@ -264,5 +334,30 @@ mod tests {
             Some(TapEvent::Request(r)) => assert_eq!(r.code, 500),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_busy_stream_is_written_in_batches_not_an_event_at_a_time() {
+        use http_body_util::BodyExt;
+        let tap = Arc::new(Tap::new(1024));
+        let mut body = Box::pin(tap.subscribe(TapFilter::default()).into_body());
+        let publisher = {
+            let tap = tap.clone();
+            tokio::spawn(async move {
+                for i in 0..100 {
+                    tap.publish(|| drop_event(i));
+                }
+            })
+        };
+        publisher.await.unwrap();
+        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        let lines: Vec<serde_json::Value> = std::str::from_utf8(&frame)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 100, "one frame carries the whole burst");
+        assert_eq!(lines[99]["dropped"], 99);
+        assert_eq!(tap.dropped.get(), 0);
     }
 }

@@ -154,8 +154,19 @@ pub struct ReasonLabels {
 pub struct RequestLabels {
     /// `namespace/name` of the calling pod's Workload, or `unknown`.
     pub source_workload: String,
+    /// The calling pod's namespace, or `unknown`.
+    pub source_namespace: String,
+    /// The calling pod's SPIFFE ID, or empty when it has none.
+    pub source_identity: String,
     /// `namespace/name` of the Service the client dialled.
     pub destination_service: String,
+    /// `namespace/name` of the Workload whose endpoint answered (the last
+    /// try's); empty when no endpoint was tried or it is not a Workload.
+    pub destination_workload: String,
+    /// `true` when the request went to the endpoint through the mTLS
+    /// tunnel; `false` when it went directly (same node, or outside the
+    /// mesh) or no endpoint was tried.
+    pub mtls: bool,
     /// `namespace/name` of the route that served it; empty when none
     /// applied.
     pub route: String,
@@ -165,6 +176,42 @@ pub struct RequestLabels {
     pub grpc_status: String,
     /// The mesh's response flags (comma-separated, a fixed order), or `-`.
     pub flags: String,
+}
+
+/// One TCP connection carried as bytes (not served as HTTP: those are
+/// counted by request), on the caller's agent (`outbound`) or the
+/// destination's (`inbound`: from the tunnel, or from outside the mesh).
+/// Same-node connections are counted once, as `outbound`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub side: TunnelSide,
+    /// `namespace/name` of the caller's Workload, or `unknown`.
+    pub source_workload: String,
+    /// `namespace/name` of the Service dialled; empty when the caller
+    /// dialled an endpoint, or on the inbound side.
+    pub destination_service: String,
+    /// `namespace/name` of the destination's Workload; empty when it is not
+    /// one.
+    pub destination_workload: String,
+    /// Through the mTLS tunnel.
+    pub mtls: bool,
+}
+
+/// The counters of one open TCP connection: it was counted as opened, and
+/// [`TcpCounters::closed`] counts it closed with its bytes.
+pub struct TcpCounters {
+    closed: Counter,
+    sent: Counter,
+    received: Counter,
+}
+
+impl TcpCounters {
+    /// `sent`: source to destination; `received`: the other way.
+    pub fn closed(self, sent: u64, received: u64) {
+        self.closed.inc();
+        self.sent.inc_by(sent);
+        self.received.inc_by(received);
+    }
 }
 
 /// An authorization decision at the destination.
@@ -200,6 +247,18 @@ pub struct DetectLabels {
     pub protocol: &'static str,
 }
 
+/// A histogram family of body sizes (bytes, 64 B to 64 MiB).
+pub struct SizeFamily(pub Family<LatencyLabels, Histogram, fn() -> Histogram>);
+
+impl Default for SizeFamily {
+    fn default() -> Self {
+        fn buckets() -> Histogram {
+            Histogram::new(exponential_buckets(64.0, 4.0, 11))
+        }
+        SizeFamily(Family::new_with_constructor(buckets))
+    }
+}
+
 /// A histogram family of request latencies (seconds, 0.1 ms to ~13 s).
 pub struct LatencyFamily(pub Family<LatencyLabels, Histogram, fn() -> Histogram>);
 
@@ -216,10 +275,16 @@ impl Default for LatencyFamily {
 pub struct Metrics {
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_request_duration: LatencyFamily,
+    pub http_request_size: SizeFamily,
+    pub http_response_size: SizeFamily,
     pub protocol_detections: Family<DetectLabels, Counter>,
     pub outbound_connections: Family<ResultLabels, Counter>,
     pub outbound_active: Gauge,
     pub outbound_bytes: Family<DirectionLabels, Counter>,
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    pub tcp_sent: Family<TcpLabels, Counter>,
+    pub tcp_received: Family<TcpLabels, Counter>,
     pub redirect_decisions: Family<ReasonLabels, Counter>,
     pub tunnel_handshakes: Family<HandshakeLabels, Counter>,
     pub inbound_streams: Family<InboundLabels, Counter>,
@@ -253,6 +318,26 @@ impl Metrics {
             self.outbound_bytes.clone(),
         );
         r.register(
+            "tcp_connections_opened",
+            "TCP connections carried as bytes (not served as HTTP), opened, by side (outbound: the caller's agent; inbound: the destination's), source workload, destination Service and workload, and mTLS",
+            self.tcp_opened.clone(),
+        );
+        r.register(
+            "tcp_connections_closed",
+            "TCP connections carried as bytes, closed, with the labels of tcp_connections_opened",
+            self.tcp_closed.clone(),
+        );
+        r.register(
+            "tcp_sent_bytes",
+            "Bytes from source to destination of TCP connections carried as bytes, counted when they close, with the labels of tcp_connections_opened",
+            self.tcp_sent.clone(),
+        );
+        r.register(
+            "tcp_received_bytes",
+            "Bytes from destination to source of TCP connections carried as bytes, counted when they close, with the labels of tcp_connections_opened",
+            self.tcp_received.clone(),
+        );
+        r.register(
             "tunnel_handshakes",
             "mTLS handshakes of the tunnel between agents, by direction and result (ok, or the refusal reason)",
             self.tunnel_handshakes.clone(),
@@ -269,13 +354,23 @@ impl Metrics {
         );
         r.register(
             "http_requests",
-            "HTTP requests and gRPC calls through the outbound proxy, by source workload, destination Service, route, status code, gRPC status and mesh response flag",
+            "HTTP requests and gRPC calls through the outbound proxy, by source workload, namespace and identity, destination Service and workload, route, status code, gRPC status, mTLS and mesh response flag",
             self.http_requests.clone(),
         );
         r.register(
             "http_request_duration_seconds",
             "Time from a request's arrival to its response's headers, by destination Service and route",
             self.http_request_duration.0.clone(),
+        );
+        r.register(
+            "http_request_size_bytes",
+            "Body bytes of requests through the outbound proxy as the client sent them, by destination Service and route",
+            self.http_request_size.0.clone(),
+        );
+        r.register(
+            "http_response_size_bytes",
+            "Body bytes of responses through the outbound proxy as the client received them, by destination Service and route",
+            self.http_response_size.0.clone(),
         );
         r.register(
             "protocol_detections",
@@ -327,6 +422,16 @@ impl Metrics {
             "Decisions of the kernel programs, by reason",
             self.redirect_decisions.clone(),
         );
+    }
+
+    /// Counts a TCP connection opened; its counters count it closed.
+    pub fn tcp_opened(&self, labels: TcpLabels) -> TcpCounters {
+        self.tcp_opened.get_or_create(&labels).inc();
+        TcpCounters {
+            closed: self.tcp_closed.get_or_create(&labels).clone(),
+            sent: self.tcp_sent.get_or_create(&labels).clone(),
+            received: self.tcp_received.get_or_create(&labels).clone(),
+        }
     }
 
     pub fn connection(&self, result: ConnectionResult) {

@@ -8,6 +8,7 @@
 //!
 //! Answers the mesh produces itself carry [`FLAGS_HEADER`] with a short
 //! flag naming the condition, as Envoy's response flags do.
+mod counted;
 pub mod detect;
 pub mod inbound;
 pub mod mirror;

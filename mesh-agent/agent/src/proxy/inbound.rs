@@ -20,7 +20,7 @@ use crate::{
         tunnel::Credentials,
     },
     state::StateRx,
-    telemetry::{InboundResult, Metrics, TunnelSide},
+    telemetry::{InboundResult, Metrics, TcpLabels, TunnelSide},
 };
 
 /// Concurrent CONNECT streams one tunnel connection may carry.
@@ -198,6 +198,22 @@ impl Inbound {
             };
         let _ = upstream.set_nodelay(true);
         let metrics = self.metrics.clone();
+        let tcp_labels = {
+            let state = self.state.borrow();
+            TcpLabels {
+                side: TunnelSide::Inbound,
+                source_workload: state
+                    .workload_by_ip(source_ip)
+                    .filter(|w| w.identity.as_ref() == Some(&source))
+                    .map_or_else(
+                        || "unknown".to_owned(),
+                        |w| format!("{}/{}", w.namespace, w.name),
+                    ),
+                destination_service: String::new(),
+                destination_workload: state.workload_name(*target.ip()),
+                mtls: true,
+            }
+        };
         tokio::spawn(async move {
             let upgraded = match hyper::upgrade::on(req).await {
                 Ok(u) => u,
@@ -207,6 +223,7 @@ impl Inbound {
                 }
             };
             metrics.inbound_stream(InboundResult::Forwarded);
+            let tcp = metrics.tcp_opened(tcp_labels);
             let (a, b) = (
                 std::sync::atomic::AtomicU64::new(0),
                 std::sync::atomic::AtomicU64::new(0),
@@ -222,6 +239,10 @@ impl Inbound {
                 // A new policy denies it: both sides are closed (dropped).
                 () = revoked => {}
             }
+            tcp.closed(
+                a.load(std::sync::atomic::Ordering::Relaxed),
+                b.load(std::sync::atomic::Ordering::Relaxed),
+            );
         });
         status(StatusCode::OK)
     }

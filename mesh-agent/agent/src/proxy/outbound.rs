@@ -29,6 +29,7 @@ use crate::{
     state::{Lookup, PodId, StateRx},
     telemetry::{
         ConnectionResult, ConnectionTable, DetectLabels, Direction, DirectionLabels, Metrics,
+        TcpLabels, TunnelSide,
     },
 };
 
@@ -190,6 +191,15 @@ impl Outbound {
                 )));
             }
         }
+        let tcp_labels = TcpLabels {
+            side: TunnelSide::Outbound,
+            source_workload: src_pod
+                .as_ref()
+                .map_or_else(|| "unknown".to_owned(), ToString::to_string),
+            destination_service: route.service.clone().unwrap_or_default(),
+            destination_workload: self.state.borrow().workload_name(*route.dst.ip()),
+            mtls: false,
+        };
         let upstream = match self.open(route, source_ip).await {
             Ok(s) => s,
             Err(e) => {
@@ -200,6 +210,10 @@ impl Outbound {
                 return;
             }
         };
+        let tcp = self.metrics.tcp_opened(TcpLabels {
+            mtls: matches!(upstream, Upstream::Tunnel(_)),
+            ..tcp_labels
+        });
         self.metrics.outbound_active.inc();
         let (sent, received) = (&tracked.live.sent, &tracked.live.received);
         let mut client = socket;
@@ -221,6 +235,7 @@ impl Outbound {
             tracked.live.sent.load(Ordering::Relaxed),
             tracked.live.received.load(Ordering::Relaxed),
         );
+        tcp.closed(sent, received);
         for (direction, n) in [(Direction::Sent, sent), (Direction::Received, received)] {
             self.metrics
                 .outbound_bytes

@@ -40,7 +40,7 @@ use crate::{
     },
     redirect::enrolment::PodEvent,
     state::StateRx,
-    telemetry::{Metrics, PlaintextResult},
+    telemetry::{Metrics, PlaintextResult, TcpLabels, TunnelSide},
 };
 
 pub struct Plaintext {
@@ -159,6 +159,21 @@ impl Plaintext {
         let _ = upstream.set_nodelay(true);
         let _ = socket.set_nodelay(true);
         self.metrics.plaintext(PlaintextResult::Forwarded);
+        let tcp = {
+            let state = self.state.borrow();
+            let source = state.workload_name(source_ip);
+            self.metrics.tcp_opened(TcpLabels {
+                side: TunnelSide::Inbound,
+                source_workload: if source.is_empty() {
+                    "unknown".to_owned()
+                } else {
+                    source
+                },
+                destination_service: String::new(),
+                destination_workload: state.workload_name(*target.ip()),
+                mtls: false,
+            })
+        };
         let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
         let mut client = socket;
         tokio::select! {
@@ -172,6 +187,7 @@ impl Plaintext {
                 refuse(client);
             }
         }
+        tcp.closed(sent.into_inner(), received.into_inner());
     }
 
     async fn serve_http(

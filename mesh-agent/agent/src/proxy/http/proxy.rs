@@ -96,6 +96,8 @@ struct Outcome {
     flags: Flags,
     /// The endpoint of the last try, if one was tried.
     upstream: Option<SocketAddrV4>,
+    /// Whether the last try went through the mTLS tunnel.
+    mtls: bool,
 }
 
 /// A routed request's destination and limits, for [`HttpProxy::dispatch`].
@@ -325,29 +327,55 @@ impl HttpProxy {
         } else {
             String::new()
         };
-        let source_workload = c
-            .src_pod
-            .as_ref()
-            .map_or_else(|| "unknown".to_owned(), ToString::to_string);
+        let (source_workload, source_namespace, source_identity, destination_workload) = {
+            let state = self.state.borrow();
+            let source = c.src_pod.as_ref();
+            let identity = source
+                .and_then(|p| state.local_workload(p)?.identity.as_ref())
+                .map(ToString::to_string);
+            let destination = outcome
+                .upstream
+                .and_then(|up| state.workload_by_ip(*up.ip()))
+                .map(|w| format!("{}/{}", w.namespace, w.name));
+            (
+                source.map_or_else(|| "unknown".to_owned(), ToString::to_string),
+                source.map_or_else(|| "unknown".to_owned(), |p| p.namespace.clone()),
+                identity.unwrap_or_default(),
+                destination.unwrap_or_default(),
+            )
+        };
         self.metrics
             .http_requests
             .get_or_create(&RequestLabels {
                 source_workload,
+                source_namespace,
+                source_identity,
                 destination_service: c.service.clone(),
+                destination_workload,
                 route: outcome.route.clone(),
                 code: resp.status().as_u16(),
                 grpc_status,
+                mtls: outcome.mtls,
                 flags,
             })
             .inc();
+        let labels = LatencyLabels {
+            destination_service: c.service.clone(),
+            route: outcome.route,
+        };
         self.metrics
             .http_request_duration
             .0
-            .get_or_create(&LatencyLabels {
-                destination_service: c.service.clone(),
-                route: outcome.route,
-            })
+            .get_or_create(&labels)
             .observe(start.elapsed().as_secs_f64());
+        let response_sizes = self
+            .metrics
+            .http_response_size
+            .0
+            .get_or_create(&labels)
+            .clone();
+        let resp =
+            resp.map(|body| super::boxed(super::counted::Counted::new(body, response_sizes)));
         if let Some(mut ev) = tapped {
             ev.duration_ms = start.elapsed().as_secs_f64() * 1000.0;
             ev.code = resp.status().as_u16();
@@ -420,6 +448,7 @@ impl HttpProxy {
             route: String::new(),
             flags: Flags::default(),
             upstream: None,
+            mtls: false,
         };
         let reply = |flag: Flag, detail: String, mut outcome: Outcome| {
             outcome.flags.insert(flag);
@@ -494,7 +523,16 @@ impl HttpProxy {
                 outcome,
             );
         };
-        let mut body = boxed(body);
+        let request_sizes = self
+            .metrics
+            .http_request_size
+            .0
+            .get_or_create(&LatencyLabels {
+                destination_service: c.service.clone(),
+                route: outcome.route.clone(),
+            })
+            .clone();
+        let mut body = boxed(super::counted::Counted::new(boxed(body), request_sizes));
         for m in mirrors {
             let (primary, copy) = mirror::tee(body);
             body = primary;
@@ -510,9 +548,10 @@ impl HttpProxy {
             backend_timeout: timeouts.1,
             route_retry,
         };
-        let (mut resp, flags, upstream) = self.dispatch(&plan, parts, body, upgrade).await;
+        let (mut resp, flags, upstream, mtls) = self.dispatch(&plan, parts, body, upgrade).await;
         outcome.flags = flags;
         outcome.upstream = upstream;
+        outcome.mtls = mtls;
         for f in response_filters {
             if let Some(edit) = &f.response_headers {
                 edit.apply(resp.headers_mut());
@@ -531,7 +570,7 @@ impl HttpProxy {
         parts: Parts,
         body: Body,
         upgrade: Option<hyper::upgrade::OnUpgrade>,
-    ) -> (Response<Body>, Flags, Option<SocketAddrV4>) {
+    ) -> (Response<Body>, Flags, Option<SocketAddrV4>, bool) {
         let be = plan.backend;
         let policy = &*be.policy;
         let at = &be.attached;
@@ -557,6 +596,7 @@ impl HttpProxy {
                 rate_limited(plan.grpc, &be.service, wait),
                 Flag::RateLimited.into(),
                 None,
+                false,
             );
         }
         if let Some(f) = &policy.fault
@@ -574,7 +614,7 @@ impl HttpProxy {
             {
                 count("fault_abort");
                 flags.insert(Flag::FaultInjected);
-                return (fault_reply(abort, plan.grpc), flags, None);
+                return (fault_reply(abort, plan.grpc), flags, None, false);
             }
         }
         let Some(_active) = at
@@ -588,7 +628,12 @@ impl HttpProxy {
                 "Service {}: {} requests in flight, the most allowed",
                 be.service, policy.limits.max_requests
             );
-            return (local_reply(Flag::Overflow, plan.grpc, &detail), flags, None);
+            return (
+                local_reply(Flag::Overflow, plan.grpc, &detail),
+                flags,
+                None,
+                false,
+            );
         };
         let retry = match (plan.route_retry, &policy.retry) {
             (Some(r), base) => Some(RetryPolicy::with_route(base.as_ref(), r)),
@@ -646,6 +691,7 @@ impl HttpProxy {
             None => (None, Some(body)),
         };
         let has_tunnel = self.forward.tunnel.is_some();
+        let mut tunnelled = false;
         let source_ip = source_workload.map(|w| w.ip);
         let wire = wire_to(be.app_protocol, plan.client.wire);
         let mut upgrade = upgrade;
@@ -763,7 +809,8 @@ impl HttpProxy {
                     Some(d) => tokio::time::timeout(d, sent).await.ok(),
                     None => Some(sent.await),
                 };
-                let t = classify(&result, matches!(planned.via, Via::Tunnel(_)));
+                tunnelled = matches!(planned.via, Via::Tunnel(_));
+                let t = classify(&result, tunnelled);
                 if let Some(outlier::Event::Ejected(time)) =
                     runtime::record(policy, at, index, t, start.elapsed())
                 {
@@ -813,9 +860,9 @@ impl HttpProxy {
             },
             None => tries.await,
         };
-        let upstream = match &done {
-            Final::Tried(_, _, addr) => Some(*addr),
-            _ => None,
+        let (upstream, mtls) = match &done {
+            Final::Tried(_, _, addr) => (Some(*addr), tunnelled),
+            _ => (None, false),
         };
         let mut resp = match done {
             Final::Answer(resp, more) => {
@@ -853,7 +900,7 @@ impl HttpProxy {
         if let Some(c) = set_cookie {
             resp.headers_mut().append(header::SET_COOKIE, c);
         }
-        (resp, flags, upstream)
+        (resp, flags, upstream, mtls)
     }
 
     /// Where a mirror's copy of the request goes, if it is mirrored this
