@@ -67,6 +67,26 @@ impl Collector {
             .collect()
     }
 
+    /// Waits for `n` spans of `trace`.
+    fn wait(&self, trace: &str, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let spans: Vec<Value> = self
+                .spans()
+                .into_iter()
+                .filter(|s| s["trace_id"] == trace)
+                .collect();
+            if spans.len() >= n {
+                return spans;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} spans of trace {trace} did not arrive: {spans:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits for the spans of `trace` from both agents (an outbound and an
     /// inbound one).
     fn trace(&self, trace: &str) -> (Value, Value) {
@@ -319,6 +339,73 @@ fn both_agents_spans_join_the_callers_trace_over_w3c_and_b3() {
         .filter(|s| s["trace_id"] == trace || s["attributes"]["url.path"] == "/warmup")
         .collect();
     assert!(leaked.is_empty(), "unsampled spans exported: {leaked:#?}");
+
+    // :15006: a caller outside the mesh (node1's own namespace) calls the
+    // pod directly; node2's agent serves it as HTTP (an HTTP rule selects
+    // the pod, PERMISSIVE lets plaintext in) and its SERVER span is the
+    // child of the caller's.
+    let permissive = format!(
+        "{}  mtlsMode: PERMISSIVE\n",
+        cluster.workload_yaml("node2-pod1", &[("app", "traced")])
+    );
+    let policy = "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+                  metadata: {name: traced-http, namespace: default}\nspec:\n  \
+                  selector: {matchLabels: {app: traced}}\n  action: ALLOW\n  rules:\n  \
+                  - to:\n    - operation: {paths: [\"/*\"]}\n";
+    cluster
+        .apply(&yaml_stream(&[permissive.as_str(), policy]))
+        .expect("apply");
+    let pod_ip = cluster.pod("node2-pod1").ip;
+    let trace = "3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c";
+    let caller = "4d4d4d4d4d4d4d4d";
+    let answer = wait_for(
+        "plaintext HTTP served by node2's agent",
+        Duration::from_secs(20),
+        |last| {
+            let out = cluster
+                .node_command("node1", "curl")
+                .args(["-sS", "--max-time", "5", "-H"])
+                .arg(format!("traceparent: 00-{trace}-{caller}-01"))
+                .arg(format!("http://{pod_ip}:{ECHO}/plain"))
+                .output()
+                .expect("running curl");
+            let answer: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            *last = format!("{answer} {}", String::from_utf8_lossy(&out.stderr));
+            // Until the policy arrives the connection is carried as bytes,
+            // and the header as it was sent.
+            let seen = answer["headers"]
+                .as_array()?
+                .iter()
+                .find(|h| h[0] == "traceparent")?;
+            (!seen[1].as_str()?.contains(caller)).then_some(answer)
+        },
+    );
+    let spans = collector.wait(trace, 1);
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    let server = &spans[0];
+    assert_eq!(server["kind"], "SERVER", "{server:#}");
+    assert_eq!(server["parent_span_id"], caller, "{server:#}");
+    assert_eq!(
+        server["name"],
+        format!("inbound {pod_ip}:{ECHO}"),
+        "{server:#}"
+    );
+    assert_eq!(server["resource"]["k8s.node.name"], "node2");
+    assert_eq!(server["attributes"]["url.path"], "/plain");
+    assert_eq!(server["attributes"]["http.response.status_code"], 200);
+    assert_eq!(
+        server["attributes"]["mesh.destination.workload"],
+        "default/node2-pod1"
+    );
+    assert!(
+        server["attributes"]["mesh.source.identity"].is_null(),
+        "{server:#}"
+    );
+    let (t, parent, _) = traceparent(&received(&answer, "traceparent"));
+    assert_eq!(
+        (t.as_str(), parent.as_str()),
+        (trace, server["span_id"].as_str().unwrap())
+    );
 
     for node in ["node1", "node2"] {
         let exported = agent_metric(&cluster, node, "mesh_agent_trace_spans_exported_total");

@@ -529,6 +529,42 @@ mod tests {
     }
 
     #[test]
+    fn tracing_flags_are_checked_by_name() {
+        let base = [
+            "mesh-agent",
+            "--node",
+            "node1",
+            "--cgroup-root",
+            "/sys/fs/cgroup",
+            "--agent-ip",
+            "198.19.1.1",
+        ];
+        let parse = |extra: &[&str]| Args::try_parse_from(base.iter().chain(extra));
+        let a = parse(&[]).unwrap();
+        assert_eq!((a.otlp_endpoint, a.trace_sampling), (None, 1.0));
+        let a = parse(&[
+            "--otlp-endpoint",
+            "http://198.18.0.2:4317",
+            "--trace-sampling",
+            "0.1",
+        ])
+        .unwrap();
+        assert_eq!(a.otlp_endpoint.as_deref(), Some("http://198.18.0.2:4317"));
+        assert_eq!(a.trace_sampling, 0.1);
+        for (bad, named) in [
+            (&["--trace-sampling", "0.5"][..], "--otlp-endpoint"),
+            (
+                &["--otlp-endpoint", "http://c:4317", "--trace-sampling", "2"],
+                "--trace-sampling",
+            ),
+            (&["--otlp-endpoint", "198.18.0.2:4317"], "--otlp-endpoint"),
+        ] {
+            let e = parse(bad).expect_err(&format!("{bad:?}")).to_string();
+            assert!(e.contains(named), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
     fn local_addresses_are_the_host_local_leaves_of_the_fib() {
         let trie = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n     +-- 198.18.0.0/24 2 0 2\n        |-- 198.18.0.0\n           /24 link UNICAST\n        |-- 198.18.0.11\n           /32 host LOCAL\n        |-- 198.18.0.255\n           /32 link BROADCAST\n  +-- 127.0.0.0/8 2 0 2\n     |-- 127.0.0.1\n        /32 host LOCAL\nLocal:\n     |-- 198.19.1.1\n        /32 host LOCAL\n";
         assert_eq!(
