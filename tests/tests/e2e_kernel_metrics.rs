@@ -318,3 +318,96 @@ fn kernel_counters_tcp_statistics_and_health_gauges_move_when_pods_connect() {
         }
     }
 }
+
+/// The identities whose certificate expiry node's agent exports.
+fn exported_identities(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| {
+            l.strip_prefix("mesh_agent_certificate_expiry_timestamp_seconds{identity=\"")?
+                .split('"')
+                .next()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[test]
+fn health_gauges_follow_a_workload_leaving_and_a_control_server_restart() {
+    let Some(mut cluster) = cluster() else { return };
+    let held = |cluster: &Cluster| {
+        let status = cluster.admin_get("node1", "/status").expect("/status");
+        let identity: IdentityStatus =
+            serde_json::from_value(status["identity"].clone()).expect("identity status");
+        let mut ids: Vec<String> = std::iter::once(&identity.node)
+            .chain(&identity.certificates)
+            .filter(|c| c.not_after_unix.is_some())
+            .map(|c| c.identity.clone())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let before = held(&cluster);
+    let mut exported = exported_identities(&scrape(&cluster, "node1"));
+    exported.sort();
+    assert_eq!(exported, before, "one series per certificate held");
+    let version = sample(&scrape(&cluster, "node1"), "mesh_agent_config_version").expect("version");
+
+    // node1-pod2's Workload leaves: its identity's series goes, the
+    // configuration version moves on.
+    let out = cluster
+        .meshctl(&["delete", "workload", "node1-pod2"])
+        .expect("meshctl delete");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = wait_for(
+        "node1's agent to drop node1-pod2's certificate",
+        SETTLE,
+        |last| {
+            let ids = held(&cluster);
+            *last = format!("{ids:?}");
+            (ids.len() + 1 == before.len()).then_some(ids)
+        },
+    );
+    let text = wait_for("the expiry series to follow", SETTLE, |last| {
+        let text = scrape(&cluster, "node1");
+        let mut exported = exported_identities(&text);
+        exported.sort();
+        *last = format!("{exported:?}, held {after:?}");
+        (exported == after).then_some(text)
+    });
+    let now = sample(&text, "mesh_agent_config_version").expect("version");
+    assert!(now > version, "version {version} -> {now}");
+    let sync = sync_state(&cluster, "node1");
+    assert_eq!(
+        Some(now),
+        sync["version"].as_str().and_then(|v| v.parse().ok()),
+        "{sync}"
+    );
+
+    // The control server goes and comes back: connected follows.
+    cluster.stop_control().expect("stop control");
+    wait_for(
+        "node1's agent to see the control server gone",
+        SETTLE,
+        |last| {
+            let v = sample(&scrape(&cluster, "node1"), "mesh_agent_control_connected");
+            *last = format!("{v:?}");
+            (v == Some(0.0)).then_some(())
+        },
+    );
+    cluster.start_control().expect("start control");
+    wait_for("node1's agent to reconnect", SETTLE, |last| {
+        let text = scrape(&cluster, "node1");
+        let sync = sync_state(&cluster, "node1");
+        let connected = sample(&text, "mesh_agent_control_connected");
+        let version = sample(&text, "mesh_agent_config_version");
+        *last = format!("connected {connected:?}, version {version:?}, sync {sync}");
+        (connected == Some(1.0)
+            && sync["connected"] == true
+            && version == sync["version"].as_str().and_then(|v| v.parse().ok()))
+        .then_some(())
+    });
+}
