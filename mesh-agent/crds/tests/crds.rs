@@ -283,3 +283,132 @@ fn the_schemas_refuse_what_the_control_server_refuses() {
         "an unknown field of a TrafficPolicy passes"
     );
 }
+
+/// The paths of every property a schema names (`ports[].port`).
+fn schema_paths(prefix: &str, node: &Value, out: &mut std::collections::BTreeSet<String>) {
+    if let Some(Value::Object(props)) = node.get("properties") {
+        for (name, child) in props {
+            let path = format!("{prefix}.{name}");
+            out.insert(path.clone());
+            schema_paths(&path, child, out);
+        }
+    }
+    if let Some(items) = node.get("items") {
+        schema_paths(&format!("{prefix}[]"), items, out);
+    }
+}
+
+/// The paths a document sets, in the same form.
+fn document_paths(prefix: &str, node: &Value, out: &mut std::collections::BTreeSet<String>) {
+    match node {
+        Value::Object(map) => {
+            for (name, child) in map {
+                let path = format!("{prefix}.{name}");
+                out.insert(path.clone());
+                document_paths(&path, child, out);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                document_paths(&format!("{prefix}[]"), item, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn control_reads(document: &Value) -> Result<(), String> {
+    let yaml = serde_yaml_ng::to_string(document).expect("a document renders as YAML");
+    mesh_control::resources::parse_documents(&yaml)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The kinds whose schemas are written beside the control server's parser
+/// (mesh_crds::kinds) agree with it: a document that sets every field of
+/// the schema is read by both, and what one refuses the other refuses.
+#[test]
+fn the_control_server_reads_what_the_schemas_accept() {
+    let crds = committed();
+    let doc = |kind: &str, metadata: Value, spec: Value| json!({"apiVersion": "mesh.dev/v1alpha1", "kind": kind, "metadata": metadata, "spec": spec});
+    let named = json!({"name": "a", "namespace": "shop", "labels": {"app": "a"}});
+    let full = [
+        doc(
+            "Workload",
+            named.clone(),
+            json!({"serviceAccount": "web", "node": "node1", "ip": "198.19.1.10",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"port": 53, "protocol": "UDP"}],
+                "ready": false, "mtlsMode": "PERMISSIVE"}),
+        ),
+        doc(
+            "Service",
+            named.clone(),
+            json!({"vips": ["198.18.100.1", "198.18.100.2"],
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http", "detectTimeout": "50ms"}],
+                "selector": {"app": "a"}}),
+        ),
+        doc(
+            "Node",
+            json!({"name": "node1", "labels": {"zone": "a"}}),
+            json!({"address": "198.18.0.11", "tunnelPort": 15008}),
+        ),
+        doc("MtlsPolicy", named.clone(), json!({"mode": "DISABLE"})),
+    ];
+    for document in full.iter().chain(&readme_documents()) {
+        let kind = document["kind"].as_str().expect("a kind");
+        assert_eq!(
+            validate(&crds, document),
+            Vec::<String>::new(),
+            "{document}"
+        );
+        control_reads(document)
+            .unwrap_or_else(|e| panic!("{kind}: mesh-control refuses {document}: {e}"));
+    }
+    // Every field the schema names is among those read above.
+    for document in &full {
+        let kind = document["kind"].as_str().expect("a kind");
+        let crd = crds
+            .iter()
+            .find(|c| c.spec.names.kind == kind)
+            .expect("its CRD");
+        let mut named = std::collections::BTreeSet::new();
+        schema_paths("", &schema_of(crd)["properties"]["spec"], &mut named);
+        let mut set = std::collections::BTreeSet::new();
+        document_paths("", &document["spec"], &mut set);
+        let untried: Vec<&String> = named.difference(&set).collect();
+        assert!(
+            untried.is_empty(),
+            "{kind}: no document here sets {untried:?}"
+        );
+    }
+
+    let workload = |spec: Value| doc("Workload", named.clone(), spec);
+    let service = |spec: Value| doc("Service", named.clone(), spec);
+    for bad in [
+        workload(json!({"ip": "198.19.1.10"})),
+        workload(json!({"node": "n", "ip": "198.19.1"})),
+        workload(json!({"node": "n", "ip": "198.19.1.10", "ports": [{"port": 0}]})),
+        workload(json!({"node": "n", "ip": "198.19.1.10", "ports": [{"port": 70000}]})),
+        workload(
+            json!({"node": "n", "ip": "198.19.1.10", "ports": [{"port": 1, "protocol": "SCTP"}]}),
+        ),
+        workload(json!({"node": "n", "ip": "198.19.1.10", "mtlsMode": "SOMETIMES"})),
+        workload(json!({"node": "n", "ip": "198.19.1.10", "ready": "yes"})),
+        workload(json!({"node": "n", "ip": "198.19.1.10", "serviceAcount": "x"})),
+        service(json!({"vips": [], "ports": [{"port": 80}]})),
+        service(json!({"vips": ["198.18.100.1"]})),
+        service(json!({"vips": ["198.18.100.1"], "ports": [{"port": 80, "appProtocol": "smtp"}]})),
+        service(json!({"vips": ["198.18.100.1"], "ports": [{"port": 80, "targetPort": 0}]})),
+        doc("Node", json!({"name": "n"}), json!({"address": "198.18.0"})),
+        doc(
+            "Node",
+            json!({"name": "n"}),
+            json!({"address": "198.18.0.11", "tunnelPort": 0}),
+        ),
+        doc("MtlsPolicy", named.clone(), json!({})),
+        doc("MtlsPolicy", named.clone(), json!({"mode": "SOMETIMES"})),
+    ] {
+        assert!(!validate(&crds, &bad).is_empty(), "the schema takes {bad}");
+        assert!(control_reads(&bad).is_err(), "mesh-control takes {bad}");
+    }
+}
