@@ -385,6 +385,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for (_, t) in tasks {
         t.abort();
     }
+    state.metrics.trace.flush(Duration::from_secs(2)).await;
     drop(state);
     redirect.detach();
     let _ = std::fs::remove_file(&args.admin_socket);

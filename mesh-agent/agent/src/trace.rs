@@ -20,10 +20,7 @@
 use std::{
     borrow::Cow,
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{
-        OnceLock,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::OnceLock,
     time::Duration,
 };
 
@@ -47,7 +44,7 @@ use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -119,6 +116,8 @@ struct Exporting {
     _provider: SdkTracerProvider,
     tracer: SdkTracer,
     sampling: f64,
+    /// Asks the sending task to send what is queued now.
+    flush: mpsc::Sender<oneshot::Sender<()>>,
 }
 
 /// A `--trace-sampling` value.
@@ -151,6 +150,23 @@ impl Tracing {
     #[inline]
     pub fn enabled(&self) -> bool {
         self.exporting.get().is_some()
+    }
+
+    /// Sends the spans queued now, waiting at most `timeout` (a stopping
+    /// agent's last spans).
+    pub async fn flush(&self, timeout: Duration) {
+        let Some(ex) = self.exporting.get() else {
+            return;
+        };
+        let (done, answered) = oneshot::channel();
+        let flushed = async {
+            if ex.flush.send(done).await.is_ok() {
+                let _ = answered.await;
+            }
+        };
+        if tokio::time::timeout(timeout, flushed).await.is_err() {
+            warn!(?timeout, "spans still queued at shutdown are lost");
+        }
     }
 
     /// Starts exporting to `settings.endpoint`. Call once, in the runtime
@@ -195,12 +211,14 @@ impl Tracing {
             tx,
             dropped: self.dropped.clone(),
         };
-        tokio::spawn(send_batches(
+        let (flush, flushes) = mpsc::channel(1);
+        let sender = Sender {
             exporter,
-            rx,
-            self.exported.clone(),
-            self.dropped.clone(),
-        ));
+            exported: self.exported.clone(),
+            dropped: self.dropped.clone(),
+            failing: false,
+        };
+        tokio::spawn(send_batches(sender, rx, flushes));
         let provider = SdkTracerProvider::builder()
             .with_span_processor(queue)
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
@@ -214,6 +232,7 @@ impl Tracing {
                 _provider: provider,
                 tracer,
                 sampling: settings.sampling,
+                flush,
             })
             .map_err(|_| Error::Started)
     }
@@ -649,18 +668,73 @@ impl SpanProcessor for Queue {
     }
 }
 
-/// Sends queued spans in batches until the queue closes; a failed batch is
-/// counted, and logged when the collector starts failing.
-async fn send_batches<E: SpanExporter>(
+/// Hands spans to the collector, counting what it accepted and lost.
+struct Sender<E> {
     exporter: E,
-    mut rx: mpsc::Receiver<SpanData>,
     exported: Counter,
     dropped: Family<DroppedLabels, Counter>,
+    /// Whether the last export failed: a failing collector is logged once.
+    failing: bool,
+}
+
+impl<E: SpanExporter> Sender<E> {
+    async fn send(&mut self, batch: Vec<SpanData>) {
+        let n = batch.len() as u64;
+        let sent = tokio::time::timeout(EXPORT_TIMEOUT, self.exporter.export(batch))
+            .await
+            .unwrap_or(Err(OTelSdkError::Timeout(EXPORT_TIMEOUT)));
+        match sent {
+            Ok(()) => {
+                self.exported.inc_by(n);
+                if std::mem::replace(&mut self.failing, false) {
+                    info!("the trace collector accepts spans again");
+                }
+            }
+            Err(e) => {
+                self.dropped
+                    .get_or_create(&DroppedLabels {
+                        reason: "export_failed",
+                    })
+                    .inc_by(n);
+                if std::mem::replace(&mut self.failing, true) {
+                    debug!(error = %e, spans = n, "span export failed");
+                } else {
+                    warn!(error = %e, spans = n, "span export failed; spans are dropped (and counted) until the collector answers");
+                }
+            }
+        }
+    }
+}
+
+/// Sends queued spans in batches (full, or [`BATCH_DELAY`] after the
+/// first) until the queue closes; a flush sends whatever is queued, then
+/// answers.
+async fn send_batches<E: SpanExporter>(
+    mut sender: Sender<E>,
+    mut rx: mpsc::Receiver<SpanData>,
+    mut flushes: mpsc::Receiver<oneshot::Sender<()>>,
 ) {
-    let failing = AtomicBool::new(false);
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
+    loop {
+        tokio::select! {
+            first = rx.recv() => match first {
+                Some(s) => batch.push(s),
+                None => return,
+            },
+            Some(done) = flushes.recv() => {
+                while let Ok(s) = rx.try_recv() {
+                    batch.push(s);
+                    if batch.len() == MAX_BATCH {
+                        sender.send(std::mem::take(&mut batch)).await;
+                    }
+                }
+                if !batch.is_empty() {
+                    sender.send(std::mem::take(&mut batch)).await;
+                }
+                let _ = done.send(());
+                continue;
+            }
+        }
         let deadline = tokio::time::sleep(BATCH_DELAY);
         tokio::pin!(deadline);
         while batch.len() < MAX_BATCH {
@@ -672,31 +746,7 @@ async fn send_batches<E: SpanExporter>(
                 () = &mut deadline => break,
             }
         }
-        let n = batch.len() as u64;
-        let sent =
-            tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(std::mem::take(&mut batch)))
-                .await
-                .unwrap_or(Err(OTelSdkError::Timeout(EXPORT_TIMEOUT)));
-        match sent {
-            Ok(()) => {
-                exported.inc_by(n);
-                if failing.swap(false, Ordering::Relaxed) {
-                    info!("the trace collector accepts spans again");
-                }
-            }
-            Err(e) => {
-                dropped
-                    .get_or_create(&DroppedLabels {
-                        reason: "export_failed",
-                    })
-                    .inc_by(n);
-                if failing.swap(true, Ordering::Relaxed) {
-                    debug!(error = %e, spans = n, "span export failed");
-                } else {
-                    warn!(error = %e, spans = n, "span export failed; spans are dropped (and counted) until the collector answers");
-                }
-            }
-        }
+        sender.send(std::mem::take(&mut batch)).await;
     }
 }
 
@@ -1005,6 +1055,22 @@ mod tests {
         assert!(sent.ends_with("-00") && !sent.contains(TRACE), "{sent}");
         tokio::time::sleep(BATCH_DELAY * 2).await;
         assert!(rx.try_recv().is_err(), "nothing unsampled is exported");
+    }
+
+    #[tokio::test]
+    async fn a_flush_sends_what_is_queued() {
+        let (t, mut rx) = started(1.0, false);
+        let state = state_rx();
+        for _ in 0..3 {
+            drop(t.outbound(&mut request(&[]), &state, None, "s"));
+        }
+        t.flush(Duration::from_secs(5)).await;
+        assert_eq!(t.exported.get(), 3);
+        let mut got = 0;
+        while let Ok(batch) = rx.try_recv() {
+            got += batch.len();
+        }
+        assert_eq!(got, 3);
     }
 
     #[tokio::test]
