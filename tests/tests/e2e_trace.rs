@@ -415,4 +415,16 @@ fn both_agents_spans_join_the_callers_trace_over_w3c_and_b3() {
             assert_eq!(agent_metric(&cluster, node, &sample), 0, "{node}: {sample}");
         }
     }
+
+    // The collector gone: requests are served as before, and the spans
+    // they make are counted as lost.
+    drop(collector);
+    let failed = "mesh_agent_trace_spans_dropped_total{reason=\"export_failed\"}";
+    wait_for("spans counted as lost", Duration::from_secs(30), |last| {
+        let answer = get(&cluster, "/collector-down", &[]);
+        assert_eq!(answer["pod"], "node2-pod1", "{answer}");
+        let lost = agent_metric(&cluster, "node1", failed);
+        *last = format!("node1 lost {lost}");
+        (lost >= 1).then_some(())
+    });
 }
