@@ -17,6 +17,8 @@ use tracing::warn;
 
 /// Lines queued for the writer, at most.
 const QUEUE: usize = 16384;
+/// How long the writer lets lines gather after the first.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 
 #[derive(Default)]
 pub struct AccessLog {
@@ -67,11 +69,13 @@ impl AccessLog {
             return Err(std::io::Error::other("the access log is already started"));
         }
         tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(64 << 10);
+            let mut batch = Vec::with_capacity(256 << 10);
             while let Some(line) = rx.recv().await {
                 batch.extend_from_slice(&line);
-                // Whatever else is queued goes in the same write.
-                while batch.len() < (64 << 10)
+                // Lines gather for a moment, then go in one write: one
+                // wake-up and one write per batch, not per request.
+                tokio::time::sleep(LINGER).await;
+                while batch.len() < (1 << 20)
                     && let Ok(more) = rx.try_recv()
                 {
                     batch.extend_from_slice(&more);

@@ -51,6 +51,8 @@ const H1_POLICY_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
 const H2C_POLICY_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 4);
 const H1_AUTHZ_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 5);
 const H2C_AUTHZ_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 6);
+const H1_LOG_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 7);
+const H2C_LOG_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 8);
 /// The mesh+policy rows' TrafficPolicy: what an operator would turn on.
 const DEFAULT_POLICY: &str = "  loadBalancer: {simple: LEAST_LATENCY}\n  retries: {attempts: 2, retryOn: [connect-failure, refused-stream, gateway-error], budget: {percent: 20, minRetryConcurrency: 3}}\n  circuitBreaker: {maxConnections: 1024, maxPendingRequests: 1024, maxRequests: 1024, maxRetries: 3}\n  outlierDetection: {consecutive5xxErrors: 5, baseEjectionTime: 30s, maxEjectionPercent: 10}\n";
 /// Not under `/_/`: the echo server's plain answer, a JSON description of the request.
@@ -78,6 +80,10 @@ pub struct HttpArgs {
     /// Shorter runs, to check that the benchmark works.
     #[arg(long)]
     pub quick: bool,
+    /// Only the saturation rows (the CPU per request of each route): no
+    /// fixed-rate rows, so no oha to install.
+    #[arg(long)]
+    pub saturation_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -141,23 +147,28 @@ enum Route {
     /// reading every event of each agent.
     #[serde(rename = "mesh+tap")]
     MeshTap,
+    /// As `mesh`, to a Service whose TrafficPolicy logs every request
+    /// (`accessLog: {sampling: 100}`) to the agents' `--access-log` file.
+    #[serde(rename = "mesh+log")]
+    MeshLog,
     Nginx,
 }
 
 impl Route {
-    const ALL: [Route; 6] = [
+    const ALL: [Route; 7] = [
         Route::Direct,
         Route::Mesh,
         Route::MeshPolicy,
         Route::MeshAuthz,
         Route::MeshTap,
+        Route::MeshLog,
         Route::Nginx,
     ];
 
     fn is_mesh(self) -> bool {
         matches!(
             self,
-            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz | Route::MeshTap
+            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz | Route::MeshTap | Route::MeshLog
         )
     }
 
@@ -171,7 +182,11 @@ impl Route {
 
     fn client(self) -> &'static str {
         match self {
-            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz | Route::MeshTap => MESH_CLIENT,
+            Route::Mesh
+            | Route::MeshPolicy
+            | Route::MeshAuthz
+            | Route::MeshTap
+            | Route::MeshLog => MESH_CLIENT,
             Route::Direct | Route::Nginx => DIRECT_CLIENT,
         }
     }
@@ -185,6 +200,7 @@ impl fmt::Display for Route {
             Route::MeshPolicy => "mesh+policy",
             Route::MeshAuthz => "mesh+authz",
             Route::MeshTap => "mesh+tap",
+            Route::MeshLog => "mesh+log",
             Route::Nginx => "nginx",
         })
     }
@@ -267,17 +283,35 @@ pub(super) fn run(args: &HttpArgs) -> Result<()> {
     }
     deps::prepare_cluster()?;
     // Without oha only the fixed-rate rows fail.
-    let oha = deps::ensure_oha().map_err(|err| format!("{err:#}"));
+    let oha = if args.saturation_only {
+        Err("--saturation-only".to_owned())
+    } else {
+        deps::ensure_oha().map_err(|err| format!("{err:#}"))
+    };
     let sizes = if args.quick { QUICK } else { FULL };
-    let cluster = bench_cluster()?;
+    // The agents' access log (only the mesh+log rows' Service writes to it),
+    // removed however the run ends.
+    let access_log = TempFile(
+        std::env::temp_dir().join(format!("mesh-bench-http-access-{}.log", std::process::id())),
+    );
+    let cluster = bench_cluster(&access_log.0)?;
     let bench = Bench {
         cluster: &cluster,
         testapp: cluster::target_dir().join("release/mesh-testapp"),
         oha,
         sizes,
+        loads: if args.saturation_only {
+            &[Load::Saturation]
+        } else {
+            &Load::ALL
+        },
     };
     let rows = bench.run()?;
     cluster.down()?;
+    let logged = std::fs::read_to_string(&access_log.0)
+        .map(|t| t.lines().count())
+        .unwrap_or(0);
+    eprintln!("xtask: the mesh+log rows wrote {logged} access log lines");
     let report = Report {
         quick: args.quick,
         sizes,
@@ -294,11 +328,12 @@ pub(super) fn run(args: &HttpArgs) -> Result<()> {
 
 /// Two nodes of two pods with the control plane (so the agents tunnel over
 /// mTLS); only the mesh client is enrolled.
-fn bench_cluster() -> Result<Cluster> {
+fn bench_cluster(access_log: &std::path::Path) -> Result<Cluster> {
     let spec = ClusterSpec {
         nodes: 2,
         pods_per_node: 2,
         enroll_all: false,
+        agent_args: vec!["--access-log".into(), access_log.display().to_string()],
         ..ClusterSpec::default()
     };
     let cluster = Cluster::up(&spec)?;
@@ -328,6 +363,8 @@ fn bench_cluster() -> Result<Cluster> {
         ("bench-h2c-policy", H2C_POLICY_VIP, "http2"),
         ("bench-http-authz", H1_AUTHZ_VIP, "http"),
         ("bench-h2c-authz", H2C_AUTHZ_VIP, "http2"),
+        ("bench-http-log", H1_LOG_VIP, "http"),
+        ("bench-h2c-log", H2C_LOG_VIP, "http2"),
     ]
     .map(|(name, vip, app_protocol)| {
         let app = if name.ends_with("-authz") {
@@ -338,6 +375,10 @@ fn bench_cluster() -> Result<Cluster> {
         let policy = if name.ends_with("-policy") {
             format!(
                 "---\napiVersion: mesh.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  targetRef: {{kind: Service, name: {name}}}\n{DEFAULT_POLICY}"
+            )
+        } else if name.ends_with("-log") {
+            format!(
+                "---\napiVersion: mesh.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  targetRef: {{kind: Service, name: {name}}}\n  accessLog: {{sampling: 100}}\n"
             )
         } else {
             String::new()
@@ -364,11 +405,21 @@ fn bench_cluster() -> Result<Cluster> {
     Ok(cluster)
 }
 
+/// A file removed when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 struct Bench<'a> {
     cluster: &'a Cluster,
     testapp: PathBuf,
     oha: Result<PathBuf, String>,
     sizes: Sizes,
+    loads: &'static [Load],
 }
 
 impl Bench<'_> {
@@ -384,7 +435,7 @@ impl Bench<'_> {
                     (Err(err), Route::Nginx) => Err(anyhow::anyhow!("{err:#}")),
                     _ => self.probe(proto, route, &url),
                 };
-                for load in Load::ALL {
+                for &load in self.loads {
                     let generator = self.generator(proto, load);
                     let measured = match &ready {
                         Ok(()) => self.measure(proto, route, load, &url, &nginx),
@@ -436,6 +487,12 @@ impl Bench<'_> {
             (Route::MeshAuthz, Proto::H2c) => {
                 format!("http://{H2C_AUTHZ_VIP}:{SERVICE_PORT}{PATH}")
             }
+            (Route::MeshLog, Proto::Http1) => {
+                format!("http://{H1_LOG_VIP}:{SERVICE_PORT}{PATH}")
+            }
+            (Route::MeshLog, Proto::H2c) => {
+                format!("http://{H2C_LOG_VIP}:{SERVICE_PORT}{PATH}")
+            }
             (Route::Nginx, Proto::Http1) => format!("http://{gateway}:{NGINX_H1_PORT}{PATH}"),
             (Route::Nginx, Proto::H2c) => format!("http://{gateway}:{NGINX_H2C_PORT}{PATH}"),
         }
@@ -482,7 +539,11 @@ impl Bench<'_> {
         let expected = match route {
             Route::Direct => proto.echo_version(),
             Route::Nginx => "HTTP/1.1",
-            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz | Route::MeshTap => {
+            Route::Mesh
+            | Route::MeshPolicy
+            | Route::MeshAuthz
+            | Route::MeshTap
+            | Route::MeshLog => {
                 eprintln!(
                     "xtask: {proto} through the mesh reaches {UPSTREAM} as {}",
                     echo["version"]
@@ -550,18 +611,20 @@ impl Bench<'_> {
     ) -> Result<(LoadRun, Vec<ProxyCost>)> {
         let proxies: Vec<(String, u32)> = match route {
             Route::Direct => Vec::new(),
-            Route::Mesh | Route::MeshPolicy | Route::MeshAuthz | Route::MeshTap => {
-                [CLIENT_NODE, UPSTREAM_NODE]
-                    .into_iter()
-                    .map(|node| {
-                        let pid = self
-                            .cluster
-                            .agent_pid(node)
-                            .with_context(|| format!("the agent of {node} is not running"))?;
-                        Ok((format!("{node} agent"), pid))
-                    })
-                    .collect::<Result<_>>()?
-            }
+            Route::Mesh
+            | Route::MeshPolicy
+            | Route::MeshAuthz
+            | Route::MeshTap
+            | Route::MeshLog => [CLIENT_NODE, UPSTREAM_NODE]
+                .into_iter()
+                .map(|node| {
+                    let pid = self
+                        .cluster
+                        .agent_pid(node)
+                        .with_context(|| format!("the agent of {node} is not running"))?;
+                    Ok((format!("{node} agent"), pid))
+                })
+                .collect::<Result<_>>()?,
             Route::Nginx => match nginx {
                 Ok(nginx) => vec![("nginx".to_string(), nginx.pid())],
                 Err(err) => bail!("{err:#}"),
@@ -976,6 +1039,14 @@ fn aims(rows: &[Row]) -> Vec<Aim> {
             "one live tap per agent adds <= 5% agent CPU per HTTP/1.1 request (mesh+tap / mesh - 1, saturation)".into(),
             (cpu(Route::MeshTap) / cpu(Route::Mesh) - 1.0) * 100.0,
             5.0,
+        )
+        .in_unit("%"),
+    );
+    aims.push(
+        Aim::at_most(
+            "access logs of every request add <= 10% agent CPU per HTTP/1.1 request (mesh+log / mesh - 1, saturation)".into(),
+            (cpu(Route::MeshLog) / cpu(Route::Mesh) - 1.0) * 100.0,
+            10.0,
         )
         .in_unit("%"),
     );
