@@ -381,15 +381,13 @@ fn metric(mut curl: Command, sample: &str) -> Option<u64> {
         "fetching metrics: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| {
-            let v = l.strip_prefix(sample)?.strip_prefix(' ')?;
-            // Counters are integers; a histogram's sum is a float ("700.0").
-            v.parse()
-                .ok()
-                .or_else(|| v.parse::<f64>().ok().map(|f| f as u64))
-        })
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let v = l.strip_prefix(sample)?.strip_prefix(' ')?;
+        // Counters are integers; a histogram's sum is a float ("700.0").
+        v.parse()
+            .ok()
+            .or_else(|| v.parse::<f64>().ok().map(|f| f as u64))
+    })
 }
 
 /// Re-registers `pod`'s Workload with `spec.mtlsMode: mode`.
