@@ -750,6 +750,22 @@ fn request_and_tcp_metrics_count_exactly_what_was_sent_with_their_labels() {
         })
     };
     let before = [tcp("node1", outbound), tcp("node2", inbound)];
+    // The destination's tap shows them too, as inbound connections of the
+    // caller's identity.
+    wait_for_tappers(&cluster, "node2", 0);
+    let inbound_tap = tap_in_pty(
+        &cluster,
+        "node2",
+        &[
+            "-o",
+            "json",
+            "--count",
+            "3",
+            "--identity",
+            "spiffe://cluster.local/ns/default/sa/node1-pod1",
+        ],
+    );
+    wait_for_tappers(&cluster, "node2", 1);
     for _ in 0..3 {
         let reply = probe(
             python_in_pod(&cluster, "node1-pod1"),
@@ -781,5 +797,20 @@ fn request_and_tcp_metrics_count_exactly_what_was_sent_with_their_labels() {
             vec![3, 3, 3 * 4, 3 * reply_len],
             "{node}: opened, closed, sent, received"
         );
+    }
+    let out = finish(inbound_tap);
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert_eq!(events.len(), 3, "{out}");
+    for e in &events {
+        assert_eq!(e["type"], "connection", "{e}");
+        assert_eq!(e["direction"], "inbound", "{e}");
+        assert_eq!(e["source_workload"], "default/node1-pod1", "{e}");
+        assert_eq!(e["destination_workload"], "default/node2-pod1", "{e}");
+        assert_eq!(e["bytes_sent"], 4, "{e}");
+        assert_eq!(e["bytes_received"], reply_len, "{e}");
+        assert_eq!(e["state"], "closed", "{e}");
     }
 }

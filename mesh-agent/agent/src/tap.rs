@@ -219,6 +219,53 @@ pub fn request_event<B>(
     }
 }
 
+/// A connection into a workload of this node, carried as bytes, as it
+/// closed: from the tunnel (with the caller's identity) or from outside the
+/// mesh (`:15006`).
+pub struct InboundConnection {
+    pub source_identity: Option<String>,
+    pub source_workload: Option<String>,
+    pub destination_workload: Option<String>,
+    pub peer: std::net::SocketAddr,
+    pub target: std::net::SocketAddrV4,
+    pub started: std::time::SystemTime,
+    pub start: std::time::Instant,
+}
+
+impl InboundConnection {
+    pub fn event(self, sent: u64, received: u64, error: Option<String>) -> TapEvent {
+        use mesh_api::admin::{ConnectionState, ConnectionView};
+        TapEvent::Connection(mesh_api::tap::ConnectionEvent {
+            direction: Direction::Inbound,
+            source_identity: self.source_identity,
+            source_workload: self.source_workload,
+            destination_workload: self.destination_workload,
+            connection: ConnectionView {
+                id: 0,
+                src_pod: None,
+                src_cgroup_id: 0,
+                peer: self.peer,
+                orig_dst: std::net::SocketAddr::V4(self.target),
+                service: None,
+                upstream: Some(std::net::SocketAddr::V4(self.target)),
+                started_unix_ms: self
+                    .started
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                duration_ms: self.start.elapsed().as_millis() as u64,
+                bytes_sent: sent,
+                bytes_received: received,
+                state: if error.is_some() {
+                    ConnectionState::Failed
+                } else {
+                    ConnectionState::Closed
+                },
+                error,
+            },
+        })
+    }
+}
+
 /// The declared body length.
 pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     headers

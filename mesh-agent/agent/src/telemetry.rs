@@ -625,6 +625,9 @@ impl Drop for Tracked {
         let event = || {
             mesh_api::tap::TapEvent::Connection(mesh_api::tap::ConnectionEvent {
                 direction: mesh_api::tap::Direction::Outbound,
+                source_identity: None,
+                source_workload: None,
+                destination_workload: None,
                 connection: view.clone(),
             })
         };

@@ -98,6 +98,16 @@ pub struct RequestEvent {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ConnectionEvent {
     pub direction: Direction,
+    /// The caller's SPIFFE ID, when it proved one (inbound, through the
+    /// tunnel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_identity: Option<String>,
+    /// `namespace/name` of the caller's Workload, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_workload: Option<String>,
+    /// `namespace/name` of the destination's Workload, when it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_workload: Option<String>,
     #[serde(flatten)]
     pub connection: ConnectionView,
 }
@@ -206,19 +216,29 @@ impl TapFilter {
 
     fn matches_connection(&self, c: &ConnectionEvent) -> bool {
         let v = &c.connection;
+        let workloads = [
+            c.source_workload.as_deref(),
+            c.destination_workload.as_deref(),
+        ];
         // Connections have no path or status: a filter on them excludes them.
         self.path.is_none()
             && self.status.is_none()
-            && self.identity.is_none()
+            && self.identity.as_deref().is_none_or(|id| {
+                c.source_identity
+                    .as_deref()
+                    .is_some_and(|i| same_identity(i, id))
+            })
             && self.pod.as_deref().is_none_or(|p| {
                 v.src_pod
                     .as_deref()
                     .is_some_and(|w| w == p || p.rsplit('/').next() == Some(w))
+                    || workloads.iter().any(|w| w.is_some_and(|w| names_pod(w, p)))
             })
             && self.namespace.as_deref().is_none_or(|ns| {
-                v.service
-                    .as_deref()
-                    .is_some_and(|s| namespace_of(s) == Some(ns))
+                workloads
+                    .iter()
+                    .chain([&v.service.as_deref()])
+                    .any(|w| w.is_some_and(|w| namespace_of(w) == Some(ns)))
             })
             && self
                 .service
@@ -386,6 +406,41 @@ mod tests {
                 ..Default::default()
             }
             .matches(&TapEvent::Dropped { dropped: 3 })
+        );
+    }
+
+    #[test]
+    fn inbound_connections_match_by_their_workloads_and_the_callers_identity() {
+        let event = TapEvent::Connection(ConnectionEvent {
+            direction: Direction::Inbound,
+            source_identity: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
+            source_workload: Some("shop/web-1".into()),
+            destination_workload: Some("shop/db-0".into()),
+            connection: crate::admin::ConnectionView {
+                id: 0,
+                src_pod: None,
+                src_cgroup_id: 0,
+                peer: "198.18.0.1:0".parse().unwrap(),
+                orig_dst: "198.19.1.2:5432".parse().unwrap(),
+                service: None,
+                upstream: None,
+                started_unix_ms: 0,
+                duration_ms: 0,
+                bytes_sent: 0,
+                bytes_received: 0,
+                state: crate::admin::ConnectionState::Closed,
+                error: None,
+            },
+        });
+        let f = |q: &str| TapFilter::from_query(q).unwrap().matches(&event);
+        assert!(f(""));
+        assert!(f("pod=db-0") && f("pod=shop/web-1") && !f("pod=other"));
+        assert!(f("namespace=shop") && !f("namespace=default"));
+        assert!(f("identity=spiffe://cluster.local/ns/shop/sa/web"));
+        assert!(!f("identity=spiffe://cluster.local/ns/shop/sa/db"));
+        assert!(
+            !f("path=/") && !f("status=200"),
+            "no path or status on a connection"
         );
     }
 }

@@ -167,10 +167,20 @@ fn request_cells(r: &RequestEvent) -> [String; 9] {
 
 fn connection_cells(c: &ConnectionEvent) -> [String; 9] {
     let v = &c.connection;
-    let destination = v.service.clone().unwrap_or_else(|| v.orig_dst.to_string());
+    let destination = v
+        .service
+        .clone()
+        .or_else(|| c.destination_workload.clone())
+        .unwrap_or_else(|| v.orig_dst.to_string());
+    let source = v
+        .src_pod
+        .clone()
+        .or_else(|| c.source_workload.clone())
+        .or_else(|| c.source_identity.clone())
+        .unwrap_or_else(|| v.peer.to_string());
     [
         "tcp".into(),
-        v.src_pod.clone().unwrap_or_else(|| v.peer.to_string()),
+        source,
         destination,
         format!("{} B out, {} B in", v.bytes_sent, v.bytes_received),
         format!("{:?}", v.state).to_lowercase(),

@@ -214,6 +214,21 @@ impl Inbound {
                 mtls: true,
             }
         };
+        let tapped = self
+            .metrics
+            .tap
+            .active()
+            .then(|| crate::tap::InboundConnection {
+                source_identity: Some(source.to_string()),
+                source_workload: Some(tcp_labels.source_workload.clone())
+                    .filter(|w| w != "unknown"),
+                destination_workload: Some(tcp_labels.destination_workload.clone())
+                    .filter(|w| !w.is_empty()),
+                peer: SocketAddr::new(source_ip.into(), 0),
+                target,
+                started: std::time::SystemTime::now(),
+                start: std::time::Instant::now(),
+            });
         tokio::spawn(async move {
             let upgraded = match hyper::upgrade::on(req).await {
                 Ok(u) => u,
@@ -230,19 +245,25 @@ impl Inbound {
             );
             let mut upstream = upstream;
             let mut tunnel = Locked(TokioIo::new(upgraded));
+            let mut error = None;
             tokio::select! {
                 copied = crate::proxy::copy_bidirectional(&mut tunnel, &mut upstream, &a, &b) => {
                     if let Err(e) = copied {
                         debug!(%source, %target, error = %e, "tunnel stream ended with error");
+                        error = Some(e.to_string());
                     }
                 }
                 // A new policy denies it: both sides are closed (dropped).
-                () = revoked => {}
+                () = revoked => error = Some("closed: a new policy denies it".into()),
             }
-            tcp.closed(
+            let (sent, received) = (
                 a.load(std::sync::atomic::Ordering::Relaxed),
                 b.load(std::sync::atomic::Ordering::Relaxed),
             );
+            tcp.closed(sent, received);
+            if let Some(t) = tapped {
+                metrics.tap.publish(|| t.event(sent, received, error));
+            }
         });
         status(StatusCode::OK)
     }

@@ -159,6 +159,19 @@ impl Plaintext {
         let _ = upstream.set_nodelay(true);
         let _ = socket.set_nodelay(true);
         self.metrics.plaintext(PlaintextResult::Forwarded);
+        let tapped = self.metrics.tap.active().then(|| {
+            let state = self.state.borrow();
+            crate::tap::InboundConnection {
+                source_identity: None,
+                source_workload: Some(state.workload_name(source_ip)).filter(|w| !w.is_empty()),
+                destination_workload: Some(state.workload_name(*target.ip()))
+                    .filter(|w| !w.is_empty()),
+                peer: SocketAddr::V4(peer),
+                target,
+                started: std::time::SystemTime::now(),
+                start: std::time::Instant::now(),
+            }
+        });
         let tcp = {
             let state = self.state.borrow();
             let source = state.workload_name(source_ip);
@@ -176,18 +189,25 @@ impl Plaintext {
         };
         let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
         let mut client = socket;
+        let mut error = None;
         tokio::select! {
             copied = copy_bidirectional(&mut client, &mut upstream, &sent, &received) => {
                 if let Err(e) = copied {
                     debug!(%target, error = %e, "plaintext connection ended with error");
+                    error = Some(e.to_string());
                 }
             }
             () = revoked => {
                 info!(%target, %peer, "closed: a new policy denies it");
                 refuse(client);
+                error = Some("closed: a new policy denies it".into());
             }
         }
-        tcp.closed(sent.into_inner(), received.into_inner());
+        let (sent, received) = (sent.into_inner(), received.into_inner());
+        tcp.closed(sent, received);
+        if let Some(t) = tapped {
+            self.metrics.tap.publish(|| t.event(sent, received, error));
+        }
     }
 
     async fn serve_http(
