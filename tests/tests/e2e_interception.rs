@@ -257,7 +257,7 @@ const PROGRAMS: [&str; 4] = [
 ];
 
 #[test]
-fn stopped_agent_leaves_nothing_attached_and_restart_replaces_stale_links() {
+fn uninstalled_agent_leaves_nothing_attached_and_restart_replaces_stale_links() {
     let Some(mut cluster) = cluster() else { return };
     let pods_cgroup = cluster.node("node1").pods_cgroup.clone();
     let names = |progs: &[serde_json::Value]| -> Vec<String> {
@@ -270,10 +270,14 @@ fn stopped_agent_leaves_nothing_attached_and_restart_replaces_stale_links() {
     };
     assert_eq!(names(&attached_programs(&pods_cgroup)), PROGRAMS);
 
+    // A stopped agent keeps its links pinned (pods fail closed); only an
+    // explicit uninstall removes them.
     cluster.stop_agent("node1").expect("stop agent");
+    assert_eq!(names(&attached_programs(&pods_cgroup)), PROGRAMS);
+    cluster.uninstall_agent("node1").expect("uninstall");
     assert!(
         attached_programs(&pods_cgroup).is_empty(),
-        "a stopped agent must leave no program attached"
+        "an uninstalled agent must leave no program attached"
     );
 
     // A crashed agent leaves its pinned links (pods stay fail-closed); the
@@ -310,5 +314,6 @@ fn stopped_agent_leaves_nothing_attached_and_restart_replaces_stale_links() {
     assert_eq!(decision(&cluster, "node1", "redirected"), 1);
 
     cluster.stop_agent("node1").expect("stop agent");
+    cluster.uninstall_agent("node1").expect("uninstall");
     assert!(attached_programs(&pods_cgroup).is_empty());
 }

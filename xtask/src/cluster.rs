@@ -43,7 +43,8 @@ use sys::Placement;
 pub const STATE_ROOT: &str = "/run/mesh-cluster";
 
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(10);
-const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The agent's default `--drain-timeout` (10 s), its trace flush (2 s), and a margin.
+const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(15);
 const CONTROL_READY_TIMEOUT: Duration = Duration::from_secs(10);
 const CONTROL_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// One `meshctl` call; the operator API answers in milliseconds.
@@ -389,10 +390,60 @@ impl Cluster {
             .then_some(pid)
     }
 
-    /// SIGTERM, up to 5 s, then SIGKILL; anything left in the agent cgroup is killed too.
+    /// SIGTERM, up to 15 s, then SIGKILL; anything left in the agent cgroup is killed too.
+    /// The agent drains and exits; its kernel programs stay pinned (pods fail closed).
     pub fn stop_agent(&mut self, node: &str) -> Result<()> {
         self.try_node(node)?;
         self.stop_agents(&[node.to_string()])
+    }
+
+    /// Waits up to `timeout` for the node's agent (started by this process) to exit
+    /// by itself, e.g. after a signal the caller sent, and returns its exit status.
+    pub fn wait_agent_exit(
+        &mut self,
+        node: &str,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self
+                .agents
+                .get_mut(node)
+                .with_context(|| format!("the agent of {node} was not started by this process"))?;
+            if let Some(status) = child.try_wait()? {
+                self.agents.remove(node);
+                self.node_state_mut(node)?.agent_pid = None;
+                self.save()?;
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("the agent of {node} did not exit within {timeout:?}");
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// `mesh-agent uninstall` for a node whose agent is stopped: its kernel programs
+    /// are detached and its pins removed, so the node's pods connect outside the mesh.
+    pub fn uninstall_agent(&mut self, node: &str) -> Result<()> {
+        let info = self.try_node(node)?.clone();
+        if let Some(pid) = self.agent_pid(node) {
+            bail!("the agent of {node} is still running (pid {pid}); stop it first");
+        }
+        let out = Command::new(&self.state.agent_bin)
+            .arg("uninstall")
+            .arg("--bpf-pin-dir")
+            .arg(&info.bpf_pin_dir)
+            .output()
+            .with_context(|| format!("running {} uninstall", self.state.agent_bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "mesh-agent uninstall for {node} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 
     /// Starts the node's agent again and waits until it answers `GET /status`,
@@ -1396,18 +1447,24 @@ fn purge(left: &Leftovers) -> (Vec<String>, Vec<String>) {
         removed.push(format!("{deleted} netns"));
     }
 
+    // The agents leave their links pinned (a stopped agent keeps pods fail closed):
+    // unpinning detaches the programs, before their cgroups go.
+    if sys::exists(&left.bpf_root) {
+        match fs::remove_dir_all(&left.bpf_root) {
+            Ok(()) => removed.push(format!("pins {}", left.bpf_root.display())),
+            Err(e) => errors.push(format!("removing {}: {e}", left.bpf_root.display())),
+        }
+    }
     if left.cgroup_root.exists() {
         match sys::cgroup_remove_tree(&left.cgroup_root) {
             Ok(()) => removed.push(format!("cgroup {}", left.cgroup_root.display())),
             Err(e) => errors.push(format!("{e:#}")),
         }
     }
-    for (what, dir) in [("pins", &left.bpf_root), ("state", &left.state_dir)] {
-        if sys::exists(dir) {
-            match fs::remove_dir_all(dir) {
-                Ok(()) => removed.push(format!("{what} {}", dir.display())),
-                Err(e) => errors.push(format!("removing {}: {e}", dir.display())),
-            }
+    if sys::exists(&left.state_dir) {
+        match fs::remove_dir_all(&left.state_dir) {
+            Ok(()) => removed.push(format!("state {}", left.state_dir.display())),
+            Err(e) => errors.push(format!("removing {}: {e}", left.state_dir.display())),
         }
     }
     if current_prefix().ok().flatten().as_deref() == Some(left.prefix.as_str()) {

@@ -58,14 +58,20 @@ pub struct State {
     pub identity: Option<certs::SharedStatus>,
     /// The agent's long-running tasks, by name: one that ended is reported.
     pub tasks: Mutex<Vec<(&'static str, AbortHandle)>>,
+    /// Set when the agent stops: it reports not ready from then on.
+    pub drain: crate::proxy::drain::Drain,
 }
 
-/// Ready means: the kernel programs are attached, every task runs, a
-/// configuration is applied (with a control server), and (with a CA) the
-/// trust bundle, the node certificate and an unexpired certificate for each
-/// local workload identity are held. Otherwise, the reasons.
+/// Ready means: the agent is not draining, the kernel programs are
+/// attached, every task runs, a configuration is applied (with a control
+/// server), and (with a CA) the trust bundle, the node certificate and an
+/// unexpired certificate for each local workload identity are held.
+/// Otherwise, the reasons.
 pub fn readiness(state: &State) -> Result<(), Vec<String>> {
     let mut why = Vec::new();
+    if state.drain.is_draining() {
+        why.push("draining: the agent is stopping".to_owned());
+    }
     if !state.redirect.attached() {
         why.push("kernel programs are not attached".to_owned());
     }

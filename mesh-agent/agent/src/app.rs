@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpSocket, UnixListener};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use mesh_api::{
     client::AgentConnector,
@@ -26,6 +26,7 @@ use crate::{
     health::Health,
     kernel_stats::KernelStats,
     proxy::{
+        drain::Drain,
         http::{
             proxy::{Forwarder, HttpProxy},
             upstream::Upstreams,
@@ -47,7 +48,12 @@ use crate::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "mesh-agent", about = "Node agent of the mesh", version)]
+#[command(
+    name = "mesh-agent",
+    about = "Node agent of the mesh",
+    version,
+    after_help = "A stop signal (SIGTERM, SIGINT) drains and exits, leaving the kernel programs in place: pods' new connections are refused, never let past the mesh, until the next agent starts. To remove them for good: `mesh-agent uninstall --help`."
+)]
 pub struct Args {
     /// Name of this node.
     #[arg(long, env = "MESH_NODE")]
@@ -131,6 +137,37 @@ pub struct Args {
     /// decided (the sampled flag of `traceparent` or B3) follows it.
     #[arg(long, default_value_t = 1.0, value_parser = crate::trace::parse_sampling, requires = "otlp_endpoint")]
     pub trace_sampling: f64,
+    /// On a stop signal, how long connections already open may go on
+    /// (`10s`, `500ms`); those still open then are closed. The listeners
+    /// close at once: new connections are refused meanwhile.
+    #[arg(long, default_value = "10s", value_parser = crate::proxy::drain::parse_timeout)]
+    pub drain_timeout: Duration,
+}
+
+/// `mesh-agent uninstall`: what takes the mesh off a node for good.
+#[derive(Debug, Parser)]
+#[command(
+    name = "mesh-agent uninstall",
+    about = "Detach the mesh's kernel programs and remove their pinned links and maps (after the agent has stopped): pods then connect outside the mesh",
+    version
+)]
+pub struct Uninstall {
+    /// The agent's --bpf-pin-dir.
+    #[arg(long, default_value = "/sys/fs/bpf/mesh")]
+    pub bpf_pin_dir: PathBuf,
+}
+
+/// Unpins every link and map the node's agents left; see [`redirect::uninstall`].
+pub fn uninstall(args: &Uninstall) -> anyhow::Result<()> {
+    let removed = redirect::uninstall(&args.bpf_pin_dir)
+        .with_context(|| format!("uninstalling from {}", args.bpf_pin_dir.display()))?;
+    println!(
+        "removed {} links and {} maps from {}",
+        removed.links,
+        removed.maps,
+        args.bpf_pin_dir.display()
+    );
+    Ok(())
 }
 
 /// `IP` or `IP:PORT` (port 0 for any).
@@ -148,6 +185,7 @@ const ENROLMENT_FILE: &str = "enrolled.json";
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut stop = StopSignals::register().context("registering signal handlers")?;
+    let drain = Drain::default();
     raise_nofile_limit();
     let object = bpf_object(args.bpf_object.as_deref())?;
     let outbound_addr = SocketAddrV4::new(args.agent_ip, args.outbound_port);
@@ -298,6 +336,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         upstreams: upstreams.clone(),
         connect_timeout,
         max_connections: args.max_connections,
+        drain: drain.clone(),
     });
     let inbound = match tls_material {
         Some(creds) => {
@@ -311,6 +350,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     connect_timeout,
                     max_connections: args.max_connections,
                     upstreams: upstreams.clone(),
+                    drain: drain.clone(),
                 }),
                 listener,
             ))
@@ -332,6 +372,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             forward: Forwarder { tunnel, upstreams },
             metrics: metrics.clone(),
         }),
+        drain: drain.clone(),
     });
     let state = Arc::new(admin::State {
         node: args.node.clone(),
@@ -347,6 +388,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         config,
         identity: identity_status,
         tasks: Default::default(),
+        drain: drain.clone(),
     });
     let mut tasks = vec![
         ("outbound", tokio::spawn(proxy.run(outbound))),
@@ -380,15 +422,43 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     info!(node = %args.node, outbound = %outbound_addr, admin = %args.admin_socket.display(), "agent ready");
 
     stop.recv().await;
-    info!("shutting down");
+    // The listeners' tasks end now (a stopped task is no fault any more).
     watch.abort();
+    let open = drain.start();
+    info!(
+        open_connections = open,
+        drain_timeout = ?args.drain_timeout,
+        "draining: listeners closed (new connections are refused), reporting not ready"
+    );
+    let deadline = Instant::now() + args.drain_timeout;
+    let left = tokio::select! {
+        left = drain.wait_closed(deadline) => left,
+        () = stop.recv() => {
+            info!("second stop signal: not waiting for the drain");
+            drain.open_connections()
+        }
+    };
+    if left == 0 {
+        info!(
+            open_connections = open,
+            "drained: every connection finished"
+        );
+    } else {
+        warn!(
+            open_connections = open,
+            left, "drain deadline: closing the connections still open"
+        );
+    }
     for (_, t) in tasks {
         t.abort();
     }
     state.metrics.trace.flush(Duration::from_secs(2)).await;
     drop(state);
-    redirect.detach();
     let _ = std::fs::remove_file(&args.admin_socket);
+    info!(
+        pin_dir = %args.bpf_pin_dir.display(),
+        "stopped; the kernel programs stay pinned (pods fail closed until the next agent); `mesh-agent uninstall` removes them"
+    );
     Ok(())
 }
 
@@ -439,7 +509,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// Registered before anything can report the agent ready, so a stop signal
-/// that follows readiness always gets a clean shutdown (links unpinned).
+/// that follows readiness always gets a drain and a clean exit.
 struct StopSignals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,

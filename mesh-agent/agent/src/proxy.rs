@@ -5,6 +5,7 @@
 //! ends run the byte pump of [`copy`]. A connection that speaks HTTP is
 //! served by [`http`] instead, request by request.
 pub mod copy;
+pub mod drain;
 pub mod http;
 pub mod inbound;
 pub mod outbound;

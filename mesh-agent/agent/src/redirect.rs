@@ -1,8 +1,8 @@
 //! Kernel side of interception: loads the eBPF object, attaches it to the
 //! node's pod cgroup root, and owns the maps the data path reads.
 //!
-//! Links are pinned under the agent's pin directory so that a crashed agent
-//! keeps pods fail-closed (their connects still go to :15001, where nothing
+//! Links are pinned under the agent's pin directory so that a stopped or
+//! crashed agent keeps pods fail-closed (their connects still go to :15001, where nothing
 //! answers) instead of silently bypassing the mesh. The state that must
 //! outlive an agent (enrolment, STRICT set, Service addresses, in-flight
 //! records) is in maps pinned there too. The next agent loads its programs
@@ -557,25 +557,6 @@ impl Redirect {
         self.pins.iter().all(|p| p.exists())
     }
 
-    /// Unpins and detaches every program and removes the pinned maps: the
-    /// cgroup and the pin directory are left as we found them.
-    pub fn detach(&self) {
-        for pin in &self.pins {
-            release_stale(pin);
-        }
-        if let Ok(dir) = fs::read_dir(&self.pin_dir) {
-            for entry in dir.flatten() {
-                if entry.file_name().to_string_lossy().starts_with(INBOUND_PIN) {
-                    release_stale(&entry.path());
-                }
-            }
-        }
-        for map in names::PINNED_MAPS {
-            let _ = fs::remove_file(self.pin_dir.join(map));
-        }
-        info!("redirect detached");
-    }
-
     /// Every program attachment this agent made or took over: the pinned
     /// links on the pod cgroup root, the agent's own sock_ops, and one
     /// inbound link per pod namespace (each pinned `inbound_<cgroup id>`,
@@ -729,6 +710,57 @@ fn map_usage(name: &'static str, pin: &Path) -> Result<MapUsage, MapError> {
         entries,
         max_entries,
     })
+}
+
+/// What was installed, and what [`uninstall`] removed of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub links: usize,
+    pub maps: usize,
+}
+
+/// Removes for good what agents pinned in `pin_dir`: every link (the
+/// programs detach from the pod cgroup root and the pods' namespaces) and
+/// every map, then the directory if nothing else is in it. Pods then connect
+/// outside the mesh. Run it with no agent running: an agent holds its own
+/// links too. A stopping agent never does this (it keeps pods fail-closed).
+pub fn uninstall(pin_dir: &Path) -> Result<Removed, Error> {
+    let pin_err = |source| Error::Pin {
+        path: pin_dir.to_owned(),
+        source,
+    };
+    let mut links: Vec<PathBuf> = PINS.iter().map(|p| pin_dir.join(p)).collect();
+    match fs::read_dir(pin_dir) {
+        Ok(dir) => links.extend(
+            dir.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(INBOUND_PIN))
+                .map(|e| e.path()),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Removed::default()),
+        Err(e) => return Err(pin_err(e)),
+    }
+    let mut removed = Removed::default();
+    for pin in links.iter().filter(|p| p.exists()) {
+        release_stale(pin);
+        if pin.exists() {
+            return Err(pin_err(std::io::Error::other(format!(
+                "cannot remove {}",
+                pin.display()
+            ))));
+        }
+        removed.links += 1;
+    }
+    for map in names::PINNED_MAPS {
+        match fs::remove_file(pin_dir.join(map)) {
+            Ok(()) => removed.maps += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(pin_err(e)),
+        }
+    }
+    // Left in place if it holds anything that is not ours.
+    let _ = fs::remove_dir(pin_dir);
+    info!(pin_dir = %pin_dir.display(), links = removed.links, maps = removed.maps, "redirect uninstalled");
+    Ok(removed)
 }
 
 /// The cgroup id the kernel reports for a cgroup v2 directory is its inode.

@@ -16,6 +16,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::{
     proxy::{
         Locked,
+        drain::Drain,
         http::{self, Body, upstream::Upstreams},
         tunnel::Credentials,
     },
@@ -40,16 +41,25 @@ pub struct Inbound {
     pub max_connections: usize,
     /// Connections to local workloads for tunnelled HTTP requests.
     pub upstreams: Arc<Upstreams>,
+    /// Stops accepting when the agent stops; open tunnels get a GOAWAY.
+    pub drain: Drain,
 }
 
 impl Inbound {
+    /// Accepts until the agent drains; open connections are counted there.
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
         let max = self.max_connections;
-        accept_loop("inbound tunnel", listener, max, move |socket, peer| {
+        let drain = self.drain.clone();
+        let accept = accept_loop("inbound tunnel", listener, max, move |socket, peer| {
             let this = self.clone();
-            async move { this.serve(socket).await }.instrument(info_span!("inbound", %peer))
-        })
-        .await
+            let open = this.drain.open();
+            async move {
+                let _open = open;
+                this.serve(socket).await
+            }
+            .instrument(info_span!("inbound", %peer))
+        });
+        drain.until_draining(accept).await
     }
 
     async fn serve(self: Arc<Self>, socket: TcpStream) {
@@ -116,7 +126,7 @@ impl Inbound {
             let source = source.clone();
             async move { Ok::<_, Infallible>(this.connect(req, source).await) }
         });
-        if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // A peer agent that stops answering pings loses its streams.
             .keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -127,9 +137,18 @@ impl Inbound {
             // Every pooled connection carries all of its pair's connections;
             // a low limit would queue (or deadlock) idle-but-open ones.
             .max_concurrent_streams(MAX_STREAMS)
-            .serve_connection(TokioIo::new(tls), svc)
-            .await
-        {
+            .serve_connection(TokioIo::new(tls), svc);
+        let mut conn = std::pin::pin!(conn);
+        // Draining: a GOAWAY, so the peer opens no new stream here and the
+        // connection ends when its open streams do.
+        let served = tokio::select! {
+            served = conn.as_mut() => served,
+            () = self.drain.started() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = served {
             debug!(error = %e, "tunnel connection ended");
         }
     }

@@ -17,6 +17,7 @@ use mesh_api::kinds::AppProtocol;
 use crate::{
     proxy::{
         Locked, copy_bidirectional,
+        drain::Drain,
         http::{
             detect::{self, Protocol},
             proxy::{Client, HttpProxy},
@@ -64,16 +65,25 @@ pub struct Outbound {
     pub max_connections: usize,
     /// Serves connections to Service ports that speak HTTP.
     pub http: Arc<HttpProxy>,
+    /// Stops accepting when the agent stops.
+    pub drain: Drain,
 }
 
 impl Outbound {
+    /// Accepts until the agent drains; open connections are counted there.
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
         let max = self.max_connections;
-        accept_loop("outbound", listener, max, move |socket, peer| {
+        let drain = self.drain.clone();
+        let accept = accept_loop("outbound", listener, max, move |socket, peer| {
             let this = self.clone();
-            async move { this.serve(socket, peer).await }.instrument(info_span!("outbound", %peer))
-        })
-        .await
+            let open = this.drain.open();
+            async move {
+                let _open = open;
+                this.serve(socket, peer).await
+            }
+            .instrument(info_span!("outbound", %peer))
+        });
+        drain.until_draining(accept).await
     }
 
     async fn serve(&self, socket: TcpStream, peer: SocketAddr) {

@@ -32,6 +32,7 @@ use crate::{
     proxy::outbound::refuse,
     proxy::{
         copy_bidirectional,
+        drain::Drain,
         http::{
             self,
             detect::{self, Protocol},
@@ -50,18 +51,30 @@ pub struct Plaintext {
     pub connect_timeout: Duration,
     /// Connections served at once per pod; more are reset.
     pub max_connections: usize,
+    /// Stops accepting when the agent stops.
+    pub drain: Drain,
 }
 
 impl Plaintext {
-    /// Serves each enrolled pod's listener until the pod is unenrolled.
+    /// Serves each enrolled pod's listener until the pod is unenrolled or
+    /// the agent drains.
     pub async fn run(self: Arc<Self>, mut events: UnboundedReceiver<PodEvent>) {
-        let mut serving: HashMap<u64, JoinHandle<()>> = HashMap::new();
-        while let Some(event) = events.recv().await {
+        let mut serving: HashMap<u64, (JoinHandle<()>, std::net::TcpListener)> = HashMap::new();
+        loop {
+            let event = tokio::select! {
+                event = events.recv() => event,
+                () = self.drain.started() => None,
+            };
+            let Some(event) = event else { break };
             match event {
                 PodEvent::Open {
                     cgroup_id,
                     listener,
                 } => {
+                    let Ok(own) = listener.try_clone() else {
+                        warn!(cgroup_id, "cannot keep a pod's inbound listener");
+                        continue;
+                    };
                     let listener = match TcpListener::from_std(listener) {
                         Ok(l) => l,
                         Err(e) => {
@@ -77,19 +90,35 @@ impl Plaintext {
                         max,
                         move |socket, peer| {
                             let this = this.clone();
-                            async move { this.serve(socket, peer).await }
-                                .instrument(info_span!("plaintext", %peer))
+                            let open = this.drain.open();
+                            async move {
+                                let _open = open;
+                                this.serve(socket, peer).await
+                            }
+                            .instrument(info_span!("plaintext", %peer))
                         },
                     ));
-                    if let Some(old) = serving.insert(cgroup_id, task) {
+                    if let Some((old, _)) = serving.insert(cgroup_id, (task, own)) {
                         old.abort();
                     }
                 }
                 PodEvent::Close { cgroup_id } => {
-                    if let Some(task) = serving.remove(&cgroup_id) {
+                    if let Some((task, _)) = serving.remove(&cgroup_id) {
                         task.abort();
                     }
                 }
+            }
+        }
+        // The enrolment holds a copy of each listener: shutting the socket
+        // down (not just closing ours) takes it out of the kernel's listener
+        // map, so connects into the pod are refused until an agent serves it.
+        for (cgroup_id, (task, listener)) in serving {
+            task.abort();
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+            // SAFETY: shutdown(2) on a socket this function owns.
+            if unsafe { libc::shutdown(fd, libc::SHUT_RD) } != 0 {
+                let e = std::io::Error::last_os_error();
+                warn!(cgroup_id, error = %e, "cannot close a pod's inbound listener");
             }
         }
     }
