@@ -92,6 +92,7 @@ async fn inbound(store: CertStore, bundle: &str, local: SocketAddrV4) -> Peer {
         connect_timeout: Duration::from_secs(2),
         max_connections: 1024,
         upstreams: Arc::new(Upstreams::new(Duration::from_secs(2))),
+        drain: Default::default(),
     });
     tokio::spawn(server.run(l));
     Peer { addr, metrics }
