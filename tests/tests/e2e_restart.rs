@@ -1,0 +1,262 @@
+//! The agent's graceful restart: on SIGTERM it drains (open connections go
+//! on, new ones are refused, readiness turns false), exits 0 and leaves its
+//! kernel programs pinned, so pods never connect around the mesh while no
+//! agent runs. `mesh-agent uninstall` is the explicit way out of the mesh.
+mod support;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Child, ChildStdin, ChildStdout, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use support::*;
+use xtask::cluster::Cluster;
+
+const DRAIN: Duration = Duration::from_secs(2);
+
+fn cluster() -> Option<Cluster> {
+    if !privileged_env_ready() {
+        return None;
+    }
+    let mut spec = spec(2, 2);
+    spec.agent_args = vec!["--drain-timeout".into(), "2s".into()];
+    Some(Cluster::up(&spec).expect("cluster up"))
+}
+
+/// One TCP connection from a pod to an echo server, kept open: each line
+/// written comes back, or the connection is reported closed.
+struct LongLived {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+const LONG_LIVED_PY: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+f = s.makefile("rwb")
+print("ready " + f.readline().decode().strip(), flush=True)
+for line in sys.stdin:
+    try:
+        f.write(line.encode()); f.flush()
+        got = f.readline().decode().strip()
+        print(("echo " + got) if got else "closed", flush=True)
+    except OSError as e:
+        print("closed " + str(e), flush=True)
+"#;
+
+impl LongLived {
+    fn open(cluster: &Cluster, pod: &str, dst: &str) -> LongLived {
+        let (ip, port) = dst.split_once(':').expect("ip:port");
+        let mut child = python_in_pod(cluster, pod)
+            .args(["-c", LONG_LIVED_PY, ip, port])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting the long-lived client");
+        let stdin = child.stdin.take().expect("piped");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("ready line");
+        assert!(line.starts_with("ready "), "long-lived client: {line:?}");
+        LongLived {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Sends `word` and returns what came back (`echo <word>` or `closed ...`).
+    fn round_trip(&mut self, word: &str) -> String {
+        writeln!(self.stdin, "{word}").expect("write to the long-lived client");
+        self.stdin.flush().expect("flush");
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("long-lived client reply");
+        line.trim().to_owned()
+    }
+}
+
+impl Drop for LongLived {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh connect from `pod` to `dst` with a payload: the probe's report.
+fn connect(cluster: &Cluster, pod: &str, dst: &str) -> Value {
+    let (ip, port) = dst.split_once(':').expect("ip:port");
+    probe(
+        python_in_pod(cluster, pod),
+        &[
+            "connect",
+            "--addr",
+            ip,
+            "--port",
+            port,
+            "--payload",
+            "hello\n",
+            "--timeout",
+            "3",
+        ],
+    )
+}
+
+/// The HTTP status of the node agent's `/healthz/ready`.
+fn readiness(cluster: &Cluster, node: &str) -> String {
+    let out = cluster
+        .node_command(node, "curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "1",
+            "http://127.0.0.1:15020/healthz/ready",
+        ])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sigterm(cluster: &Cluster, node: &str) {
+    let pid = cluster.agent_pid(node).expect("agent running");
+    // SAFETY: plain kill(2) on a pid this test's cluster started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+}
+
+fn assert_refused(report: &Value, when: &str) {
+    assert_eq!(
+        report["errno"], "ECONNREFUSED",
+        "a new connection {when} must be refused: {report}"
+    );
+}
+
+#[test]
+fn sigterm_drains_open_connections_refuses_new_ones_and_a_restart_carries_again() {
+    let Some(mut cluster) = cluster() else { return };
+    let server = serve(&cluster, "node2-pod1");
+    let client_ip = cluster.pod("node1-pod1").ip;
+    let dst = addr(cluster.pod("node2-pod1").ip, ECHO_PORT);
+    let pods_cgroup = cluster.node("node1").pods_cgroup.clone();
+    let attached = attached_programs(&pods_cgroup).len();
+    assert_eq!(attached, 4, "the agent's programs on the pod cgroup root");
+    assert_eq!(readiness(&cluster, "node1"), "200");
+
+    let mut open = LongLived::open(&cluster, "node1-pod1", &dst);
+    assert_eq!(open.round_trip("before"), "echo before");
+    let carried = agent_connections(&cluster, "node1");
+    assert!(
+        carried.iter().any(|c| c["state"] == "open"),
+        "the agent carries the long-lived connection: {carried:?}"
+    );
+
+    let stopped = Instant::now();
+    sigterm(&cluster, "node1");
+    let not_ready = wait_for("node1 to report not ready", DRAIN, |last| {
+        *last = readiness(&cluster, "node1");
+        (last.as_str() == "503").then_some(stopped.elapsed())
+    });
+    // During the drain: the open connection works, a new one is refused.
+    assert_eq!(open.round_trip("draining"), "echo draining");
+    let during = connect(&cluster, "node1-pod1", &dst);
+    assert!(stopped.elapsed() < DRAIN, "the checks ran during the drain");
+    assert_refused(&during, "during the drain");
+
+    let status = cluster
+        .wait_agent_exit("node1", DRAIN + Duration::from_secs(3))
+        .expect("the agent exits after its drain period");
+    let took = stopped.elapsed();
+    assert!(status.success(), "the agent exited with {status}");
+    assert!(
+        took >= DRAIN - Duration::from_millis(200),
+        "the agent waited for the open connection ({took:?}, not ready after {not_ready:?})"
+    );
+    assert!(
+        open.round_trip("after").starts_with("closed"),
+        "a connection still open at the deadline is closed"
+    );
+    let log = std::fs::read_to_string(&cluster.node("node1").agent_log).expect("agent log");
+    assert!(
+        log.contains("open_connections=1") && log.contains("left=1"),
+        "the drain logs its counts:\n{log}"
+    );
+
+    // No agent: the programs stay, new connections are refused.
+    assert_eq!(attached_programs(&pods_cgroup).len(), attached);
+    assert_refused(
+        &connect(&cluster, "node1-pod1", &dst),
+        "while no agent runs",
+    );
+    assert!(
+        !server.peers().contains(&client_ip),
+        "the pod reached the server around the mesh: {:?}",
+        server.peers()
+    );
+
+    // The next agent takes over: new connections go through the mesh again.
+    cluster.start_agent("node1").expect("start the agent again");
+    assert_eq!(attached_programs(&pods_cgroup).len(), attached);
+    let report = client_ok(&cluster, "node1-pod1", &["tcp", "--addr", &dst]);
+    assert_eq!(report["server"], "node2-pod1");
+    let carried = agent_connections(&cluster, "node1");
+    assert!(
+        carried
+            .iter()
+            .any(|c| c["src_pod"] == "node1-pod1" && c["orig_dst"] == dst.as_str()),
+        "the restarted agent carried the new connection: {carried:?}"
+    );
+    assert_eq!(decision(&cluster, "node1", "redirected"), 1);
+    server.wait_for_entries(2);
+    assert!(
+        !server.peers().contains(&client_ip),
+        "around the mesh: {:?}",
+        server.peers()
+    );
+}
+
+#[test]
+fn uninstall_detaches_everything_and_pods_connect_directly() {
+    let Some(mut cluster) = cluster() else { return };
+    // Both pods on node1: once node1 is out of the mesh nothing judges them.
+    let server = serve(&cluster, "node1-pod2");
+    let client_ip = cluster.pod("node1-pod1").ip;
+    let dst = addr(cluster.pod("node1-pod2").ip, ECHO_PORT);
+    let pods_cgroup = cluster.node("node1").pods_cgroup.clone();
+    let pin_dir = cluster.node("node1").bpf_pin_dir.clone();
+
+    cluster.stop_agent("node1").expect("stop the agent");
+    assert_eq!(
+        attached_programs(&pods_cgroup).len(),
+        4,
+        "a stop keeps them"
+    );
+    assert_refused(&connect(&cluster, "node1-pod1", &dst), "after a stop");
+
+    cluster
+        .uninstall_agent("node1")
+        .expect("mesh-agent uninstall");
+    assert!(
+        attached_programs(&pods_cgroup).is_empty(),
+        "uninstall leaves no program on the pod cgroup: {:?}",
+        attached_programs(&pods_cgroup)
+    );
+    assert!(!pin_dir.exists(), "{} is removed", pin_dir.display());
+    let report = connect(&cluster, "node1-pod1", &dst);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(
+        server.wait_for_entries(1).len(),
+        1,
+        "the server saw the direct connection"
+    );
+    assert_eq!(server.peers(), [client_ip], "straight from the pod");
+    // Uninstalling what is gone already is no error.
+    cluster.uninstall_agent("node1").expect("uninstall again");
+}
