@@ -121,6 +121,20 @@ struct Entry {
     failures: u32,
     last_error: Option<String>,
     source: Source,
+    /// The `not_after` of the certificate already warned about as expiring.
+    warned: Option<SystemTime>,
+}
+
+/// A certificate held with less than this share of its lifetime left has
+/// missed every renewal since half-life: warned about, once.
+const WARN_SHARE: u32 = 4;
+
+/// When a certificate valid over `validity` is due a warning: a quarter of
+/// its lifetime before it ends (renewal is at half-life, so by then several
+/// attempts have failed).
+fn warn_at((not_before, not_after): (SystemTime, SystemTime)) -> SystemTime {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    not_after - life / WARN_SHARE
 }
 
 impl Entry {
@@ -134,7 +148,32 @@ impl Entry {
             failures: 0,
             last_error: None,
             source: Source::None,
+            warned: None,
         }
+    }
+
+    /// The time left, when this certificate is in its warning window and
+    /// was not warned about yet (then it counts as warned).
+    fn expiring(&mut self, now: SystemTime) -> Option<Duration> {
+        let validity = self.validity?;
+        if self.warned == Some(validity.1) || now < warn_at(validity) {
+            return None;
+        }
+        self.warned = Some(validity.1);
+        Some(validity.1.duration_since(now).unwrap_or_default())
+    }
+
+    /// The next instant this entry needs the loop: its renewal, its
+    /// warning, its expiry.
+    fn wake(&self) -> SystemTime {
+        let mut next = self.due;
+        if let Some(v) = self.validity {
+            next = next.min(v.1);
+            if self.warned != Some(v.1) {
+                next = next.min(warn_at(v));
+            }
+        }
+        next
     }
 
     /// Renewal at half of the lifetime that is left from `from`.
@@ -234,6 +273,7 @@ impl Manager {
             let config = self.config.borrow_and_update().clone();
             self.reconcile(&config);
             self.check_chains();
+            self.warn_expiring();
             self.expire();
             self.renew_due().await;
             self.publish();
@@ -362,17 +402,26 @@ impl Manager {
     }
 
     fn next_due(&self) -> SystemTime {
-        let mut next = self.node_entry.due;
-        for e in self.entries.values() {
-            next = next.min(e.due);
-            if let Some((_, na)) = e.validity {
-                next = next.min(na);
+        self.entries
+            .values()
+            .map(Entry::wake)
+            .fold(self.node_entry.wake(), SystemTime::min)
+    }
+
+    /// Warns, once per certificate, about one that is close to expiring
+    /// without a renewal: when it expires, its pods' mTLS stops.
+    fn warn_expiring(&mut self) {
+        let now = SystemTime::now();
+        if let Some(left) = self.node_entry.expiring(now) {
+            warn!(?left, failures = self.node_entry.failures, last_error = ?self.node_entry.last_error,
+                "the node certificate expires soon and has not been renewed");
+        }
+        for (id, e) in &mut self.entries {
+            if let Some(left) = e.expiring(now) {
+                warn!(identity = %id, ?left, failures = e.failures, last_error = ?e.last_error,
+                    "certificate expires soon and has not been renewed: its workloads lose mTLS when it does");
             }
         }
-        if let Some((_, na)) = self.node_entry.validity {
-            next = next.min(na);
-        }
-        next
     }
 
     /// Asks for every certificate that is due: the node's first, so that
@@ -683,5 +732,30 @@ mod tests {
             now,
         );
         assert_eq!(e.due, now + Duration::from_secs(60));
+    }
+
+    #[test]
+    fn an_unrenewed_certificate_is_warned_about_once_a_quarter_of_its_life_before_it_ends() {
+        let mut e = Entry::new();
+        let issued = SystemTime::now();
+        let life = Duration::from_secs(400);
+        e.held(issued, issued + life, issued);
+        // Renewal at half-life comes first; the warning at three quarters.
+        assert_eq!(e.wake(), issued + Duration::from_secs(200));
+        e.due = issued + Duration::from_secs(1000); // renewals keep failing
+        assert_eq!(e.wake(), issued + Duration::from_secs(300));
+        assert_eq!(e.expiring(issued + Duration::from_secs(299)), None);
+        assert_eq!(
+            e.expiring(issued + Duration::from_secs(310)),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(e.expiring(issued + Duration::from_secs(320)), None, "once");
+        assert_eq!(e.wake(), issued + life, "then only its expiry");
+        // A renewed certificate is a new one: warned about again if it too
+        // goes unrenewed.
+        let renewed = issued + Duration::from_secs(350);
+        e.held(renewed, renewed + life, renewed);
+        assert_eq!(e.expiring(renewed + Duration::from_secs(10)), None);
+        assert!(e.expiring(renewed + Duration::from_secs(300)).is_some());
     }
 }
