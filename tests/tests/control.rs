@@ -299,6 +299,19 @@ async fn agents_get_every_workload_and_service_and_the_trust_bundle_then_only_ch
         .await
         .expect("apply");
     let change = n1.recv().await;
+    // The generated root's expiry, for alerts: ten years from now.
+    let ca_expiry = server
+        .metric("mesh_control_ca_expiry_timestamp_seconds")
+        .expect("the CA's expiry");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let year = 365.0 * 86400.0;
+    assert!(
+        ca_expiry > now + 9.0 * year && ca_expiry < now + 11.0 * year,
+        "{ca_expiry}"
+    );
     assert_eq!(
         server.metric("mesh_control_push_latency_seconds_count"),
         Some(0.0),

@@ -75,6 +75,11 @@ impl Authority {
         }
     }
 
+    /// When the signing CA's certificate expires.
+    pub fn ca_not_after(&self) -> std::time::SystemTime {
+        self.ca.not_after()
+    }
+
     pub fn trust_domain(&self) -> &str {
         self.ca.trust_domain()
     }

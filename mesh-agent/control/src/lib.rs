@@ -134,6 +134,8 @@ pub struct Metrics {
     pub sign_refused: Family<ReasonLabels, Counter>,
     pub certificates_issued: Family<KindLabels, Counter>,
     pub tls_handshakes: Family<ResultLabels, Counter>,
+    /// The signing CA's `not_after` (Unix seconds); 0 without a CA.
+    pub ca_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -152,6 +154,7 @@ impl Default for Metrics {
             sign_refused: Family::default(),
             certificates_issued: Family::default(),
             tls_handshakes: Family::default(),
+            ca_expiry: Gauge::default(),
         }
     }
 }
@@ -209,6 +212,11 @@ impl Metrics {
             "certificates_issued",
             "Certificates issued, by kind (workload, node)",
             self.certificates_issued.clone(),
+        );
+        r.register(
+            "ca_expiry_timestamp_seconds",
+            "When the signing CA's certificate expires (Unix seconds; 0 when this server has no CA)",
+            self.ca_expiry.clone(),
         );
         r.register(
             "tls_handshakes",
@@ -296,6 +304,15 @@ impl ControlPlane {
         }
         let metrics = Metrics::default();
         metrics.store_revision.set(revision_gauge(revision));
+        if let Some(authority) = &authority {
+            let expiry = authority
+                .ca_not_after()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            metrics
+                .ca_expiry
+                .set(i64::try_from(expiry).unwrap_or(i64::MAX));
+        }
         Ok(ControlPlane {
             store: Mutex::new(store),
             view: RwLock::new(view),

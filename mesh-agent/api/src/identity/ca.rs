@@ -190,6 +190,11 @@ impl Ca {
         })
     }
 
+    /// When the signing certificate expires: nothing it signs outlives it.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
