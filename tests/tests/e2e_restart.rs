@@ -14,14 +14,14 @@ use serde_json::Value;
 use support::*;
 use xtask::cluster::Cluster;
 
-const DRAIN: Duration = Duration::from_secs(2);
+const DRAIN: Duration = Duration::from_secs(3);
 
 fn cluster() -> Option<Cluster> {
     if !privileged_env_ready() {
         return None;
     }
     let mut spec = spec(2, 2);
-    spec.agent_args = vec!["--drain-timeout".into(), "2s".into()];
+    spec.agent_args = vec!["--drain-timeout".into(), "3s".into()];
     Some(Cluster::up(&spec).expect("cluster up"))
 }
 
@@ -259,4 +259,67 @@ fn uninstall_detaches_everything_and_pods_connect_directly() {
     assert_eq!(server.peers(), [client_ip], "straight from the pod");
     // Uninstalling what is gone already is no error.
     cluster.uninstall_agent("node1").expect("uninstall again");
+}
+
+#[test]
+fn during_the_drain_streams_into_pods_go_on_and_new_inbound_connections_are_refused() {
+    let Some(mut cluster) = cluster() else { return };
+    let server = serve(&cluster, "node1-pod2");
+    let dst = addr(cluster.pod("node1-pod2").ip, ECHO_PORT);
+    // node2-pod2 outside the mesh, in plaintext at a PERMISSIVE pod: judged
+    // and carried by node1's agent at the pod's :15006 listener.
+    set_mtls_mode(&cluster, "node1-pod2", "PERMISSIVE");
+    cluster
+        .unenroll("node2-pod2")
+        .expect("unenroll the outsider");
+    wait_for("plaintext to be let in", Duration::from_secs(10), |last| {
+        let report = connect(&cluster, "node2-pod2", &dst);
+        *last = report.to_string();
+        (report["ok"] == true).then_some(())
+    });
+    // A stream through node1's tunnel listener, kept open over the drain.
+    let mut open = LongLived::open(&cluster, "node2-pod1", &dst);
+    assert_eq!(open.round_trip("before"), "echo before");
+    let seen = server.wait_for_entries(1).len();
+    assert_eq!(seen, 1, "the plaintext connection reached the pod");
+
+    let stopped = Instant::now();
+    sigterm(&cluster, "node1");
+    wait_for("node1 to report not ready", DRAIN, |last| {
+        *last = readiness(&cluster, "node1");
+        (last.as_str() == "503").then_some(())
+    });
+    assert_eq!(
+        open.round_trip("draining"),
+        "echo draining",
+        "the tunnelled stream goes on during the drain"
+    );
+    assert_refused(
+        &connect(&cluster, "node2-pod2", &dst),
+        "into the pod's :15006 during the drain",
+    );
+    let mesh = client(
+        &cluster,
+        "node2-pod1",
+        &["tcp", "--addr", &dst, "--timeout-secs", "2"],
+    );
+    assert!(stopped.elapsed() < DRAIN, "the checks ran during the drain");
+    assert!(
+        !mesh.ok,
+        "a new tunnelled connection into a draining node must fail: {}",
+        mesh.report
+    );
+
+    let status = cluster
+        .wait_agent_exit("node1", DRAIN + Duration::from_secs(3))
+        .expect("the agent exits after its drain period");
+    assert!(status.success(), "the agent exited with {status}");
+    assert!(open.round_trip("after").starts_with("closed"));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        server.log_entries().len(),
+        seen + 1,
+        "only the long-lived stream reached the pod after the first plaintext connection: {:?}",
+        server.log_entries()
+    );
 }

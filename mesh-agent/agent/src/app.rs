@@ -148,6 +148,7 @@ pub struct Args {
 #[derive(Debug, Parser)]
 #[command(
     name = "mesh-agent uninstall",
+    bin_name = "mesh-agent uninstall",
     about = "Detach the mesh's kernel programs and remove their pinned links and maps (after the agent has stopped): pods then connect outside the mesh",
     version
 )]
@@ -633,6 +634,28 @@ mod tests {
             let e = parse(bad).expect_err(&format!("{bad:?}")).to_string();
             assert!(e.contains(named), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn drain_timeout_defaults_to_ten_seconds_and_bad_values_name_the_flag() {
+        let base = [
+            "mesh-agent",
+            "--node",
+            "node1",
+            "--cgroup-root",
+            "/sys/fs/cgroup",
+            "--agent-ip",
+            "198.19.1.1",
+        ];
+        let parse = |extra: &[&str]| Args::try_parse_from(base.iter().chain(extra));
+        assert_eq!(parse(&[]).unwrap().drain_timeout, Duration::from_secs(10));
+        let a = parse(&["--drain-timeout", "2s"]).unwrap();
+        assert_eq!(a.drain_timeout, Duration::from_secs(2));
+        let e = parse(&["--drain-timeout", "soon"]).unwrap_err().to_string();
+        assert!(e.contains("--drain-timeout") && e.contains("soon"), "{e}");
+        let u = Uninstall::try_parse_from(["mesh-agent uninstall", "--bpf-pin-dir", "/x"]).unwrap();
+        assert_eq!(u.bpf_pin_dir, PathBuf::from("/x"));
+        assert!(Uninstall::try_parse_from(["mesh-agent uninstall", "--node", "n"]).is_err());
     }
 
     #[test]
