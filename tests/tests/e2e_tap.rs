@@ -342,7 +342,21 @@ fn access_logs_are_written_per_service_as_sampled() {
         *last = out.to_string();
         (out[0]["status"] == 200).then_some(())
     });
-    let before = access_log(&cluster, "node1", "request").len();
+    // The writer batches (20 ms): the probes' lines are counted once they
+    // are all out (the count holds still for 200 ms).
+    let mut seen = (usize::MAX, Instant::now());
+    let before = wait_for(
+        "the probes' access log lines",
+        Duration::from_secs(10),
+        |last| {
+            let n = access_log(&cluster, "node1", "request").len();
+            *last = format!("{n} lines");
+            if n != seen.0 {
+                seen = (n, Instant::now());
+            }
+            (n > 0 && seen.1.elapsed() >= Duration::from_millis(200)).then_some(n)
+        },
+    );
     let ok = |out: &Value| {
         out.as_array()
             .is_some_and(|a| a.iter().all(|r| r["status"] == 200))
@@ -399,10 +413,18 @@ fn access_logs_are_written_per_service_as_sampled() {
     assert!((60..=140).contains(&half), "{half} of 200 at 50%");
     assert!(by_service("default/quiet").is_empty());
     // And the TCP Service's connection, when it closed.
-    let conns: Vec<Value> = access_log(&cluster, "node1", "connection")
-        .into_iter()
-        .filter(|l| l["service"] == "default/tcp")
-        .collect();
+    let conns: Vec<Value> = wait_for(
+        "the connection's access log line",
+        Duration::from_secs(10),
+        |last| {
+            let conns: Vec<Value> = access_log(&cluster, "node1", "connection")
+                .into_iter()
+                .filter(|l| l["service"] == "default/tcp")
+                .collect();
+            *last = format!("{conns:?}");
+            (!conns.is_empty()).then_some(conns)
+        },
+    );
     assert_eq!(conns.len(), 1, "{conns:?}");
     assert_eq!(conns[0]["bytes_sent"], 4);
 }

@@ -279,7 +279,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             identity: identity.clone(),
         };
         let json = args.json || out.output == Format::Json;
-        return crate::tap::run(&args.admin, &filter, json, *count, &mut std::io::stdout());
+        // Buffered (stdout alone writes at each newline): the tap flushes
+        // when it has read what the agent sent.
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        return crate::tap::run(&args.admin, &filter, json, *count, &mut out);
     }
     if let Command::Top {
         by,

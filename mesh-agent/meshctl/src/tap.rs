@@ -39,17 +39,26 @@ pub fn run(
     }
     let mut seen = 0u64;
     while count.is_none_or(|c| seen < c) {
-        let Some(event) = events.next_event()? else {
-            break;
-        };
-        seen += 1;
         if json {
-            writeln!(out, "{}", serde_json::to_string(&event)?)?;
+            // The agent's JSON as it is (one event per line): a busy tap
+            // costs this process a copy, not a parse and a print.
+            let Some(line) = events.next_line()? else {
+                break;
+            };
+            writeln!(out, "{line}")?;
         } else {
+            let Some(event) = events.next_event()? else {
+                break;
+            };
             writeln!(out, "{}", render(&event))?;
         }
-        out.flush()?;
+        seen += 1;
+        // A burst is written at once; a quiet stream shows each event.
+        if events.caught_up() || count.is_some_and(|c| seen >= c) {
+            out.flush()?;
+        }
     }
+    out.flush()?;
     Ok(())
 }
 
@@ -102,19 +111,33 @@ impl Events {
 
     /// The next event; `None` when the agent closed the stream.
     pub fn next_event(&mut self) -> anyhow::Result<Option<TapEvent>> {
+        let Some(line) = self.next_line()? else {
+            return Ok(None);
+        };
+        let event = serde_json::from_str(line)
+            .with_context(|| format!("the agent sent an unreadable event: {line:?}"))?;
+        Ok(Some(event))
+    }
+
+    /// The next event's JSON line as the agent sent it (heartbeats
+    /// skipped); `None` when the agent closed the stream.
+    pub fn next_line(&mut self) -> anyhow::Result<Option<&str>> {
         loop {
             self.line.clear();
             if self.reader.read_line(&mut self.line)? == 0 {
                 return Ok(None);
             }
-            if self.line.trim().is_empty() {
-                // The agent's heartbeat.
-                continue;
+            if !self.line.trim().is_empty() {
+                return Ok(Some(self.line.trim()));
             }
-            let event = serde_json::from_str(self.line.trim())
-                .with_context(|| format!("the agent sent an unreadable event: {:?}", self.line))?;
-            return Ok(Some(event));
+            // The agent's heartbeat.
         }
+    }
+
+    /// Whether every line the agent sent so far has been read: the moment
+    /// to flush what was written of them.
+    pub fn caught_up(&self) -> bool {
+        self.reader.buffer().is_empty()
     }
 }
 
