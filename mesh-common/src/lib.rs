@@ -323,6 +323,23 @@ pub struct TcpStats {
     pub srtt_buckets: [u64; SRTT_BUCKETS + 1],
 }
 
+impl TcpStats {
+    /// Adds `more` field by field (CPUs' shares into one total, or a growth
+    /// into a running total).
+    pub fn add(&mut self, more: &TcpStats) {
+        self.established += more.established;
+        self.closed += more.closed;
+        self.failed += more.failed;
+        self.retransmits += more.retransmits;
+        self.bytes_acked += more.bytes_acked;
+        self.bytes_received += more.bytes_received;
+        self.srtt_sum_us += more.srtt_sum_us;
+        for (t, m) in self.srtt_buckets.iter_mut().zip(more.srtt_buckets) {
+            *t += m;
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, #[repr(C)], no padding, every bit pattern valid.

@@ -69,6 +69,24 @@ fn wait_for_tappers(cluster: &Cluster, node: &str, n: u64) {
     });
 }
 
+/// One connection from node1-pod1 to the `tcp` Service (node2-pod1's echo
+/// server): `ping` out, its name and `ping` back.
+fn ping_tcp(cluster: &Cluster) {
+    let reply = probe(
+        python_in_pod(cluster, "node1-pod1"),
+        &[
+            "connect",
+            "--addr",
+            TCP_VIP,
+            "--port",
+            "7000",
+            "--payload",
+            "ping",
+        ],
+    );
+    assert_eq!(reply["reply"], "node2-pod1\nping", "{reply}");
+}
+
 fn requests(cluster: &Cluster, from: &str, paths: &[&str]) -> Value {
     let reqs: Vec<Value> = paths
         .iter()
@@ -230,19 +248,7 @@ fn meshctl_tap_shows_what_the_agent_carries_with_its_fields() {
         &["-o", "json", "--count", "1", "--service", "tcp"],
     );
     wait_for_tappers(&cluster, "node1", 1);
-    let reply = probe(
-        python_in_pod(&cluster, "node1-pod1"),
-        &[
-            "connect",
-            "--addr",
-            TCP_VIP,
-            "--port",
-            "7000",
-            "--payload",
-            "ping",
-        ],
-    );
-    assert_eq!(reply["reply"], "node2-pod1\nping", "{reply}");
+    ping_tcp(&cluster);
     let out = finish(conn_tap);
     let e: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"));
     assert_eq!(e["type"], "connection", "{e}");
@@ -364,19 +370,7 @@ fn access_logs_are_written_per_service_as_sampled() {
     assert!(ok(&get(WEB_VIP, 20)));
     assert!(ok(&get("198.18.230.3", 200)));
     assert!(ok(&get("198.18.230.4", 20)));
-    let reply = probe(
-        python_in_pod(&cluster, "node1-pod1"),
-        &[
-            "connect",
-            "--addr",
-            TCP_VIP,
-            "--port",
-            "7000",
-            "--payload",
-            "ping",
-        ],
-    );
-    assert_eq!(reply["reply"], "node2-pod1\nping");
+    ping_tcp(&cluster);
     let by_service = |service: &str| -> Vec<Value> {
         access_log(&cluster, "node1", "request")
             .into_iter()
@@ -789,19 +783,7 @@ fn request_and_tcp_metrics_count_exactly_what_was_sent_with_their_labels() {
     );
     wait_for_tappers(&cluster, "node2", 1);
     for _ in 0..3 {
-        let reply = probe(
-            python_in_pod(&cluster, "node1-pod1"),
-            &[
-                "connect",
-                "--addr",
-                TCP_VIP,
-                "--port",
-                "7000",
-                "--payload",
-                "ping",
-            ],
-        );
-        assert_eq!(reply["reply"], "node2-pod1\nping", "{reply}");
+        ping_tcp(&cluster);
     }
     let reply_len = "node2-pod1\nping".len() as u64;
     for (i, (node, labels)) in [("node1", outbound), ("node2", inbound)]

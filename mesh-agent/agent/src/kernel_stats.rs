@@ -124,19 +124,6 @@ pub fn since(prev: Option<&TcpStats>, now: &TcpStats) -> TcpStats {
     out
 }
 
-fn add(total: &mut TcpStats, more: &TcpStats) {
-    total.established += more.established;
-    total.closed += more.closed;
-    total.failed += more.failed;
-    total.retransmits += more.retransmits;
-    total.bytes_acked += more.bytes_acked;
-    total.bytes_received += more.bytes_received;
-    total.srtt_sum_us += more.srtt_sum_us;
-    for (t, m) in total.srtt_buckets.iter_mut().zip(more.srtt_buckets) {
-        *t += m;
-    }
-}
-
 /// The growth of each destination since the `seen` totals, from a kernel
 /// snapshot; `seen` becomes the snapshot (addresses gone from the kernel
 /// are forgotten).
@@ -149,10 +136,9 @@ pub fn aggregate(
     for (ip, now) in snapshot {
         let grown = since(seen.get(ip), now);
         if grown != TcpStats::default() {
-            add(
-                out.entry(destinations.label(*ip).to_owned()).or_default(),
-                &grown,
-            );
+            out.entry(destinations.label(*ip).to_owned())
+                .or_default()
+                .add(&grown);
         }
     }
     *seen = snapshot.iter().copied().collect();

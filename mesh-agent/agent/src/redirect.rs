@@ -535,16 +535,7 @@ impl Redirect {
             .filter_map(Result::ok)
             .map(|(ip, per_cpu)| {
                 let total = per_cpu.iter().fold(TcpStats::default(), |mut t, c| {
-                    t.established += c.established;
-                    t.closed += c.closed;
-                    t.failed += c.failed;
-                    t.retransmits += c.retransmits;
-                    t.bytes_acked += c.bytes_acked;
-                    t.bytes_received += c.bytes_received;
-                    t.srtt_sum_us += c.srtt_sum_us;
-                    for (sum, n) in t.srtt_buckets.iter_mut().zip(c.srtt_buckets) {
-                        *sum += n;
-                    }
+                    t.add(c);
                     t
                 });
                 (Ipv4Addr::from(ip.to_ne_bytes()), total)

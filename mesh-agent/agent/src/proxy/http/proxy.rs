@@ -333,15 +333,14 @@ impl HttpProxy {
             let identity = source
                 .and_then(|p| state.local_workload(p)?.identity.as_ref())
                 .map(ToString::to_string);
-            let destination = outcome
-                .upstream
-                .and_then(|up| state.workload_by_ip(*up.ip()))
-                .map(|w| format!("{}/{}", w.namespace, w.name));
             (
                 source.map_or_else(|| "unknown".to_owned(), ToString::to_string),
                 source.map_or_else(|| "unknown".to_owned(), |p| p.namespace.clone()),
                 identity.unwrap_or_default(),
-                destination.unwrap_or_default(),
+                outcome
+                    .upstream
+                    .map(|up| state.workload_name(*up.ip()))
+                    .unwrap_or_default(),
             )
         };
         self.metrics
