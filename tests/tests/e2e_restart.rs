@@ -323,3 +323,76 @@ fn during_the_drain_streams_into_pods_go_on_and_new_inbound_connections_are_refu
         server.log_entries()
     );
 }
+
+const IDLE_KEEP_ALIVE_PY: &str = r#"
+import http.client, select, sys
+c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10)
+c.request("GET", "/")
+r = c.getresponse()
+r.read()
+print("status %d" % r.status, flush=True)
+sys.stdin.readline()
+ready, _, _ = select.select([c.sock], [], [], 5)
+print("closed" if ready and c.sock.recv(1) == b"" else "open", flush=True)
+"#;
+
+#[test]
+fn an_idle_http_keep_alive_client_does_not_hold_the_drain() {
+    let Some(mut cluster) = cluster() else { return };
+    let _server = serve(&cluster, "node2-pod1");
+    let vip = "198.18.200.9";
+    let docs = [
+        cluster.workload_yaml("node2-pod1", &[("app", "web")]),
+        service_yaml("web", vip, 80, HTTP_PORT.into(), &[("app", "web")])
+            .replace("appProtocol: tcp", "appProtocol: http"),
+    ];
+    cluster.apply(&yaml_stream(&docs)).expect("apply");
+    wait_for("the Service on node1", Duration::from_secs(10), |last| {
+        let report = client(
+            &cluster,
+            "node1-pod1",
+            &["http", "--url", &format!("http://{vip}/")],
+        );
+        *last = report.report.to_string();
+        report.ok.then_some(())
+    });
+
+    // One request, then the connection stays open and idle.
+    let mut idle = python_in_pod(&cluster, "node1-pod1")
+        .args(["-c", IDLE_KEEP_ALIVE_PY, vip, "80"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting the keep-alive client");
+    let mut stdin = idle.stdin.take().expect("piped");
+    let mut stdout = BufReader::new(idle.stdout.take().expect("piped"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("status line");
+    assert_eq!(line.trim(), "status 200", "through the mesh");
+    assert!(
+        agent_connections(&cluster, "node1")
+            .iter()
+            .any(|c| c["state"] == "open"),
+        "the agent holds the idle connection"
+    );
+
+    let stopped = Instant::now();
+    sigterm(&cluster, "node1");
+    let status = cluster
+        .wait_agent_exit("node1", DRAIN + Duration::from_secs(3))
+        .expect("the agent exits");
+    let took = stopped.elapsed();
+    assert!(status.success(), "the agent exited with {status}");
+    assert!(
+        took < DRAIN - Duration::from_secs(1),
+        "an idle keep-alive connection is closed at once, not held to the {DRAIN:?} deadline: {took:?}"
+    );
+    writeln!(stdin, "check").expect("to the client");
+    stdin.flush().expect("flush");
+    line.clear();
+    stdout.read_line(&mut line).expect("closed line");
+    assert_eq!(line.trim(), "closed", "the client saw the agent close it");
+    let _ = idle.kill();
+    let _ = idle.wait();
+}

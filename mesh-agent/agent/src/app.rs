@@ -372,6 +372,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             state: config.clone(),
             forward: Forwarder { tunnel, upstreams },
             metrics: metrics.clone(),
+            drain: drain.clone(),
         }),
         drain: drain.clone(),
     });

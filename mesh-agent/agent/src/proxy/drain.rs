@@ -97,6 +97,26 @@ impl Drain {
     }
 }
 
+/// Drives `$conn` (a hyper server connection, by value) to its end; once
+/// `$drain` starts, asks it to finish gracefully: an idle HTTP/1 keep-alive
+/// connection closes at once and a busy one after its response; HTTP/2 gets
+/// a GOAWAY and ends with its open streams. So idle clients do not hold the
+/// drain to its deadline. (A macro: hyper's HTTP/1 connection with upgrades
+/// and its HTTP/2 connection share no trait for `graceful_shutdown`.)
+#[macro_export]
+macro_rules! serve_draining {
+    ($drain:expr, $conn:expr) => {{
+        let mut conn = std::pin::pin!($conn);
+        tokio::select! {
+            served = conn.as_mut() => served,
+            () = $drain.started() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+
 /// `--drain-timeout`: `10s`, `500ms`, or plain seconds.
 pub fn parse_timeout(s: &str) -> Result<Duration, String> {
     let (number, unit) = match s.strip_suffix("ms") {

@@ -115,9 +115,7 @@ impl Plaintext {
         for (cgroup_id, (task, listener)) in serving {
             task.abort();
             let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
-            // SAFETY: shutdown(2) on a socket this function owns.
-            if unsafe { libc::shutdown(fd, libc::SHUT_RD) } != 0 {
-                let e = std::io::Error::last_os_error();
+            if let Err(e) = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read) {
                 warn!(cgroup_id, error = %e, "cannot close a pod's inbound listener");
             }
         }
@@ -273,21 +271,21 @@ impl Plaintext {
         let io = TokioIo::new(socket);
         let served = match wire {
             Wire::Http1 => {
-                hyper::server::conn::http1::Builder::new()
+                let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .preserve_header_case(true)
                     .header_read_timeout(Duration::from_secs(60))
-                    .serve_connection(io, svc)
-                    .await
+                    .serve_connection(io, svc);
+                crate::serve_draining!(self.drain, conn)
             }
             Wire::Http2 => {
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(1024)
                     .max_pending_accept_reset_streams(256)
                     .keep_alive_interval(Duration::from_secs(20))
-                    .serve_connection(io, svc)
-                    .await
+                    .serve_connection(io, svc);
+                crate::serve_draining!(self.drain, conn)
             }
         };
         if let Err(e) = served {

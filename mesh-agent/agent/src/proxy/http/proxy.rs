@@ -33,6 +33,7 @@ use super::{
 use crate::{
     proxy::{
         Locked, copy_bidirectional,
+        drain::Drain,
         route::{self, Route, Via},
         tunnel::{self, TunnelClient},
     },
@@ -45,6 +46,8 @@ pub struct HttpProxy {
     pub state: StateRx,
     pub forward: Forwarder,
     pub metrics: Arc<Metrics>,
+    /// Client connections finish gracefully once the agent drains.
+    pub drain: Drain,
 }
 
 /// Sends requests to endpoints: directly, or through the tunnel.
@@ -261,25 +264,25 @@ impl HttpProxy {
         let io = TokioIo::new(socket);
         let served = match client.wire {
             Wire::Http1 => {
-                hyper::server::conn::http1::Builder::new()
+                let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .preserve_header_case(true)
                     .title_case_headers(true)
                     .header_read_timeout(Duration::from_secs(60))
                     .serve_connection(io, svc)
-                    .with_upgrades()
-                    .await
+                    .with_upgrades();
+                crate::serve_draining!(self.drain, conn)
             }
             Wire::Http2 => {
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .initial_stream_window_size(1 << 20)
                     .initial_connection_window_size(8 << 20)
                     .max_concurrent_streams(1024)
                     .max_pending_accept_reset_streams(256)
                     .keep_alive_interval(Duration::from_secs(20))
-                    .serve_connection(io, svc)
-                    .await
+                    .serve_connection(io, svc);
+                crate::serve_draining!(self.drain, conn)
             }
         };
         if let Err(e) = served {
