@@ -49,6 +49,7 @@ fn creds(store: CertStore, bundle: &str) -> Credentials {
         store,
         bundle,
         trust_domain: TD.into(),
+        revoked: mesh_agent::revocation::none(),
     }
 }
 

@@ -18,9 +18,13 @@
 //! server is down still holds its unexpired certificates.
 //!
 //! When the trust bundle changes (a new CA), certificates that no longer
-//! chain to it are renewed at once; a node certificate that no longer chains
-//! to the `--ca-bundle` file is dropped by the connector, so the agent falls
-//! back to its bootstrap token.
+//! chain to it are renewed at once, and so are those that do not chain to
+//! its signing root when it asks for a forced renewal (a CA rotation or its
+//! rollback); a node certificate that chains neither to the `--ca-bundle`
+//! file nor to the distributed bundle is dropped by the connector, so the
+//! agent falls back to its bootstrap token. The distributed bundle is also
+//! what the connector trusts the control server with, besides the file, and
+//! its revocation list goes to the tunnel ([`crate::revocation`]).
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -50,7 +54,10 @@ use mesh_api::{
     pb::{SignNodeRequest, SignRequest, certificates_client::CertificatesClient},
 };
 
-use crate::state::{State, StateRx};
+use crate::{
+    revocation::{Revoked, RevokedRx},
+    state::{State, StateRx},
+};
 
 /// How long one signing call may take.
 const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,6 +79,8 @@ pub struct TlsMaterial {
     /// `TrustBundle`, or until it arrives the `--ca-bundle` file.
     pub bundle: watch::Receiver<Option<Arc<str>>>,
     pub trust_domain: String,
+    /// Identities and nodes the tunnel refuses.
+    pub revoked: RevokedRx,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -211,8 +220,13 @@ pub struct Manager {
     config: StateRx,
     store: CertStore,
     bundle: watch::Sender<Option<Arc<str>>>,
-    /// The bundle the held certificates were last checked against.
-    checked_against: Option<Arc<str>>,
+    /// The bundle (roots, signing root, forced renewal) the held
+    /// certificates were last checked against.
+    checked_against: Option<String>,
+    /// The root new certificates chain to, and whether the control server
+    /// asks that every other certificate be renewed now.
+    signing: Option<(String, bool)>,
+    revoked: watch::Sender<Arc<Revoked>>,
     dir: Option<PathBuf>,
     node_entry: Entry,
     entries: BTreeMap<SpiffeId, Entry>,
@@ -237,6 +251,7 @@ impl Manager {
             fs::read_to_string(path).ok().map(Arc::from)
         });
         let (bundle, bundle_rx) = watch::channel(initial_bundle);
+        let (revoked, revoked_rx) = watch::channel(Arc::new(Revoked::default()));
         let status = SharedStatus::default();
         let store = CertStore::new();
         let mut manager = Manager {
@@ -246,6 +261,8 @@ impl Manager {
             store: store.clone(),
             bundle,
             checked_against: None,
+            signing: None,
+            revoked,
             dir: settings.cache_dir.map(|d| d.join(IDENTITY_DIR)),
             node_entry: Entry::new(),
             entries: BTreeMap::new(),
@@ -258,6 +275,7 @@ impl Manager {
             store,
             bundle: bundle_rx,
             trust_domain,
+            revoked: revoked_rx,
         };
         (manager, material, status)
     }
@@ -323,7 +341,21 @@ impl Manager {
             self.entries.remove(&id);
             self.forget(&id);
         }
+        if let Some(material) = trust_material(config) {
+            let revoked = Revoked::from_bundle(material, config);
+            self.revoked.send_if_modified(|r| {
+                let changed = **r != revoked;
+                if changed {
+                    info!(nodes = ?revoked.nodes().collect::<Vec<_>>(), "revocation list changed");
+                    *r = Arc::new(revoked);
+                }
+                changed
+            });
+            self.signing = Some((material.signing_pem.clone(), material.force_renew))
+                .filter(|(pem, _)| !pem.is_empty());
+        }
         if let Some(pem) = config.trust_bundle() {
+            self.connector.set_distributed_bundle(pem);
             self.bundle.send_if_modified(|b| {
                 let changed = b.as_deref() != Some(pem);
                 if changed {
@@ -351,18 +383,35 @@ impl Manager {
         let Some(bundle) = bundle else {
             return;
         };
-        if self.checked_against.as_ref() == Some(&bundle) {
+        let forced = self
+            .signing
+            .as_ref()
+            .filter(|(_, force)| *force)
+            .map(|(pem, _)| pem.clone());
+        let checked = format!("{bundle}\n{}", forced.as_deref().unwrap_or(""));
+        if self.checked_against.as_ref() == Some(&checked) {
             return;
         }
-        for (id, e) in &mut self.entries {
-            if let Some(chain) = &e.chain
-                && !chains_to(chain, &bundle)
-            {
+        let node_id = self.node_id();
+        let entries = self
+            .entries
+            .iter_mut()
+            .chain(std::iter::once((&node_id, &mut self.node_entry)));
+        for (id, e) in entries {
+            let Some(chain) = &e.chain else {
+                continue;
+            };
+            if !chains_to(chain, &bundle) {
                 warn!(identity = %id, "certificate does not chain to the trust bundle (a new CA?); renewing it now");
+                e.due = SystemTime::now();
+            } else if let Some(signing) = &forced
+                && !chains_to(chain, signing)
+            {
+                info!(identity = %id, "the control server asks for certificates of its signing root now (CA rotation); renewing");
                 e.due = SystemTime::now();
             }
         }
-        self.checked_against = Some(bundle);
+        self.checked_against = Some(checked);
     }
 
     /// Drops certificates that expired without a renewal: peers would refuse them.
@@ -667,6 +716,19 @@ impl Manager {
                 }
             }
         }
+    }
+}
+
+/// The distributed `TrustBundle` resource: roots, signing root, forced
+/// renewal and revocations.
+fn trust_material(config: &State) -> Option<&mesh_api::pb::TrustBundle> {
+    match &config
+        .resources
+        .get(mesh_api::names::TRUST_BUNDLE_KEY)?
+        .body
+    {
+        Some(mesh_api::pb::resource::Body::TrustBundle(b)) => Some(b),
+        _ => None,
     }
 }
 

@@ -9,6 +9,7 @@
 //! - [`authz`]: the AuthorizationPolicies, compiled, and the verdict on a
 //!   connection or request;
 //! - [`certs`]: the workload and node certificates the tunnel presents;
+//!   [`revocation`]: the identities and nodes it refuses;
 //! - [`telemetry`]: metrics and the connection table; [`tap`]: the live
 //!   stream of requests and connections for `meshctl tap`; [`access_log`]:
 //!   JSON lines of the Services that ask for them; [`trace`]: a span per
@@ -27,6 +28,7 @@ pub mod health;
 pub mod kernel_stats;
 pub mod proxy;
 pub mod redirect;
+pub mod revocation;
 pub mod state;
 pub mod tap;
 pub mod telemetry;

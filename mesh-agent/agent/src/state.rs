@@ -443,7 +443,10 @@ mod tests {
         let bundle = pb::Resource {
             key: TRUST_BUNDLE_KEY.into(),
             version: "1".into(),
-            body: Some(Body::TrustBundle(pb::TrustBundle { pem: "PEM".into() })),
+            body: Some(Body::TrustBundle(pb::TrustBundle {
+                pem: "PEM".into(),
+                ..pb::TrustBundle::default()
+            })),
         };
         let s = state(
             "node1",

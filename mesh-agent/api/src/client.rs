@@ -381,6 +381,10 @@ pub struct AgentConnector {
     trust_domain: String,
     token: Option<String>,
     ca_bundle: Option<PathBuf>,
+    /// The trust bundle the control server distributed last: trusted for
+    /// it too, so that a server certificate of a root brought in by a CA
+    /// rotation is accepted before the file has it.
+    distributed: std::sync::RwLock<Option<String>>,
     node_cert: NodeCert,
 }
 
@@ -410,6 +414,7 @@ impl AgentConnector {
             trust_domain: trust_domain.to_owned(),
             token,
             ca_bundle,
+            distributed: std::sync::RwLock::default(),
             node_cert: NodeCert::new(id),
         })
     }
@@ -430,6 +435,18 @@ impl AgentConnector {
         self.ca_bundle.as_deref()
     }
 
+    /// Trusts `pem` (the distributed trust bundle) besides the file from
+    /// the next connection on.
+    pub fn set_distributed_bundle(&self, pem: &str) {
+        let mut held = self
+            .distributed
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if held.as_deref() != Some(pem) {
+            *held = Some(pem.to_owned());
+        }
+    }
+
     /// A fresh channel, and what to send with its requests: nothing when the
     /// handshake presented a valid node certificate, else the token.
     ///
@@ -439,7 +456,16 @@ impl AgentConnector {
     pub async fn connect(&self) -> Result<(Channel, Bearer), Error> {
         let tls = match &self.ca_bundle {
             Some(path) if self.target.is_tls() => {
-                let bundle = read_bundle(path)?;
+                let mut bundle = read_bundle(path)?;
+                if let Some(distributed) = self
+                    .distributed
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .as_deref()
+                {
+                    bundle.push('\n');
+                    bundle.push_str(distributed);
+                }
                 if let Some(chain) = self.node_cert.chain()
                     && !identity::chains_to(&chain, &bundle)
                 {

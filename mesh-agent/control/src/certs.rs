@@ -6,19 +6,27 @@
 //! a workload identity only if a Workload on that node runs as it; `SignNode`
 //! only the caller's own node identity. Every refusal is logged with the
 //! identity and node and counted by reason.
-use std::{sync::Arc, time::Duration, time::UNIX_EPOCH};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::{Path, PathBuf},
+    sync::{Arc, PoisonError, RwLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use super::{
     ControlPlane, ReasonLabels,
     auth::{self, Caller, Tokens},
+    rotation::{Effect, Observed, Phase, Refused, Rotation, Slot},
     tls::PeerInfo,
 };
 use mesh_api::{
     identity::{Ca, CaError, Issued, SpiffeId},
-    pb::{SignNodeRequest, SignRequest, SignResponse, certificates_server::Certificates},
+    pb::{self, SignNodeRequest, SignRequest, SignResponse, certificates_server::Certificates},
 };
 
 /// Shortest certificate lifetime the server accepts: renewal at half-life
@@ -55,42 +63,264 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(total))
 }
 
-/// The CA with the policy the server applies to it.
+/// The mesh's CAs with the policy the server applies to them: the one in
+/// service, and during a rotation ([`rotation`]) the one it brings in;
+/// which roots agents trust and which CA signs follow the phase. Also the
+/// ledger of issued certificates (which root each identity's newest one is
+/// under) and the revocation list. With a directory, all of it is kept
+/// there (keys 0600) and a restart resumes the rotation where it was.
 #[derive(Debug)]
 pub struct Authority {
-    ca: Ca,
+    trust_domain: String,
     ttl: Duration,
-    bundle_pem: String,
+    dir: Option<PathBuf>,
+    inner: RwLock<Inner>,
+    /// Bumped whenever the trust bundle, the signer or the revocations change.
+    changes: watch::Sender<u64>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    current: Arc<Ca>,
+    next: Option<Arc<Ca>>,
+    rotation: Rotation,
+    /// The current CA was promoted by a rotation and lives in the directory
+    /// (it overrides `--ca-cert` at the next start).
+    current_in_dir: bool,
+    /// (identity, node) -> root id and expiry of the newest certificate
+    /// issued for it.
+    issued: BTreeMap<(String, String), (String, u64)>,
+    revoked: Revocations,
+    /// Version of each distributed bundle -> the root ids in it.
+    bundles: HashMap<String, Vec<String>>,
+}
+
+const ROTATION_FILE: &str = "rotation.json";
+const ISSUED_FILE: &str = "issued.json";
+const REVOKED_FILE: &str = "revocations.json";
+const NEXT_DIR: &str = "next";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    rotation: Rotation,
+    current_in_dir: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct IssuedRecord {
+    identity: String,
+    node: String,
+    root: String,
+    not_after_unix: u64,
+}
+
+/// Revoked SPIFFE IDs and node names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocations {
+    pub identities: BTreeSet<String>,
+    pub nodes: BTreeSet<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error("the new CA is refused: {0}")]
+    BadCa(#[from] CaError),
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error("the new CA's root is the root in service already: a rotation brings in another root")]
+    SameRoot,
+    #[error("this control server keeps no CA directory, so it cannot rotate its CA")]
+    NoDirectory,
+    #[error("keeping the CA state in {path}: {reason}")]
+    Store { path: PathBuf, reason: String },
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+fn unix_now() -> u64 {
+    unix(SystemTime::now())
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Written to a temporary name created 0600, then renamed into place.
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(contents)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path))
+}
+
+fn read_json<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
 }
 
 impl Authority {
     /// Issues certificates from `ca`, each valid for `ttl` (cut to the CA's
-    /// own expiry).
+    /// own expiry); nothing is kept on disk, so it cannot rotate.
     pub fn new(ca: Ca, ttl: Duration) -> Authority {
-        let bundle_pem = ca.trust_bundle_pem();
         Authority {
-            ca,
+            trust_domain: ca.trust_domain().to_owned(),
             ttl,
-            bundle_pem,
+            dir: None,
+            inner: RwLock::new(Inner {
+                current: Arc::new(ca),
+                next: None,
+                rotation: Rotation::default(),
+                current_in_dir: false,
+                issued: BTreeMap::new(),
+                revoked: Revocations::default(),
+                bundles: HashMap::new(),
+            }),
+            changes: watch::Sender::new(0),
         }
     }
 
-    /// When the signing CA's certificate expires.
-    pub fn ca_not_after(&self) -> std::time::SystemTime {
-        self.ca.not_after()
+    /// [`new`](Self::new), keeping the rotation, the next CA, the ledger and
+    /// the revocations in `dir` and resuming what is there.
+    pub fn open(ca: Ca, ttl: Duration, dir: &Path) -> Result<Authority, String> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut authority = Authority::new(ca, ttl);
+        let td = authority.trust_domain.clone();
+        let persisted: Persisted = read_json(&dir.join(ROTATION_FILE))?;
+        let issued: Vec<IssuedRecord> = read_json(&dir.join(ISSUED_FILE))?;
+        let revoked: Revocations = read_json(&dir.join(REVOKED_FILE))?;
+        let inner = authority
+            .inner
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        if persisted.current_in_dir {
+            inner.current = Arc::new(
+                Ca::load(dir, &td).map_err(|e| format!("the CA a rotation promoted: {e}"))?,
+            );
+            inner.current_in_dir = true;
+        }
+        let trust = persisted.rotation.trust();
+        if trust.next {
+            let next = Ca::load(&dir.join(NEXT_DIR), &td)
+                .map_err(|e| format!("the CA of the rotation in progress: {e}"))?;
+            inner.next = Some(Arc::new(next));
+        }
+        if persisted.rotation.phase != Phase::Idle {
+            info!(
+                phase = persisted.rotation.phase.as_str(),
+                paused = persisted.rotation.paused,
+                "resuming a CA rotation"
+            );
+        }
+        inner.rotation = persisted.rotation;
+        let now = unix_now();
+        inner.issued = issued
+            .into_iter()
+            .filter(|r| r.not_after_unix > now)
+            .map(|r| ((r.identity, r.node), (r.root, r.not_after_unix)))
+            .collect();
+        inner.revoked = revoked;
+        authority.dir = Some(dir.to_owned());
+        Ok(authority)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Wakes whoever follows the trust bundle, the signer or revocations.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// When the CA that signs new certificates expires.
+    pub fn ca_not_after(&self) -> SystemTime {
+        self.signer().not_after()
     }
 
     pub fn trust_domain(&self) -> &str {
-        self.ca.trust_domain()
+        &self.trust_domain
     }
 
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
 
-    /// What every agent trusts: the top of the CA's chain.
-    pub fn trust_bundle_pem(&self) -> &str {
-        &self.bundle_pem
+    fn signer(&self) -> Arc<Ca> {
+        let inner = self.read();
+        match (inner.rotation.trust().signer, &inner.next) {
+            (Slot::Next, Some(next)) => next.clone(),
+            _ => inner.current.clone(),
+        }
+    }
+
+    /// The rotation's phase, for the gauge.
+    pub fn phase(&self) -> Phase {
+        self.read().rotation.phase
+    }
+
+    /// What every agent trusts now: one root, or two during a rotation.
+    pub fn trust_bundle_pem(&self) -> String {
+        self.trust_material().0.pem
+    }
+
+    /// The distributed `TrustBundle` and the ids of the roots in it.
+    pub fn trust_material(&self) -> (pb::TrustBundle, Vec<String>) {
+        let inner = self.read();
+        let trust = inner.rotation.trust();
+        let mut pem = String::new();
+        let mut roots = Vec::new();
+        let cas = [
+            Some(&inner.current).filter(|_| trust.current),
+            inner.next.as_ref().filter(|_| trust.next),
+        ];
+        for ca in cas.into_iter().flatten() {
+            pem.push_str(&ca.trust_bundle_pem());
+            roots.push(ca.root_id());
+        }
+        let signing = match (trust.signer, &inner.next) {
+            (Slot::Next, Some(next)) => next,
+            _ => &inner.current,
+        };
+        let bundle = pb::TrustBundle {
+            pem,
+            signing_pem: signing.trust_bundle_pem(),
+            force_renew: inner.rotation.force_renew_now(),
+            revoked_identities: inner.revoked.identities.iter().cloned().collect(),
+            revoked_nodes: inner.revoked.nodes.iter().cloned().collect(),
+        };
+        (bundle, roots)
+    }
+
+    /// Remembers which roots the bundle of `version` holds, so agents'
+    /// acknowledgements of it can be told apart.
+    pub fn note_bundle(&self, version: String, roots: Vec<String>) {
+        self.write().bundles.insert(version, roots);
     }
 
     /// The identity the control server proves to agents.
@@ -99,10 +329,394 @@ impl Authority {
             .expect("the CA checked its trust domain")
     }
 
-    /// Signs `csr` for `id`, which the caller was found entitled to.
+    /// The control server's own certificate: from the CA in service, which
+    /// every agent trusts until the old root is retired (also an agent that
+    /// missed the new bundle), then from the new one.
     pub fn sign(&self, csr: &[u8], id: &SpiffeId) -> Result<Issued, CaError> {
-        self.ca.sign_csr(csr, id, self.ttl)
+        let current = self.read().current.clone();
+        current.sign_csr(csr, id, self.ttl)
     }
+
+    /// Id of the root the control server's own certificate is under.
+    pub fn current_root_id(&self) -> String {
+        self.read().current.root_id()
+    }
+
+    /// Why `id` (asked for by `node`) may not have a certificate, if it is
+    /// revoked.
+    pub fn revoked(&self, id: &SpiffeId, node: &str) -> Option<String> {
+        let inner = self.read();
+        if inner.revoked.identities.contains(&id.to_string()) {
+            return Some(format!("{id} is revoked"));
+        }
+        inner
+            .revoked
+            .nodes
+            .contains(node)
+            .then(|| format!("node {node} is revoked"))
+    }
+
+    /// Signs `csr` for `id`, which `node` was found entitled to, with the
+    /// CA the phase signs with, and records it in the ledger.
+    pub fn issue(&self, csr: &[u8], id: &SpiffeId, node: &str) -> Result<Issued, CaError> {
+        let signer = self.signer();
+        let issued = signer.sign_csr(csr, id, self.ttl)?;
+        let now = unix_now();
+        let mut inner = self.write();
+        inner.issued.retain(|_, (_, not_after)| *not_after > now);
+        inner.issued.insert(
+            (id.to_string(), node.to_owned()),
+            (signer.root_id(), unix(issued.not_after)),
+        );
+        let records: Vec<IssuedRecord> = inner
+            .issued
+            .iter()
+            .map(|((identity, node), (root, not_after))| IssuedRecord {
+                identity: identity.clone(),
+                node: node.clone(),
+                root: root.clone(),
+                not_after_unix: *not_after,
+            })
+            .collect();
+        drop(inner);
+        if let Some(dir) = &self.dir {
+            // A lost ledger only delays retiring a root (until the TTL).
+            let path = dir.join(ISSUED_FILE);
+            let written = serde_json::to_vec(&records)
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| write_private(&path, &bytes));
+            if let Err(e) = written {
+                warn!(path = %path.display(), error = %e, "cannot keep the ledger of issued certificates");
+            }
+        }
+        Ok(issued)
+    }
+
+    fn persist(&self, inner: &Inner) -> Result<(), RotateError> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        let store = |path: PathBuf, reason: String| RotateError::Store { path, reason };
+        let persisted = Persisted {
+            rotation: inner.rotation.clone(),
+            current_in_dir: inner.current_in_dir,
+        };
+        for (name, bytes) in [
+            (ROTATION_FILE, serde_json::to_vec_pretty(&persisted)),
+            (REVOKED_FILE, serde_json::to_vec_pretty(&inner.revoked)),
+        ] {
+            let path = dir.join(name);
+            let bytes = bytes.map_err(|e| store(path.clone(), e.to_string()))?;
+            write_private(&path, &bytes).map_err(|e| store(path.clone(), e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Live certificates by root id.
+    fn live(inner: &Inner) -> HashMap<String, usize> {
+        let now = unix_now();
+        let mut live = HashMap::new();
+        for (root, not_after) in inner.issued.values() {
+            if *not_after > now {
+                *live.entry(root.clone()).or_insert(0) += 1;
+            }
+        }
+        live
+    }
+
+    fn observe(inner: &Inner, acks: &[AgentBundle]) -> Observed {
+        let live = Self::live(inner);
+        let count = |ca: Option<&Arc<Ca>>| {
+            ca.and_then(|ca| live.get(&ca.root_id()).copied())
+                .unwrap_or(0)
+        };
+        let trust = inner.rotation.trust();
+        let mut want: Vec<String> = [
+            Some(&inner.current).filter(|_| trust.current),
+            inner.next.as_ref().filter(|_| trust.next),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|ca| ca.root_id())
+        .collect();
+        want.sort();
+        let agents_acked = acks.iter().filter(|a| a.connected).all(|a| {
+            inner.bundles.get(&a.version).is_some_and(|roots| {
+                let mut roots = roots.clone();
+                roots.sort();
+                roots == want
+            })
+        });
+        Observed {
+            agents_acked,
+            live_current: count(Some(&inner.current)),
+            live_next: count(inner.next.as_ref()),
+        }
+    }
+
+    /// Carries out what a transition asks for, under the lock.
+    fn effect(&self, inner: &mut Inner, effect: Option<Effect>) -> Result<(), RotateError> {
+        let store = |path: &Path, reason: String| RotateError::Store {
+            path: path.to_owned(),
+            reason,
+        };
+        match effect {
+            None => {}
+            Some(Effect::Promote) => {
+                if let Some(next) = inner.next.take() {
+                    if let Some(dir) = &self.dir {
+                        next.save(dir).map_err(|e| store(dir, e.to_string()))?;
+                    }
+                    info!(root = %next.root_id(), "the new CA is in service; the old root is retired");
+                    inner.current = next;
+                    inner.current_in_dir = true;
+                }
+                self.remove_next();
+            }
+            Some(Effect::DropNext) => {
+                inner.next = None;
+                self.remove_next();
+            }
+        }
+        self.persist(inner)
+    }
+
+    fn remove_next(&self) {
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir.join(NEXT_DIR));
+        }
+    }
+
+    /// Moves the rotation on if what its phase waits for has happened;
+    /// returns whether anything changed.
+    pub fn tick(&self, acks: &[AgentBundle]) -> bool {
+        let mut inner = self.write();
+        let seen = Self::observe(&inner, acks);
+        let before = inner.rotation.phase;
+        let Some(effect) = inner.rotation.tick(seen, unix_now()) else {
+            return false;
+        };
+        info!(
+            from = before.as_str(),
+            to = inner.rotation.phase.as_str(),
+            "CA rotation moved on"
+        );
+        if let Err(e) = self.effect(&mut inner, effect) {
+            warn!(error = %e, "keeping the CA rotation's state failed");
+        }
+        drop(inner);
+        self.changed();
+        true
+    }
+
+    /// Starts a rotation to a new CA: the operator's (`cert_pem` with its
+    /// chain, `key_pem`), or a generated root when both are empty.
+    pub fn rotate(
+        &self,
+        cert_pem: &str,
+        key_pem: &str,
+        force_renew: bool,
+    ) -> Result<(), RotateError> {
+        let dir = self.dir.clone().ok_or(RotateError::NoDirectory)?;
+        {
+            let inner = self.read();
+            if inner.rotation.phase != Phase::Idle {
+                return Err(Refused::Running(inner.rotation.phase.as_str()).into());
+            }
+        }
+        let new = match (cert_pem.trim().is_empty(), key_pem.trim().is_empty()) {
+            (true, true) => Ca::generate(&self.trust_domain)?,
+            (false, false) => Ca::from_pem(&self.trust_domain, cert_pem, key_pem)?,
+            _ => {
+                return Err(RotateError::BadRequest(
+                    "give both the new CA's certificate and its key, or neither (a generated root)"
+                        .into(),
+                ));
+            }
+        };
+        new.check_usable()?;
+        let mut inner = self.write();
+        if new.root_id() == inner.current.root_id() {
+            return Err(RotateError::SameRoot);
+        }
+        inner.rotation.start(force_renew, unix_now())?;
+        let next_dir = dir.join(NEXT_DIR);
+        if let Err(e) = new.save(&next_dir) {
+            inner.rotation = Rotation::default();
+            return Err(RotateError::Store {
+                path: next_dir,
+                reason: e.to_string(),
+            });
+        }
+        info!(root = %new.root_id(), force_renew, "CA rotation started: the new root goes into the trust bundle");
+        inner.next = Some(Arc::new(new));
+        self.persist(&inner)?;
+        drop(inner);
+        self.changed();
+        Ok(())
+    }
+
+    /// `pause`, `resume`, `rollback` or `retire`.
+    pub fn act(&self, action: &str, acks: &[AgentBundle]) -> Result<(), RotateError> {
+        let mut inner = self.write();
+        let now = unix_now();
+        let effect = match action {
+            "pause" => inner.rotation.pause().map(|()| None),
+            "resume" => inner.rotation.resume().map(|()| None),
+            "rollback" => inner.rotation.rollback(now),
+            "retire" => {
+                let seen = Self::observe(&inner, acks);
+                inner.rotation.retire(seen, now).map(Some)
+            }
+            other => Err(Refused::UnknownAction(other.to_owned())),
+        }?;
+        info!(action, phase = inner.rotation.phase.as_str(), "CA rotation");
+        self.effect(&mut inner, effect)?;
+        drop(inner);
+        self.changed();
+        Ok(())
+    }
+
+    /// Revokes (or lifts the revocation of) an identity or a node.
+    pub fn revoke(
+        &self,
+        kind: &str,
+        name: &str,
+        unrevoke: bool,
+    ) -> Result<Revocations, RotateError> {
+        let name = name.trim();
+        let mut inner = self.write();
+        let set = match kind {
+            "identity" => {
+                let id: SpiffeId = name
+                    .parse()
+                    .map_err(|e| RotateError::BadRequest(format!("identity {name:?}: {e}")))?;
+                if id.trust_domain() != self.trust_domain {
+                    return Err(RotateError::BadRequest(format!(
+                        "{id} is outside this mesh's trust domain {}",
+                        self.trust_domain
+                    )));
+                }
+                &mut inner.revoked.identities
+            }
+            "node" => {
+                mesh_api::identity::node_identity(&self.trust_domain, name)
+                    .map_err(|e| RotateError::BadRequest(format!("node {name:?}: {e}")))?;
+                &mut inner.revoked.nodes
+            }
+            other => {
+                return Err(RotateError::BadRequest(format!(
+                    "unknown kind {other:?} (expected identity or node)"
+                )));
+            }
+        };
+        let changed = if unrevoke {
+            set.remove(name)
+        } else {
+            set.insert(name.to_owned())
+        };
+        if changed {
+            info!(kind, name, unrevoke, "revocation list changed");
+            self.persist(&inner)?;
+        }
+        let list = inner.revoked.clone();
+        drop(inner);
+        if changed {
+            self.changed();
+        }
+        Ok(list)
+    }
+
+    /// What `meshctl ca status` shows.
+    pub fn status(&self, acks: &[AgentBundle], current_bundle: &str) -> pb::CaStatusResponse {
+        let inner = self.read();
+        let live = Self::live(&inner);
+        let trust = inner.rotation.trust();
+        let signer_root = match (trust.signer, &inner.next) {
+            (Slot::Next, Some(next)) => next.root_id(),
+            _ => inner.current.root_id(),
+        };
+        let mut roots = Vec::new();
+        for (slot, ca) in [
+            ("current", Some(&inner.current)),
+            ("next", inner.next.as_ref()),
+        ] {
+            let Some(ca) = ca else { continue };
+            let chain = ca.chain_summary();
+            let id = ca.root_id();
+            let (subject, not_after) = chain.last().cloned().unwrap_or((String::new(), UNIX_EPOCH));
+            roots.push(pb::CaRoot {
+                live_certificates: u32::try_from(live.get(&id).copied().unwrap_or(0))
+                    .unwrap_or(u32::MAX),
+                signing: id == signer_root,
+                id,
+                subject,
+                not_after_unix: unix(not_after),
+                intermediates: chain[..chain.len().saturating_sub(1)]
+                    .iter()
+                    .map(|(subject, not_after)| pb::CaCertificate {
+                        subject: subject.clone(),
+                        not_after_unix: unix(*not_after),
+                    })
+                    .collect(),
+                slot: slot.to_owned(),
+            });
+        }
+        let mut by_version: BTreeMap<&str, u32> = BTreeMap::new();
+        let mut connected = 0;
+        for a in acks.iter().filter(|a| a.connected) {
+            connected += 1;
+            *by_version.entry(a.version.as_str()).or_insert(0) += 1;
+        }
+        let bundles = by_version
+            .into_iter()
+            .map(|(version, agents)| pb::BundleAcks {
+                bundle_version: version.to_owned(),
+                roots: inner.bundles.get(version).cloned().unwrap_or_default(),
+                agents,
+                current: version == current_bundle,
+            })
+            .collect();
+        let now = unix_now();
+        let oldest = inner
+            .issued
+            .values()
+            .map(|(_, not_after)| *not_after)
+            .filter(|t| *t > now)
+            .min()
+            .unwrap_or(0);
+        pb::CaStatusResponse {
+            phase: inner.rotation.phase.as_str().to_owned(),
+            paused: inner.rotation.paused,
+            force_renew: inner.rotation.force_renew,
+            phase_since_unix: inner.rotation.since_unix,
+            waiting_for: inner.rotation.waiting_for().to_owned(),
+            roots,
+            bundles,
+            connected_agents: connected,
+            oldest_workload_not_after_unix: oldest,
+            revoked_identities: inner.revoked.identities.iter().cloned().collect(),
+            revoked_nodes: inner.revoked.nodes.iter().cloned().collect(),
+        }
+    }
+
+    /// Live certificates under each root in service, for the gauges.
+    pub fn live_by_slot(&self) -> (usize, usize) {
+        let inner = self.read();
+        let live = Self::live(&inner);
+        let get = |ca: Option<&Arc<Ca>>| {
+            ca.and_then(|ca| live.get(&ca.root_id()).copied())
+                .unwrap_or(0)
+        };
+        (get(Some(&inner.current)), get(inner.next.as_ref()))
+    }
+}
+
+/// One agent's last acknowledged trust bundle, as the rotation sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentBundle {
+    pub connected: bool,
+    pub version: String,
 }
 
 pub struct CertificatesService {
@@ -121,9 +735,10 @@ impl CertificatesService {
             .ok_or_else(|| Status::unavailable("this control server has no certificate authority"))
     }
 
-    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let td = self.plane.authority().map(Authority::trust_domain);
-        auth::caller(request, &self.tokens, td).map_err(|why| {
+        let caller = auth::caller(request, &self.tokens, td).await;
+        caller.map_err(|why| {
             self.refused("unauthenticated");
             warn!(peer = ?peer(request), reason = %why, "refused a signing request without valid credentials");
             Status::unauthenticated(why)
@@ -167,8 +782,16 @@ impl CertificatesService {
     ) -> Result<Response<SignResponse>, Status> {
         let authority = self.authority()?;
         let identity = id.to_string();
+        if let Some(why) = authority.revoked(id, &caller.node) {
+            return Err(self.refuse(
+                caller,
+                &identity,
+                "revoked",
+                Status::permission_denied(format!("no certificate for {id}: {why}")),
+            ));
+        }
         let issued = authority
-            .sign(csr_pem.as_bytes(), id)
+            .issue(csr_pem.as_bytes(), id, &caller.node)
             .map_err(|e| match e {
                 CaError::CsrIdentityMismatch { .. } | CaError::CsrRequestsCa(_) => self.refuse(
                     caller,
@@ -215,7 +838,7 @@ fn peer<T>(request: &Request<T>) -> Option<std::net::SocketAddr> {
 #[tonic::async_trait]
 impl Certificates for CertificatesService {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request).await?;
         let SignRequest { csr_pem, identity } = request.into_inner();
         let authority = self.authority()?;
         let id: SpiffeId = identity.parse().map_err(|e| {
@@ -270,7 +893,7 @@ impl Certificates for CertificatesService {
         &self,
         request: Request<SignNodeRequest>,
     ) -> Result<Response<SignResponse>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(&request).await?;
         let SignNodeRequest { node, csr_pem } = request.into_inner();
         let authority = self.authority()?;
         let id =
@@ -300,6 +923,191 @@ impl Certificates for CertificatesService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory removed when the test ends, however it ends.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!(
+                "mesh-control-{name}-{}-{:x}",
+                std::process::id(),
+                rand_suffix()
+            ));
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn rand_suffix() -> u128 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    }
+
+    const TD: &str = "cluster.local";
+
+    fn issue(a: &Authority, sa: &str, node: &str) -> Issued {
+        let id = SpiffeId::new(TD, "default", sa).expect("valid");
+        let (_, csr) = mesh_api::identity::generate_key_and_csr(&id).expect("csr");
+        a.issue(csr.as_bytes(), &id, node).expect("issued")
+    }
+
+    fn agent(version: &str) -> AgentBundle {
+        AgentBundle {
+            connected: true,
+            version: version.into(),
+        }
+    }
+
+    #[test]
+    fn a_rotation_is_kept_in_the_ca_directory_and_resumed_after_a_restart() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("rotation");
+        let ca = Ca::generate(TD).expect("root");
+        ca.save(&dir.0).expect("saved as --ca-dir keeps it");
+        let old_root = ca.trust_bundle_pem();
+        let a = Authority::open(ca, Duration::from_secs(3600), &dir.0).expect("open");
+        issue(&a, "web", "n1");
+        issue(&a, "db", "n1");
+        a.rotate("", "", false).expect("idle");
+        let err = a.rotate("", "", false).expect_err("running");
+        assert!(err.to_string().contains("already running"), "{err}");
+        let (bundle, roots) = a.trust_material();
+        assert_eq!(roots.len(), 2, "both roots trusted");
+        assert_eq!(bundle.signing_pem, old_root, "the old CA still signs");
+        let mode = std::fs::metadata(dir.0.join("next/ca.key"))
+            .expect("next key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // An agent on an older bundle holds the phase; once it acks, signing switches.
+        a.note_bundle("v1".into(), vec![roots[0].clone()]);
+        a.note_bundle("v2".into(), roots.clone());
+        assert!(!a.tick(&[agent("v2"), agent("v1")]));
+        assert_eq!(a.phase(), Phase::BundleDistributed);
+        assert!(a.tick(&[agent("v2")]));
+        assert_eq!(a.phase(), Phase::Signing);
+        let renewed = issue(&a, "web", "n1");
+        assert!(mesh_api::identity::chains_to(
+            &renewed.cert_chain_pem,
+            &a.trust_bundle_pem()
+        ));
+        assert!(
+            !mesh_api::identity::chains_to(&renewed.cert_chain_pem, &old_root),
+            "signed by the new CA"
+        );
+        // db's certificate is still under the old root.
+        let err = a.act("retire", &[agent("v2")]).expect_err("live");
+        assert!(err.to_string().contains("1 live certificate"), "{err}");
+        assert!(!a.tick(&[agent("v2")]));
+        drop(a);
+
+        // A restart resumes Signing with both CAs and the ledger.
+        let ca = Ca::load(&dir.0, TD).expect("current");
+        let a = Authority::open(ca, Duration::from_secs(3600), &dir.0).expect("reopen");
+        assert_eq!(a.phase(), Phase::Signing);
+        assert_eq!(a.live_by_slot(), (1, 1));
+        issue(&a, "db", "n1");
+        assert_eq!(a.live_by_slot(), (0, 2));
+        let (_, roots) = a.trust_material();
+        assert!(a.tick(&[]), "nothing live under the old root: retired");
+        assert_eq!(a.phase(), Phase::Retiring);
+        let (bundle, after) = a.trust_material();
+        assert_eq!(after, vec![roots[1].clone()], "only the new root");
+        assert!(!bundle.pem.contains(old_root.trim()));
+        assert!(a.act("rollback", &[]).is_err(), "too late to roll back");
+        a.note_bundle("v3".into(), after);
+        assert!(a.tick(&[agent("v3")]));
+        assert_eq!(a.phase(), Phase::Idle);
+        drop(a);
+        // The promoted CA is what a restart loads.
+        let a = Authority::open(
+            Ca::generate(TD).expect("root"),
+            Duration::from_secs(60),
+            &dir.0,
+        )
+        .expect("reopen");
+        assert_eq!(a.trust_material().1, vec![roots[1].clone()]);
+    }
+
+    #[test]
+    fn rollback_from_signing_signs_with_the_old_ca_again_and_forces_renewal() {
+        let dir = TempDir::new("rollback");
+        let ca = Ca::generate(TD).expect("root");
+        let old_root = ca.trust_bundle_pem();
+        let a = Authority::open(ca, Duration::from_secs(3600), &dir.0).expect("open");
+        a.rotate("", "", false).expect("idle");
+        a.act("rollback", &[]).expect("from BundleDistributed");
+        assert_eq!(a.phase(), Phase::Idle);
+        assert!(!dir.0.join("next").exists(), "the new CA is thrown away");
+        a.rotate("", "", false).expect("idle");
+        let (_, roots) = a.trust_material();
+        a.note_bundle("v".into(), roots);
+        assert!(a.tick(&[agent("v")]));
+        issue(&a, "web", "n1");
+        a.act("rollback", &[]).expect("from Signing");
+        assert_eq!(a.phase(), Phase::RollingBack);
+        let (bundle, roots) = a.trust_material();
+        assert_eq!(
+            roots.len(),
+            2,
+            "the new root stays until nothing live is under it"
+        );
+        assert!(bundle.force_renew);
+        assert_eq!(bundle.signing_pem, old_root);
+        assert!(!a.tick(&[]));
+        issue(&a, "web", "n1");
+        assert!(a.tick(&[]));
+        assert_eq!(a.phase(), Phase::Idle);
+        assert_eq!(a.trust_bundle_pem(), old_root);
+    }
+
+    #[test]
+    fn a_revoked_identity_or_node_gets_no_certificate_and_the_list_is_kept() {
+        let dir = TempDir::new("revoke");
+        let a = Authority::open(
+            Ca::generate(TD).expect("root"),
+            Duration::from_secs(60),
+            &dir.0,
+        )
+        .expect("open");
+        let web = SpiffeId::new(TD, "default", "web").expect("valid");
+        assert_eq!(a.revoked(&web, "n1"), None);
+        a.revoke("identity", &web.to_string(), false)
+            .expect("revoked");
+        assert!(
+            a.revoked(&web, "n1")
+                .is_some_and(|why| why.contains("sa/web"))
+        );
+        a.revoke("node", "n2", false).expect("revoked");
+        let db = SpiffeId::new(TD, "default", "db").expect("valid");
+        assert!(
+            a.revoked(&db, "n2")
+                .is_some_and(|why| why.contains("node n2"))
+        );
+        assert!(a.revoke("identity", "not-a-spiffe-id", false).is_err());
+        assert!(a.revoke("pod", "x", false).is_err());
+        drop(a);
+        let a = Authority::open(
+            Ca::generate(TD).expect("root"),
+            Duration::from_secs(60),
+            &dir.0,
+        )
+        .expect("reopen");
+        assert!(a.revoked(&web, "n1").is_some(), "persisted");
+        a.revoke("identity", &web.to_string(), true)
+            .expect("unrevoked");
+        assert_eq!(a.revoked(&web, "n1"), None);
+        let bundle = a.trust_material().0;
+        assert_eq!(bundle.revoked_nodes, ["n2"]);
+    }
 
     #[test]
     fn durations_parse_with_units() {

@@ -200,18 +200,39 @@ impl View {
     }
 
     /// The view with the CA's trust bundle distributed as [`TRUST_BUNDLE_KEY`].
-    /// The bundle is fixed for the life of the view (of the process).
     pub fn with_trust_bundle(mut self, pem: &str) -> View {
+        self.set_trust_bundle(pb::TrustBundle {
+            pem: pem.to_owned(),
+            ..pb::TrustBundle::default()
+        });
+        self
+    }
+
+    /// Replaces the distributed trust bundle (roots, signing root, forced
+    /// renewal, revocations); returns its version. It is not a stored
+    /// resource, so no revision counts the change: streams are told to
+    /// send the key again ([`Subscription::resend`]).
+    pub fn set_trust_bundle(&mut self, bundle: pb::TrustBundle) -> String {
+        let version = version_of(&(
+            &bundle.pem,
+            &bundle.signing_pem,
+            bundle.force_renew,
+            &bundle.revoked_identities,
+            &bundle.revoked_nodes,
+        ));
         let resource = pb::Resource {
             key: TRUST_BUNDLE_KEY.to_owned(),
-            version: version_of(&pem),
-            body: Some(pb::resource::Body::TrustBundle(pb::TrustBundle {
-                pem: pem.to_owned(),
-            })),
+            version: version.clone(),
+            body: Some(pb::resource::Body::TrustBundle(bundle)),
         };
         self.others
             .insert(TRUST_BUNDLE_KEY.into(), Distributed::new(resource));
-        self
+        version
+    }
+
+    /// The version of the trust bundle distributed now.
+    pub fn trust_bundle_version(&self) -> Option<&str> {
+        self.others.get(TRUST_BUNDLE_KEY).map(Distributed::version)
     }
 
     pub fn revision(&self) -> u64 {
@@ -870,6 +891,9 @@ pub struct Subscription {
     work: Work,
     /// Keys of responses rejected whole, resent with the next change.
     retry: Vec<Key>,
+    /// Keys that changed outside the store's revisions (the trust bundle),
+    /// to send as soon as the stream is idle.
+    resend: Vec<Key>,
 }
 
 impl Subscription {
@@ -886,6 +910,7 @@ impl Subscription {
             queued_through: view.revision,
             delivered: String::new(),
             retry: Vec::new(),
+            resend: Vec::new(),
             work: Work::Initial(Box::new(InitialSync {
                 have,
                 removed,
@@ -905,6 +930,14 @@ impl Subscription {
         self.retry.extend(keys.into_iter().map(Key::from));
     }
 
+    /// Sends `key` again, as it is in the view then: it changed without a
+    /// new revision.
+    pub fn resend(&mut self, key: &str) {
+        if !self.resend.iter().any(|k| &**k == key) {
+            self.resend.push(Key::from(key));
+        }
+    }
+
     /// The next response for this agent, or `None` when it is up to date
     /// with `view`. The first call always answers, even with nothing.
     pub fn next(&mut self, view: &View) -> Result<Option<Delta>, Lagged> {
@@ -912,10 +945,15 @@ impl Subscription {
         let done = match &mut self.work {
             Work::Initial(sync) => sync.fill(view, &mut delta),
             Work::Idle => {
-                if view.revision <= self.queued_through {
+                if view.revision <= self.queued_through && self.resend.is_empty() {
                     return Ok(None);
                 }
-                let mut keys = view.log.since(self.queued_through)?;
+                let mut keys = if view.revision > self.queued_through {
+                    view.log.since(self.queued_through)?
+                } else {
+                    Vec::new()
+                };
+                keys.append(&mut self.resend);
                 let mut seen: HashSet<Key> = keys.iter().cloned().collect();
                 keys.extend(self.retry.drain(..).filter(|k| seen.insert(k.clone())));
                 self.queued_through = view.revision;
@@ -1033,6 +1071,27 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_trust_bundle_is_resent_without_a_new_revision() {
+        let resources = base();
+        let mut view = View::new(5, &resources, 100).with_trust_bundle("OLD");
+        let mut sub = Subscription::new("n1", HashMap::new(), &view);
+        sub.next(&view).expect("in log").expect("first sync");
+        assert_eq!(sub.next(&view).expect("in log"), None, "up to date");
+        let version = view.set_trust_bundle(pb::TrustBundle {
+            pem: "OLD\nNEW".into(),
+            ..pb::TrustBundle::default()
+        });
+        assert_eq!(view.trust_bundle_version(), Some(version.as_str()));
+        assert_eq!(view.revision(), 5, "not a stored change");
+        sub.resend(TRUST_BUNDLE_KEY);
+        sub.resend(TRUST_BUNDLE_KEY);
+        let delta = sub.next(&view).expect("in log").expect("the bundle");
+        assert_eq!(keys(&delta), [TRUST_BUNDLE_KEY], "once");
+        assert_eq!(delta.system_version_info, "5");
+        assert_eq!(sub.next(&view).expect("in log"), None);
+    }
+
+    #[test]
     fn an_agent_gets_every_workload_service_node_and_the_trust_bundle() {
         let mut resources = base();
         resources.push(node("n1", "198.18.0.11"));
@@ -1072,7 +1131,8 @@ mod tests {
         assert_eq!(
             body(TRUST_BUNDLE_KEY),
             Some(pb::resource::Body::TrustBundle(pb::TrustBundle {
-                pem: "PEM".into()
+                pem: "PEM".into(),
+                ..pb::TrustBundle::default()
             }))
         );
         assert_eq!(first.system_version_info, "5");

@@ -19,10 +19,12 @@
 //! Ports: gRPC (all services) on `--listen` (15012), the operator API alone
 //! on a unix socket, `/metrics` and `/healthz/ready` on 15014.
 pub mod auth;
+pub mod ca_api;
 pub mod certs;
 pub mod distribution;
 pub mod operator;
 pub mod resources;
+pub mod rotation;
 pub mod server;
 pub mod store;
 pub mod tls;
@@ -112,6 +114,11 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SlotLabels {
+    pub slot: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -136,6 +143,12 @@ pub struct Metrics {
     pub tls_handshakes: Family<ResultLabels, Counter>,
     /// The signing CA's `not_after` (Unix seconds); 0 without a CA.
     pub ca_expiry: Gauge,
+    /// CA rotation (see [`rotation`]): phase, live certificates by root
+    /// slot, agents on the current bundle, revocations in force.
+    pub ca_rotation_phase: Gauge,
+    pub ca_live_certificates: Family<SlotLabels, Gauge>,
+    pub ca_agents_on_bundle: Gauge,
+    pub revocations: Gauge,
 }
 
 impl Default for Metrics {
@@ -155,6 +168,10 @@ impl Default for Metrics {
             certificates_issued: Family::default(),
             tls_handshakes: Family::default(),
             ca_expiry: Gauge::default(),
+            ca_rotation_phase: Gauge::default(),
+            ca_live_certificates: Family::default(),
+            ca_agents_on_bundle: Gauge::default(),
+            revocations: Gauge::default(),
         }
     }
 }
@@ -219,6 +236,26 @@ impl Metrics {
             self.ca_expiry.clone(),
         );
         r.register(
+            "ca_rotation_phase",
+            "Phase of the CA rotation: 0 Idle, 1 BundleDistributed, 2 Signing, 3 Retiring, 4 RollingBack",
+            self.ca_rotation_phase.clone(),
+        );
+        r.register(
+            "ca_live_certificates",
+            "Unexpired certificates issued under each root in service (slot current or next), newest per identity and node",
+            self.ca_live_certificates.clone(),
+        );
+        r.register(
+            "ca_agents_on_bundle",
+            "Connected agents that acknowledged the trust bundle distributed now (as of the last meshctl ca status)",
+            self.ca_agents_on_bundle.clone(),
+        );
+        r.register(
+            "revocations",
+            "Revoked identities and nodes",
+            self.revocations.clone(),
+        );
+        r.register(
             "tls_handshakes",
             "TLS handshakes on the gRPC listener, by result (ok, failed)",
             self.tls_handshakes.clone(),
@@ -243,6 +280,8 @@ pub struct ControlPlane {
     metrics: Metrics,
     commits: Mutex<Commits>,
     authority: Option<Arc<Authority>>,
+    /// Bumped when the trust bundle changes outside the store's revisions.
+    trust_pushes: watch::Sender<u64>,
 }
 
 /// When the most recent revisions were committed (at most [`COMMITS_KEPT`]),
@@ -300,7 +339,8 @@ impl ControlPlane {
             distribution::DEFAULT_CHANGE_LOG_KEYS,
         );
         if let Some(authority) = &authority {
-            view = view.with_trust_bundle(authority.trust_bundle_pem());
+            let (bundle, roots) = authority.trust_material();
+            authority.note_bundle(view.set_trust_bundle(bundle), roots);
         }
         let metrics = Metrics::default();
         metrics.store_revision.set(revision_gauge(revision));
@@ -321,6 +361,7 @@ impl ControlPlane {
             metrics,
             commits: Mutex::default(),
             authority: authority.map(Arc::new),
+            trust_pushes: watch::Sender::new(0),
         })
     }
 
@@ -504,8 +545,9 @@ pub async fn serve(
         match plane.authority.clone() {
             Some(authority) => {
                 let cert = tls::ServerCert::issue(&authority)?;
-                let config = tls::server_config(cert.clone(), authority.trust_bundle_pem())?;
+                let config = tls::live_server_config(cert.clone(), authority.clone())?;
                 let renewal = tokio::spawn(cert.renew(authority));
+                let rotation = tokio::spawn(ca_api::drive(plane.clone()));
                 let certificates = CertificatesServer::new(certs::CertificatesService::new(
                     plane.clone(),
                     access.tokens,
@@ -519,6 +561,7 @@ pub async fn serve(
                         .await
                         .map_err(serve_error);
                     renewal.abort();
+                    rotation.abort();
                     served
                 });
             }

@@ -146,7 +146,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         ControlPlane::open_with_authority(&args.store_dir, args.compact_after, || {
             let (ca, path) = load_ca(&args).map_err(|e| format!("{e:#}"))?;
             bundle = path;
-            Ok(Some(certs::Authority::new(ca, args.cert_ttl)))
+            // The rotation state, the next CA, the ledger and revocations.
+            let ca_state = args
+                .ca_dir
+                .clone()
+                .unwrap_or_else(|| args.store_dir.join("ca"));
+            certs::Authority::open(ca, args.cert_ttl, &ca_state).map(Some)
         })
         .with_context(|| format!("opening the store in {}", args.store_dir.display()))?,
     );

@@ -10,8 +10,9 @@ use super::{
     resources::{Kind, ResourceId},
 };
 use mesh_api::pb::{
-    AgentsRequest, AgentsResponse, ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse,
-    GetRequest, GetResponse, operator_server::Operator,
+    AgentsRequest, AgentsResponse, ApplyRequest, ApplyResponse, CaActionRequest, CaRotateRequest,
+    CaStatusRequest, CaStatusResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
+    RevokeRequest, RevokeResponse, operator_server::Operator,
 };
 
 pub struct OperatorService {
@@ -143,5 +144,34 @@ impl Operator for OperatorService {
         Ok(Response::new(AgentsResponse {
             agents: self.plane.agents.snapshot(),
         }))
+    }
+
+    // CA rotation and revocation: see `ca_api`.
+    async fn ca_rotate(
+        &self,
+        request: Request<CaRotateRequest>,
+    ) -> Result<Response<CaStatusResponse>, Status> {
+        super::ca_api::rotate(&self.plane, request.into_inner()).await
+    }
+
+    async fn ca_action(
+        &self,
+        request: Request<CaActionRequest>,
+    ) -> Result<Response<CaStatusResponse>, Status> {
+        super::ca_api::action(&self.plane, request.into_inner()).await
+    }
+
+    async fn ca_status(
+        &self,
+        _request: Request<CaStatusRequest>,
+    ) -> Result<Response<CaStatusResponse>, Status> {
+        super::ca_api::status(&self.plane).await
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<RevokeRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        super::ca_api::revoke(&self.plane, request.into_inner()).await
     }
 }

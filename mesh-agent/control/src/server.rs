@@ -60,6 +60,8 @@ struct AgentRecord {
     last_error: Option<pb::Status>,
     /// Keys the agent rejected and has not accepted a newer version of.
     rejected: BTreeSet<String>,
+    /// Version of the last trust bundle it acknowledged (or held).
+    bundle: String,
 }
 
 /// Sync state of every agent seen since this server started.
@@ -89,6 +91,21 @@ impl Agents {
             .collect()
     }
 
+    /// Each agent's last acknowledged trust bundle, for the CA rotation.
+    pub fn bundles(&self) -> Vec<super::certs::AgentBundle> {
+        lock(&self.0)
+            .values()
+            .map(|r| super::certs::AgentBundle {
+                connected: r.streams > 0,
+                version: r.bundle.clone(),
+            })
+            .collect()
+    }
+
+    fn bundle_held(&self, node: &str, version: &str) {
+        lock(&self.0).entry(node.to_owned()).or_default().bundle = version.to_owned();
+    }
+
     fn connect(&self, node: &str) {
         lock(&self.0).entry(node.to_owned()).or_default().streams += 1;
     }
@@ -108,6 +125,9 @@ impl Agents {
             r.acked_version.clone_from(&sent.version);
         }
         r.last_ack_unix_ms = now_unix_ms();
+        if let Some(bundle) = &sent.bundle {
+            r.bundle.clone_from(bundle);
+        }
         for key in &sent.keys {
             r.rejected.remove(key);
         }
@@ -138,6 +158,8 @@ struct Sent {
     /// `version` as a revision; `None` before the first complete response.
     revision: Option<u64>,
     keys: Vec<String>,
+    /// The version of the trust bundle it carries, if it does.
+    bundle: Option<String>,
 }
 
 /// A `DeltaResponse`, already encoded in pieces (see [`Delta::encode`]).
@@ -261,7 +283,7 @@ impl DistributionService {
             .and_then(|p| p.remote)
             .or_else(|| request.remote_addr());
         let trust_domain = self.plane.authority().map(|a| a.trust_domain());
-        let caller = match auth::caller(&request, &self.tokens, trust_domain) {
+        let caller = match auth::caller(&request, &self.tokens, trust_domain).await {
             Ok(caller) => caller,
             Err(why) => return Err(self.refuse(peer, "", why)),
         };
@@ -282,7 +304,7 @@ impl DistributionService {
         }
         if first.node != caller.node {
             return Err(match caller.via {
-                Via::Token => {
+                Via::Token | Via::ServiceAccountToken => {
                     let why = format!("token is not valid for node {:?}", first.node);
                     self.refuse(peer, &first.node, why)
                 }
@@ -297,8 +319,16 @@ impl DistributionService {
             });
         }
         let held = first.initial_resource_versions.len();
+        let held_bundle = first
+            .initial_resource_versions
+            .get(mesh_api::names::TRUST_BUNDLE_KEY)
+            .cloned();
         let (subscription, synced_through) = {
             let view = self.plane.view();
+            if let Some(v) = held_bundle.filter(|v| Some(v.as_str()) == view.trust_bundle_version())
+            {
+                self.plane.agents.bundle_held(&first.node, &v);
+            }
             let subscription =
                 Subscription::new(&first.node, first.initial_resource_versions, &view);
             (subscription, view.revision())
@@ -365,6 +395,7 @@ impl AgentStream {
     async fn run(mut self) {
         let _connected = Connected::new(self.plane.clone(), self.subscription.node());
         let mut revisions = self.plane.subscribe();
+        let mut bundles = self.plane.trust_pushes.subscribe();
         loop {
             if *self.stop.borrow() {
                 self.close(Status::unavailable("mesh-control is shutting down"))
@@ -373,10 +404,15 @@ impl AgentStream {
             }
             if self.pending.is_none() {
                 revisions.borrow_and_update();
-                let next = self.subscription.next(&self.plane.view());
+                let (next, bundle) = {
+                    let view = self.plane.view();
+                    let next = self.subscription.next(&view);
+                    let bundle = view.trust_bundle_version().map(str::to_owned);
+                    (next, bundle)
+                };
                 match next {
                     Ok(Some(delta)) => {
-                        if !self.send(delta).await {
+                        if !self.send(delta, bundle).await {
                             break;
                         }
                     }
@@ -405,6 +441,11 @@ impl AgentStream {
                         break;
                     }
                 }
+                changed = bundles.changed() => {
+                    if changed.is_ok() {
+                        self.subscription.resend(mesh_api::names::TRUST_BUNDLE_KEY);
+                    }
+                }
                 stopping = self.stop.changed() => {
                     // The sender gone means the server is gone.
                     if stopping.is_err() {
@@ -417,14 +458,15 @@ impl AgentStream {
     }
 
     /// Sends a response; false when the agent is gone.
-    async fn send(&mut self, delta: Delta) -> bool {
+    async fn send(&mut self, delta: Delta, bundle: Option<String>) -> bool {
         let nonce = NONCES.fetch_add(1, Ordering::Relaxed).to_string();
-        let keys = delta
+        let keys: Vec<String> = delta
             .keys
             .iter()
             .map(ToString::to_string)
             .chain(delta.removed_resources.iter().cloned())
             .collect();
+        let bundle = bundle.filter(|_| keys.iter().any(|k| k == mesh_api::names::TRUST_BUNDLE_KEY));
         debug!(
             %nonce,
             version = %delta.system_version_info,
@@ -441,6 +483,7 @@ impl AgentStream {
             revision: delta.system_version_info.parse().ok(),
             version: delta.system_version_info.clone(),
             keys,
+            bundle,
         });
         let response = EncodedResponse(delta.encode(nonce));
         self.outbound.send(Ok(response)).await.is_ok()
@@ -514,6 +557,7 @@ mod tests {
             version: version.into(),
             revision: version.parse().ok(),
             keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+            bundle: None,
         }
     }
 

@@ -26,7 +26,7 @@ use rustls::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
@@ -69,6 +69,8 @@ pub struct PeerInfo {
 pub struct ServerCert {
     current: RwLock<Arc<CertifiedKey>>,
     not_after: RwLock<SystemTime>,
+    /// The root it is under: a CA rotation that retires it re-issues it.
+    root: RwLock<String>,
 }
 
 impl ServerCert {
@@ -78,11 +80,14 @@ impl ServerCert {
         Ok(Arc::new(ServerCert {
             current: RwLock::new(key),
             not_after: RwLock::new(not_after),
+            root: RwLock::new(authority.current_root_id()),
         }))
     }
 
-    /// Re-issues the certificate at half of each lifetime, forever.
+    /// Re-issues the certificate at half of each lifetime, and when the CA
+    /// in service changes, forever.
     pub async fn renew(self: Arc<Self>, authority: Arc<Authority>) {
+        let mut changes = authority.changes();
         loop {
             let not_after = *self
                 .not_after
@@ -91,7 +96,16 @@ impl ServerCert {
             let left = not_after
                 .duration_since(SystemTime::now())
                 .unwrap_or_default();
-            tokio::time::sleep(left / 2).await;
+            tokio::select! {
+                () = tokio::time::sleep(left / 2) => {}
+                _ = changes.changed() => {
+                    let root = authority.current_root_id();
+                    if *self.root.read().unwrap_or_else(PoisonError::into_inner) == root {
+                        continue;
+                    }
+                    *self.root.write().unwrap_or_else(PoisonError::into_inner) = root;
+                }
+            }
             match issue(&authority) {
                 Ok((key, not_after)) => {
                     *self.current.write().unwrap_or_else(PoisonError::into_inner) = key;
@@ -137,6 +151,35 @@ fn issue(authority: &Authority) -> Result<(Arc<CertifiedKey>, SystemTime), Error
         .map_err(|e| Error::Issue(e.to_string()))?;
     let key = CertifiedKey::from_der(chain, key, &provider())?;
     Ok((Arc::new(key), issued.not_after))
+}
+
+/// [`server_config`] with the authority's trust bundle, rebuilt whenever it
+/// changes (a CA rotation adds or removes a root): each handshake uses the
+/// newest, connections already open stay as they are.
+pub fn live_server_config(
+    cert: Arc<ServerCert>,
+    authority: Arc<Authority>,
+) -> Result<watch::Receiver<Arc<ServerConfig>>, Error> {
+    let mut bundle = authority.trust_bundle_pem();
+    let (tx, rx) = watch::channel(server_config(cert.clone(), &bundle)?);
+    let mut changes = authority.changes();
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            let now = authority.trust_bundle_pem();
+            if now == bundle {
+                continue;
+            }
+            match server_config(cert.clone(), &now) {
+                Ok(config) => {
+                    tx.send_replace(config);
+                    bundle = now;
+                    info!("the gRPC listener trusts the new trust bundle");
+                }
+                Err(e) => warn!(error = %e, "the new trust bundle is unusable for the gRPC listener"),
+            }
+        }
+    });
+    Ok(rx)
 }
 
 /// TLS 1.3 with ALPN `h2`; client certificates optional but verified against
@@ -224,11 +267,10 @@ impl AsyncWrite for TlsConn {
 /// Failed handshakes are logged and counted by `handshakes{result}`.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: watch::Receiver<Arc<ServerConfig>>,
     handshakes: Family<ResultLabels, Counter>,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
     let closed = tx.clone();
     let accept = accept_loop(
         "gRPC listener",
@@ -236,7 +278,8 @@ pub fn incoming(
         MAX_HANDSHAKES,
         move |tcp: tokio::net::TcpStream, remote| {
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx, handshakes) = (acceptor.clone(), tx.clone(), handshakes.clone());
+            let acceptor = TlsAcceptor::from(config.borrow().clone());
+            let (tx, handshakes) = (tx.clone(), handshakes.clone());
             async move {
                 let result =
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

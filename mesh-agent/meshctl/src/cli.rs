@@ -237,6 +237,22 @@ pub enum Command {
     },
     /// Configuration sync state of every node agent, with its last rejection.
     Agents,
+    /// The mesh CA: rotation to a new root (phases, pause, rollback) and status.
+    Ca {
+        #[command(subcommand)]
+        command: crate::ca::CaCommand,
+    },
+    /// Revoke an identity or a node: no certificates for it, and agents
+    /// refuse and close its tunnel connections.
+    Revoke {
+        #[command(subcommand)]
+        target: crate::ca::RevokeTarget,
+    },
+    /// Lift a revocation.
+    Unrevoke {
+        #[command(subcommand)]
+        target: crate::ca::RevokeTarget,
+    },
     /// Debugging: ask the control server for a certificate with a node's
     /// credentials (its bootstrap token, --token-file, or its node
     /// certificate, --cert/--key), as its agent would. Prints the identity
@@ -314,6 +330,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         | Command::Get { .. }
         | Command::Delete { .. }
         | Command::Agents
+        | Command::Ca { .. }
+        | Command::Revoke { .. }
+        | Command::Unrevoke { .. }
         | Command::Sign { .. } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
@@ -481,6 +500,13 @@ async fn control(args: &Args) -> anyhow::Result<String> {
     }
     let mut client = client::operator_with_tls(&target, token.as_deref(), tls.as_ref()).await?;
     match &args.command {
+        Command::Ca { command } => return crate::ca::ca(&mut client, command, args.json).await,
+        Command::Revoke { target } => {
+            return crate::ca::revoke(&mut client, target, false, args.json).await;
+        }
+        Command::Unrevoke { target } => {
+            return crate::ca::revoke(&mut client, target, true, args.json).await;
+        }
         Command::Apply { files, dry_run } => {
             let input = Input::read(files)?;
             let response = client
@@ -640,7 +666,7 @@ fn now_unix_ms() -> u64 {
 }
 
 /// The server's own message: it names the document, field and value.
-fn server_error(status: Status) -> anyhow::Error {
+pub(crate) fn server_error(status: Status) -> anyhow::Error {
     match status.code() {
         Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition => {
             anyhow!("{}", status.message())

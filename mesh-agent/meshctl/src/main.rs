@@ -1,4 +1,5 @@
 //! `meshctl`: the operator CLI.
+mod ca;
 mod cli;
 mod node;
 mod tap;

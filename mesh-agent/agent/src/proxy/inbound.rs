@@ -64,6 +64,10 @@ impl Inbound {
 
     async fn serve(self: Arc<Self>, socket: TcpStream) {
         let _ = socket.set_nodelay(true);
+        let peer_ip = match socket.peer_addr() {
+            Ok(SocketAddr::V4(a)) => Some(*a.ip()),
+            _ => None,
+        };
         let Some(bundle) = self.creds.bundle.borrow().clone() else {
             self.metrics
                 .tunnel_handshake(TunnelSide::Inbound, "no_trust_bundle");
@@ -118,8 +122,19 @@ impl Inbound {
             warn!(%source, "tunnel client of a foreign trust domain refused");
             return;
         }
+        let revoked = self.creds.revoked.clone();
+        if let Some(why) = revoked.borrow().refuses([&source], peer_ip) {
+            self.metrics
+                .tunnel_handshake(TunnelSide::Inbound, "revoked");
+            warn!(%source, reason = %why, "tunnel client refused: revoked");
+            return;
+        }
         self.metrics.tunnel_handshake(TunnelSide::Inbound, "ok");
         debug!(%source, "tunnel connection accepted");
+        let closing = crate::revocation::until_revoked(revoked, {
+            let source = source.clone();
+            move |r| r.refuses([&source], peer_ip)
+        });
         let this = self.clone();
         let svc = service_fn(move |req| {
             let this = this.clone();
@@ -146,6 +161,11 @@ impl Inbound {
             () = self.drain.started() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
+            }
+            why = closing => {
+                // Dropping the connection resets its streams at once.
+                warn!(reason = %why, "closing a tunnel connection: revoked");
+                return;
             }
         };
         if let Err(e) = served {

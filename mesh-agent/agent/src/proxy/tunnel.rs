@@ -32,6 +32,8 @@ pub enum Error {
     NoTrustBundle,
     #[error("TLS configuration: {0}")]
     Config(#[from] identity::TlsError),
+    #[error("tunnel to peer agent {peer} refused: {why}")]
+    Revoked { peer: SocketAddrV4, why: String },
     #[error("connecting to peer agent {peer}: {source}")]
     Connect {
         peer: SocketAddrV4,
@@ -251,6 +253,7 @@ impl TunnelClient {
                 match &opened {
                     Ok(_) => "ok",
                     Err(Error::Handshake { reason, .. }) => reason,
+                    Err(Error::Revoked { .. }) => "revoked",
                     Err(Error::HandshakeTimeout(_) | Error::ConnectTimeout(_)) => "timeout",
                     Err(_) => "error",
                 },
@@ -266,6 +269,15 @@ async fn handshake(
     key: &PoolKey,
 ) -> Result<(SendRequest<Body>, Instant), Error> {
     let bundle = creds.bundle.borrow().clone().ok_or(Error::NoTrustBundle)?;
+    let uses = move |key: &PoolKey, r: &crate::revocation::Revoked| {
+        r.refuses([&key.src, &key.dst], Some(*key.peer.ip()))
+    };
+    if let Some(why) = uses(key, &creds.revoked.borrow()) {
+        return Err(Error::Revoked {
+            peer: key.peer,
+            why,
+        });
+    }
     let config = identity::client_config(&creds.store, &key.src, &bundle, key.dst.clone())?;
     let tcp = TcpStream::connect(key.peer)
         .await
@@ -310,9 +322,19 @@ async fn handshake(
             source,
         })?;
     let peer = key.peer;
+    let closing = crate::revocation::until_revoked(creds.revoked.clone(), {
+        let key = key.clone();
+        move |r| uses(&key, r)
+    });
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            debug!(%peer, error = %e, "tunnel connection ended");
+        tokio::select! {
+            ended = conn => if let Err(e) = ended {
+                debug!(%peer, error = %e, "tunnel connection ended");
+            },
+            why = closing => {
+                // Dropping the connection resets its streams at once.
+                warn!(%peer, reason = %why, "closing a tunnel connection: revoked");
+            }
         }
     });
     info!(peer = %key.peer, src = %key.src, dst = %key.dst, "tunnel connection established");

@@ -85,6 +85,19 @@ pub enum CaError {
     },
     #[error("CA key file {path} is accessible by others (mode {mode:o}); it must be 0600")]
     KeyFileTooOpen { path: PathBuf, mode: u32 },
+    #[error(
+        "CA certificate {subject} is {state}: valid from {not_before} to {not_after} (Unix seconds)"
+    )]
+    CaNotValidNow {
+        subject: String,
+        state: &'static str,
+        not_before: u64,
+        not_after: u64,
+    },
+    #[error(
+        "the CA chain is broken: a certificate it signs does not verify up to its last certificate ({0})"
+    )]
+    ChainBroken(String),
 }
 
 /// A certificate issued to a workload identity.
@@ -188,6 +201,67 @@ impl Ca {
             chain,
             not_after,
         })
+    }
+
+    /// Checks what a CA that is to be trusted from now on must be, beyond
+    /// what loading it checked (CA basic constraints, keyCertSign, the key
+    /// matching the certificate): every certificate of its chain valid now,
+    /// and a certificate it signs verifying up to the chain's last one.
+    pub fn check_usable(&self) -> Result<(), CaError> {
+        let now = SystemTime::now();
+        for der in &self.chain {
+            let (_, cert) = x509_parser::parse_x509_certificate(der)
+                .map_err(|e| CaError::BadCaCertificate(e.to_string()))?;
+            let not_before: SystemTime = cert.validity().not_before.to_datetime().into();
+            let not_after: SystemTime = cert.validity().not_after.to_datetime().into();
+            let state = if now < not_before {
+                "not yet valid"
+            } else if now >= not_after {
+                "expired"
+            } else {
+                continue;
+            };
+            return Err(CaError::CaNotValidNow {
+                subject: cert.subject().to_string(),
+                state,
+                not_before: unix_secs(not_before),
+                not_after: unix_secs(not_after),
+            });
+        }
+        let probe = SpiffeId::new(&self.trust_domain, "mesh-system", "ca-probe")?;
+        let (_, csr) =
+            super::generate_key_and_csr(&probe).map_err(|e| CaError::ChainBroken(e.to_string()))?;
+        let issued = self.sign_csr(csr.as_bytes(), &probe, Duration::from_secs(120))?;
+        if !super::chains_to(&issued.cert_chain_pem, &self.trust_bundle_pem()) {
+            return Err(CaError::ChainBroken(
+                "webpki refused the path from a test leaf to the root".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Identifies the root (the top of the chain): its serial, in hex.
+    pub fn root_id(&self) -> String {
+        self.chain
+            .last()
+            .and_then(|der| x509_parser::parse_x509_certificate(der).ok())
+            .map(|(_, cert)| cert.raw_serial_as_string().replace(':', ""))
+            .unwrap_or_default()
+    }
+
+    /// Subject and expiry of each certificate of the chain, signing one
+    /// first, root last.
+    pub fn chain_summary(&self) -> Vec<(String, SystemTime)> {
+        self.chain
+            .iter()
+            .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+            .map(|(_, cert)| {
+                (
+                    cert.subject().to_string(),
+                    cert.validity().not_after.to_datetime().into(),
+                )
+            })
+            .collect()
     }
 
     /// When the signing certificate expires: nothing it signs outlives it.
@@ -296,6 +370,15 @@ impl Ca {
             cert_chain_pem,
             not_after,
         })
+    }
+
+    /// The chain and the private key as PEM, as [`save`](Self::save) writes
+    /// them, for a store that keeps the CA elsewhere (mesh-control in etcd).
+    pub fn to_pem(&self) -> (String, String) {
+        (
+            self.chain.iter().map(pem_certificate).collect(),
+            self.issuer.key().serialize_pem(),
+        )
     }
 
     /// Writes `ca.crt` and `ca.key` into `dir` (created 0700 if missing).
@@ -409,7 +492,122 @@ fn random_serial() -> SerialNumber {
 
 /// X.509 times have whole seconds; rounding here makes the reported expiry
 /// exactly the one in the certificate.
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 fn whole_seconds(t: SystemTime) -> SystemTime {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TD: &str = "cluster.local";
+
+    fn cert(
+        ca: bool,
+        usages: Vec<KeyUsagePurpose>,
+        from: SystemTime,
+        to: SystemTime,
+        issuer: Option<&Issuer<'_, KeyPair>>,
+    ) -> (String, KeyPair) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "operator CA");
+        params.is_ca = if ca {
+            IsCa::Ca(BasicConstraints::Unconstrained)
+        } else {
+            IsCa::ExplicitNoCa
+        };
+        params.key_usages = usages;
+        params.serial_number = Some(random_serial());
+        params.not_before = from.into();
+        params.not_after = to.into();
+        let cert = match issuer {
+            Some(issuer) => params.signed_by(&key, issuer),
+            None => params.self_signed(&key),
+        }
+        .expect("cert");
+        (cert.pem(), key)
+    }
+
+    fn now_plus(secs: i64) -> SystemTime {
+        let now = whole_seconds(SystemTime::now());
+        if secs >= 0 {
+            now + Duration::from_secs(secs.unsigned_abs())
+        } else {
+            now - Duration::from_secs(secs.unsigned_abs())
+        }
+    }
+
+    fn usable(cert_pem: &str, key: &KeyPair) -> Result<Ca, CaError> {
+        let ca = Ca::from_pem(TD, cert_pem, &key.serialize_pem())?;
+        ca.check_usable()?;
+        Ok(ca)
+    }
+
+    #[test]
+    fn an_operator_intermediate_with_its_chain_is_usable() {
+        let sign = vec![KeyUsagePurpose::KeyCertSign];
+        let (root_pem, root_key) = cert(true, sign.clone(), now_plus(-60), now_plus(3600), None);
+        let root_issuer = Issuer::from_ca_cert_pem(&root_pem, root_key).expect("issuer");
+        let (int_pem, int_key) = cert(
+            true,
+            sign,
+            now_plus(-60),
+            now_plus(3600),
+            Some(&root_issuer),
+        );
+        let ca = usable(&format!("{int_pem}{root_pem}"), &int_key).expect("usable");
+        assert_eq!(ca.chain_summary().len(), 2);
+        assert!(!ca.root_id().is_empty());
+    }
+
+    #[test]
+    fn a_new_ca_that_is_expired_not_yet_valid_not_a_ca_or_broken_is_refused_with_the_reason() {
+        let sign = vec![KeyUsagePurpose::KeyCertSign];
+        let (pem, key) = cert(true, sign.clone(), now_plus(-7200), now_plus(-3600), None);
+        let err = usable(&pem, &key).expect_err("expired");
+        assert!(err.to_string().contains("expired"), "{err}");
+
+        let (pem, key) = cert(true, sign.clone(), now_plus(3600), now_plus(7200), None);
+        let err = usable(&pem, &key).expect_err("not yet valid");
+        assert!(err.to_string().contains("not yet valid"), "{err}");
+
+        let (pem, key) = cert(false, sign.clone(), now_plus(-60), now_plus(3600), None);
+        assert!(matches!(usable(&pem, &key), Err(CaError::NotACa)));
+
+        let digital = vec![KeyUsagePurpose::DigitalSignature];
+        let (pem, key) = cert(true, digital, now_plus(-60), now_plus(3600), None);
+        assert!(
+            matches!(usable(&pem, &key), Err(CaError::NotACa)),
+            "no keyCertSign"
+        );
+
+        let (pem, _) = cert(true, sign.clone(), now_plus(-60), now_plus(3600), None);
+        let (_, other_key) = cert(true, sign.clone(), now_plus(-60), now_plus(3600), None);
+        assert!(matches!(
+            usable(&pem, &other_key),
+            Err(CaError::KeyMismatch)
+        ));
+
+        // An intermediate followed by a root that did not sign it.
+        let (root_pem, root_key) = cert(true, sign.clone(), now_plus(-60), now_plus(3600), None);
+        let (stranger_pem, _) = cert(true, sign.clone(), now_plus(-60), now_plus(3600), None);
+        let root_issuer = Issuer::from_ca_cert_pem(&root_pem, root_key).expect("issuer");
+        let (int_pem, int_key) = cert(
+            true,
+            sign,
+            now_plus(-60),
+            now_plus(3600),
+            Some(&root_issuer),
+        );
+        let err = usable(&format!("{int_pem}{stranger_pem}"), &int_key).expect_err("broken");
+        assert!(matches!(err, CaError::ChainBroken(_)), "{err}");
+    }
 }

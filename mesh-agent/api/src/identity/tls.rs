@@ -391,3 +391,87 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         self.algorithms.supported_schemes()
     }
 }
+
+#[cfg(all(test, feature = "ca"))]
+mod tests {
+    use rustls::{ClientConnection, ServerConnection};
+
+    use super::*;
+    use crate::identity::{Ca, generate_key_and_csr};
+
+    const TD: &str = "cluster.local";
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new(TD, "default", sa).expect("valid")
+    }
+
+    /// A store holding `who`'s certificate from `ca`.
+    fn holder(ca: &Ca, who: &SpiffeId) -> CertStore {
+        let (key, csr) = generate_key_and_csr(who).expect("csr");
+        let issued = ca
+            .sign_csr(csr.as_bytes(), who, std::time::Duration::from_secs(600))
+            .expect("signed");
+        let store = CertStore::new();
+        store
+            .insert(&issued.cert_chain_pem, key)
+            .expect("installed");
+        store
+    }
+
+    /// A full TLS 1.3 handshake in memory; the error of the side that failed.
+    fn handshake(
+        client: Arc<ClientConfig>,
+        server: Arc<ServerConfig>,
+    ) -> Result<(), rustls::Error> {
+        let mut c = ClientConnection::new(client, sni_for(&id("server")))?;
+        let mut s = ServerConnection::new(server)?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).expect("in memory");
+            if !buf.is_empty() {
+                s.read_tls(&mut buf.as_slice()).expect("in memory");
+                s.process_new_packets()?;
+            }
+            let mut buf = Vec::new();
+            s.write_tls(&mut buf).expect("in memory");
+            if !buf.is_empty() {
+                c.read_tls(&mut buf.as_slice()).expect("in memory");
+                c.process_new_packets()?;
+            }
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    #[test]
+    fn a_bundle_of_two_roots_accepts_peers_of_either_and_refuses_a_third() {
+        let old = Ca::generate(TD).expect("root");
+        let new = Ca::generate(TD).expect("root");
+        let other = Ca::generate(TD).expect("root");
+        let bundle = format!("{}{}", old.trust_bundle_pem(), new.trust_bundle_pem());
+        let (client, server) = (id("client"), id("server"));
+        for (client_ca, server_ca) in [(&old, &new), (&new, &old), (&new, &new), (&old, &old)] {
+            let cs = holder(client_ca, &client);
+            let ss = holder(server_ca, &server);
+            let cc = client_config(&cs, &client, &bundle, server.clone()).expect("client");
+            let sc = server_config_by_sni(&ss, TD, &bundle).expect("server");
+            handshake(cc, sc).expect("a peer chained to either root is accepted");
+        }
+        // A client from a root outside the bundle: the server refuses it.
+        let cs = holder(&other, &client);
+        let ss = holder(&new, &server);
+        let cc = client_config(&cs, &client, &bundle, server.clone()).expect("client");
+        let sc = server_config_by_sni(&ss, TD, &bundle).expect("server");
+        let err = handshake(cc, sc).expect_err("a client of a third root");
+        assert_eq!(Refusal::of(&err), Some(Refusal::UnknownCa), "{err}");
+        // A server from a root outside the bundle: the client refuses it.
+        let cs = holder(&old, &client);
+        let ss = holder(&other, &server);
+        let cc = client_config(&cs, &client, &bundle, server.clone()).expect("client");
+        let sc = server_config_by_sni(&ss, TD, &bundle).expect("server");
+        let err = handshake(cc, sc).expect_err("a server of a third root");
+        assert_eq!(Refusal::of(&err), Some(Refusal::UnknownCa), "{err}");
+    }
+}
