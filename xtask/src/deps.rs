@@ -18,7 +18,9 @@ use anyhow::{Context, bail};
 
 /// Debian packages the cluster, tests and benchmarks use (`nghttp2-client`:
 /// h2load, the h2c load of `bench http`; `postgresql`: a server and pgbench,
-/// a binary protocol no one here wrote).
+/// a binary protocol no one here wrote; `protobuf-compiler`: protoc, which
+/// the etcd-client crate's build runs; `etcd-server`: the store of
+/// `mesh-control --store etcd://`, its tests and `bench control --store etcd`).
 pub const RUN_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -30,6 +32,8 @@ pub const RUN_PACKAGES: &[&str] = &[
     "wrk",
     "nghttp2-client",
     "postgresql",
+    "protobuf-compiler",
+    "etcd-server",
 ];
 
 /// oha, the fixed-rate HTTP load generator of `bench http` (open loop, with

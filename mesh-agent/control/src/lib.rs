@@ -5,7 +5,7 @@
 //! ```text
 //! meshctl --Operator.Apply--> resources::parse_documents   (no lock held)
 //!                             store::State::plan_apply      (cross-resource checks)
-//!                             store::Store::commit          (WAL append + fsync)
+//!                             store::Backend::commit        (WAL append + fsync, or one etcd txn)
 //!                             distribution::View::apply     (endpoints, change log)
 //!                             watch<revision> ----------------> one task per agent stream:
 //!                                                               Subscription::next (diff),
@@ -68,7 +68,10 @@ use distribution::View;
 use mesh_api::pb::{certificates_server::CertificatesServer, operator_server::OperatorServer};
 use resources::{Change, Kind, ResourceId};
 use server::Agents;
-use store::{Outcome, Store};
+use store::{
+    Backend, Outcome, State, Store,
+    etcd::{self, EtcdStore, Flow, Replicated},
+};
 
 /// Largest request the server reads: a big `apply`, or an agent's list of
 /// what it holds. On the network listener the operator API checks the admin
@@ -81,6 +84,11 @@ const MAX_METRICS_CONNECTIONS: usize = 256;
 /// How many recent commits the server remembers the time of, to time
 /// pushes; an agent further behind is timed from the oldest one kept.
 const COMMITS_KEPT: usize = 1024;
+/// How often an apply through etcd may lose the race to another replica
+/// before it is refused, and how long it waits each time for replication to
+/// bring what won.
+const COMMIT_ATTEMPTS: u32 = 16;
+const CATCH_UP: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -90,6 +98,14 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error("{0} not found")]
     NotFound(String),
+    #[error(
+        "the apply lost the race to other replicas {attempts} times in a row; nothing was applied, try again"
+    )]
+    Contended { attempts: u32 },
+    #[error(
+        "another replica committed revision {stored}, which did not reach this replica in time; nothing was applied, try again"
+    )]
+    Behind { stored: u64 },
     #[error("{listener} stopped: {source}")]
     Serve {
         listener: &'static str,
@@ -138,6 +154,9 @@ pub struct Metrics {
     pub nacks: Counter,
     pub unauthenticated_streams: Counter,
     pub store_revision: Gauge,
+    /// 1 while this replica is the etcd store's leader (always, with the
+    /// file store: it is the only server).
+    pub leader: Gauge,
     pub sign_refused: Family<ReasonLabels, Counter>,
     pub certificates_issued: Family<KindLabels, Counter>,
     pub tls_handshakes: Family<ResultLabels, Counter>,
@@ -164,6 +183,7 @@ impl Default for Metrics {
             nacks: Counter::default(),
             unauthenticated_streams: Counter::default(),
             store_revision: Gauge::default(),
+            leader: Gauge::default(),
             sign_refused: Family::default(),
             certificates_issued: Family::default(),
             tls_handshakes: Family::default(),
@@ -221,6 +241,11 @@ impl Metrics {
             self.store_revision.clone(),
         );
         r.register(
+            "leader",
+            "1 while this replica leads (with --store etcd://: it compacts etcd's history; the file store's only server always leads)",
+            self.leader.clone(),
+        );
+        r.register(
             "sign_refused",
             "Signing requests refused, by reason (not_on_node, other_node, reserved_identity, foreign_trust_domain, invalid_identity, csr_mismatch, bad_csr, unauthenticated)",
             self.sign_refused.clone(),
@@ -273,7 +298,7 @@ pub struct Applied {
 /// The shared state of the server: store, agents' view, agent registry.
 #[derive(Debug)]
 pub struct ControlPlane {
-    store: Mutex<Store>,
+    store: Mutex<Backend>,
     view: RwLock<View>,
     revision: watch::Sender<u64>,
     agents: Agents,
@@ -330,6 +355,59 @@ impl ControlPlane {
         authority: impl FnOnce() -> Result<Option<Authority>, String>,
     ) -> Result<ControlPlane, Error> {
         let store = Store::open(store_dir, compact_after)?;
+        Self::with_backend(Backend::File(store), authority)
+    }
+
+    /// Serves the state in etcd, shared with other replicas: commits of the
+    /// others reach this one's agents through [`replicate`](Self::replicate),
+    /// and the replica takes part in the leader election (see
+    /// [`etcd::lead`]). Runs its tasks on the current runtime for as long as
+    /// the control plane lives.
+    pub fn open_etcd(
+        store: EtcdStore,
+        authority: Option<Authority>,
+    ) -> Result<Arc<ControlPlane>, Error> {
+        let client = store.client();
+        let keys = store.keys().clone();
+        let from = store.loaded_at() + 1;
+        let plane = Arc::new(Self::with_backend(Backend::Etcd(Box::new(store)), || {
+            Ok(authority)
+        })?);
+        plane.metrics.leader.set(0);
+        let weak = Arc::downgrade(&plane);
+        tokio::spawn(etcd::replicate(
+            client.clone(),
+            keys.clone(),
+            from,
+            move |replicated| match weak.upgrade() {
+                Some(plane) => plane.replicate(replicated),
+                None => Flow::Stop,
+            },
+        ));
+        let weak = Arc::downgrade(&plane);
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        tokio::spawn(etcd::lead(
+            client,
+            keys,
+            id,
+            plane.metrics.leader.clone(),
+            move || weak.strong_count() > 0,
+        ));
+        Ok(plane)
+    }
+
+    /// A control plane over `store`; `authority` runs once the store is
+    /// open.
+    fn with_backend(
+        store: Backend,
+        authority: impl FnOnce() -> Result<Option<Authority>, String>,
+    ) -> Result<ControlPlane, Error> {
         let authority = authority().map_err(Error::Authority)?;
         let state = store.state();
         let revision = state.revision();
@@ -344,6 +422,7 @@ impl ControlPlane {
         }
         let metrics = Metrics::default();
         metrics.store_revision.set(revision_gauge(revision));
+        metrics.leader.set(1);
         if let Some(authority) = &authority {
             let expiry = authority
                 .ca_not_after()
@@ -414,28 +493,62 @@ impl ControlPlane {
 
     fn try_apply(&self, yaml: &str, dry_run: bool) -> Result<Applied, Error> {
         let batch = resources::parse_documents(yaml)?;
-        let mut store = lock(&self.store);
-        let plan = store.state().plan_apply(batch)?;
-        let revision = if dry_run || plan.changes.is_empty() {
-            store.state().revision()
-        } else {
-            let revision = self.commit(&mut store, &plan.changes)?;
-            debug_assert_eq!(revision, plan.revision, "the plan commits as planned");
-            revision
-        };
-        Ok(Applied {
-            outcomes: plan.outcomes,
-            revision,
-        })
+        let (revision, outcomes) = self.transact(dry_run, |state| {
+            let plan = state.plan_apply(batch.clone())?;
+            Ok((plan.changes, plan.outcomes))
+        })?;
+        Ok(Applied { outcomes, revision })
     }
 
-    /// Deletes one resource. Blocks on the disk.
+    /// Deletes one resource. Blocks on the disk (or etcd).
     pub fn delete(&self, id: &ResourceId) -> Result<u64, Error> {
-        let mut store = lock(&self.store);
-        if store.state().get(id).is_none() {
-            return Err(Error::NotFound(id.to_string()));
+        let (revision, ()) = self.transact(false, |state| {
+            if state.get(id).is_none() {
+                return Err(Error::NotFound(id.to_string()));
+            }
+            Ok((vec![Change::Delete(id.clone())], ()))
+        })?;
+        Ok(revision)
+    }
+
+    /// Plans against the state and commits what the plan changes. In etcd,
+    /// a commit that lost the race to another replica changed nothing: this
+    /// replica waits until replication brings it what won, and plans again,
+    /// up to [`COMMIT_ATTEMPTS`] times.
+    fn transact<T>(
+        &self,
+        dry_run: bool,
+        plan: impl Fn(&State) -> Result<(Vec<Change>, T), Error>,
+    ) -> Result<(u64, T), Error> {
+        for _ in 0..COMMIT_ATTEMPTS {
+            let mut store = lock(&self.store);
+            let (changes, planned) = plan(store.state())?;
+            if dry_run || changes.is_empty() {
+                return Ok((store.state().revision(), planned));
+            }
+            let stored = match self.commit(&mut store, &changes) {
+                Ok(revision) => return Ok((revision, planned)),
+                Err(Error::Store(store::Error::Etcd(etcd::Error::Conflict { stored, .. }))) => {
+                    stored
+                }
+                Err(e) => return Err(e),
+            };
+            let Backend::Etcd(etcd) = &*store else {
+                unreachable!("only etcd commits conflict")
+            };
+            let runtime = etcd.runtime().clone();
+            drop(store);
+            let mut revision = self.subscribe();
+            let caught_up = runtime.block_on(async {
+                tokio::time::timeout(CATCH_UP, revision.wait_for(|r| *r >= stored)).await
+            });
+            if !matches!(caught_up, Ok(Ok(_))) {
+                return Err(Error::Behind { stored });
+            }
         }
-        self.commit(&mut store, &[Change::Delete(id.clone())])
+        Err(Error::Contended {
+            attempts: COMMIT_ATTEMPTS,
+        })
     }
 
     /// Stored resources as Kubernetes-style documents. `None` namespace: all
@@ -467,8 +580,53 @@ impl ControlPlane {
 
     /// Commits under the store lock, then updates the view before the lock
     /// is released, so views change in revision order.
-    fn commit(&self, store: &mut Store, changes: &[Change]) -> Result<u64, Error> {
+    fn commit(&self, store: &mut Backend, changes: &[Change]) -> Result<u64, Error> {
         let revision = store.commit(changes)?;
+        self.publish(revision, changes);
+        Ok(revision)
+    }
+
+    /// Applies what another replica committed, as a local commit would
+    /// (without writing): the state, the view, the agents' revision watch.
+    /// A revision this replica already holds (its own commit, seen again by
+    /// its watch) is skipped.
+    pub(crate) fn replicate(&self, replicated: Replicated) -> Flow {
+        let mut store = lock(&self.store);
+        let Backend::Etcd(etcd) = &mut *store else {
+            return Flow::Stop;
+        };
+        let held = etcd.state().revision();
+        match replicated {
+            Replicated::Transaction { revision, .. } if revision <= held => Flow::Applied,
+            Replicated::Transaction { revision, .. } if revision != held + 1 => Flow::Gap,
+            Replicated::Transaction { revision, changes } => {
+                etcd.replicated(revision, &changes);
+                self.publish(revision, &changes);
+                Flow::Applied
+            }
+            Replicated::Reload(state) => {
+                let revision = state.revision();
+                let changes = etcd.state().diff(&state);
+                if revision > held {
+                    etcd.reloaded(state);
+                    self.publish(revision, &changes);
+                } else if !changes.is_empty() {
+                    // etcd was restored from an older backup, or wiped: the
+                    // revisions agents hold mean something else now.
+                    warn!(
+                        held,
+                        stored = revision,
+                        "etcd holds other resources at an older or equal revision; restart every replica"
+                    );
+                }
+                Flow::Applied
+            }
+        }
+    }
+
+    /// A committed (or replicated) transaction reaches the view and the
+    /// agents' streams. Called under the store lock.
+    fn publish(&self, revision: u64, changes: &[Change]) {
         lock(&self.commits).record(revision, Instant::now());
         self.view
             .write()
@@ -477,7 +635,6 @@ impl ControlPlane {
         self.metrics.store_revision.set(revision_gauge(revision));
         self.revision.send_replace(revision);
         info!(revision, changes = changes.len(), "configuration changed");
-        Ok(revision)
     }
 }
 

@@ -51,6 +51,8 @@ fn status(e: Error) -> Status {
             Status::with_metadata(Code::InvalidArgument, message, metadata)
         }
         Error::NotFound(_) => Status::not_found(message),
+        // Lost races to other replicas (etcd store): retrying is the fix.
+        Error::Contended { .. } | Error::Behind { .. } => Status::aborted(message),
         Error::Store(_)
         | Error::Serve { .. }
         | Error::Stopped(_)

@@ -14,6 +14,11 @@
 //! at all. Compaction writes a new snapshot beside the old one, fsyncs it,
 //! renames it over and then empties the log; log lines the snapshot already
 //! holds are skipped by revision, so a crash between the steps loses nothing.
+//!
+//! [`etcd`] keeps the same state in etcd instead, shared by several
+//! replicas; [`Backend`] is either.
+pub mod etcd;
+
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
@@ -56,6 +61,8 @@ pub enum Error {
     Append(io::Error),
     #[error("store is unusable after a failed write could not be undone; restart mesh-control")]
     Poisoned,
+    #[error(transparent)]
+    Etcd(#[from] etcd::Error),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
@@ -111,6 +118,40 @@ pub struct State {
 }
 
 impl State {
+    /// The state at `revision` holding `resources` (each at its own version).
+    pub(crate) fn from_stored(revision: u64, resources: impl IntoIterator<Item = Stored>) -> State {
+        let mut state = State {
+            revision,
+            ..State::default()
+        };
+        for stored in resources {
+            let id = stored.resource.id();
+            for address in stored.resource.addresses() {
+                state.addresses.insert(address, id.clone());
+            }
+            state.resources.insert(id, stored);
+        }
+        state
+    }
+
+    /// The changes that turn `self` into `other`'s resources.
+    pub(crate) fn diff(&self, other: &State) -> Vec<Change> {
+        let mut changes: Vec<Change> = self
+            .resources
+            .keys()
+            .filter(|id| !other.resources.contains_key(id))
+            .map(|id| Change::Delete(id.clone()))
+            .collect();
+        changes.extend(
+            other
+                .resources
+                .iter()
+                .filter(|(id, s)| self.resources.get(id) != Some(s))
+                .map(|(_, s)| Change::Put(s.resource.clone())),
+        );
+        changes
+    }
+
     pub fn revision(&self) -> u64 {
         self.revision
     }
@@ -199,7 +240,7 @@ impl State {
             .cloned()
     }
 
-    fn apply(&mut self, revision: u64, changes: &[Change]) {
+    pub(crate) fn apply(&mut self, revision: u64, changes: &[Change]) {
         for change in changes {
             match change {
                 Change::Put(resource) => {
@@ -303,14 +344,7 @@ impl Store {
                 if snapshot.format != FORMAT {
                     return Err(corrupt(format!("unknown format {}", snapshot.format)));
                 }
-                state.revision = snapshot.revision;
-                for stored in snapshot.resources {
-                    let id = stored.resource.id();
-                    for address in stored.resource.addresses() {
-                        state.addresses.insert(address, id.clone());
-                    }
-                    state.resources.insert(id, stored);
-                }
+                state = State::from_stored(snapshot.revision, snapshot.resources);
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_error(&snapshot_path)(e)),
@@ -429,6 +463,33 @@ impl Store {
         self.log_len = 0;
         self.log_records = 0;
         Ok(())
+    }
+}
+
+/// Where the configuration is kept: a directory of this machine, or etcd,
+/// shared with other replicas.
+#[derive(Debug)]
+pub enum Backend {
+    File(Store),
+    Etcd(Box<etcd::EtcdStore>),
+}
+
+impl Backend {
+    pub fn state(&self) -> &State {
+        match self {
+            Backend::File(store) => store.state(),
+            Backend::Etcd(store) => store.state(),
+        }
+    }
+
+    /// Commits `changes`, planned against [`state`](Self::state), as the
+    /// next revision. In etcd, a transaction another replica committed first
+    /// makes this one fail with [`etcd::Error::Conflict`], changing nothing.
+    pub fn commit(&mut self, changes: &[Change]) -> Result<u64, Error> {
+        match self {
+            Backend::File(store) => store.commit(changes),
+            Backend::Etcd(store) => Ok(store.commit(changes)?),
+        }
     }
 }
 

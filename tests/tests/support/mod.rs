@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod control;
+pub mod etcd;
 
 use std::{
     io::{BufRead, BufReader},

@@ -61,6 +61,16 @@ pub struct ControlArgs {
     /// Endpoint changes to time, one at a time [default: 20].
     #[arg(long)]
     pub changes: Option<usize>,
+    /// `etcd`: the same load on the file store, then on `--store etcd://`
+    /// (a local one-member etcd), the figures side by side.
+    #[arg(long, value_enum, default_value_t = StoreKind::File)]
+    pub store: StoreKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    File,
+    Etcd,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -233,19 +243,152 @@ pub(super) fn run(args: &ControlArgs) -> Result<()> {
     let sizes = Sizes::new(args)?;
     deps::build_release_binaries()?;
     raise_open_files_limit(sizes.agents)?;
+    let file = measure(args.quick, sizes, None)?;
+    if args.store == StoreKind::File {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&file)?);
+        } else {
+            print!("{}", render(&file));
+        }
+        return Ok(());
+    }
+    deps::ensure_debian(deps::RUN_PACKAGES)?;
+    let dir = TempDir::new()?;
+    let etcd = Etcd::start(&dir.0)?;
+    let on_etcd = measure(args.quick, sizes, Some(&etcd.url))?;
+    drop(etcd);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"file": file, "etcd": on_etcd}))?
+        );
+    } else {
+        print!("{}", render_side_by_side(&file, &on_etcd));
+    }
+    Ok(())
+}
+
+/// One run of the load against a fresh mesh-control on the file store, or
+/// on `etcd` (an `etcd://` URL).
+fn measure(quick: bool, sizes: Sizes, etcd: Option<&str>) -> Result<Report> {
     let dir = TempDir::new()?;
     let tokens = dir.0.join("tokens.yaml");
     write_file(&tokens, &tokens_file(sizes.agents))?;
-    let control = Control::start(&dir.0, &tokens)?;
+    let control = Control::start(&dir.0, &tokens, etcd)?;
     let sampler = RssSampler::start(control.server.pid());
     let load = run_load(&sizes, &control, &tokens, &sampler)?;
-    let report = finish(args.quick, sizes, control, sampler, load)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", render(&report));
+    finish(quick, sizes, control, sampler, load)
+}
+
+/// A one-member etcd on loopback for the bench, stopped on drop. Its
+/// transactions may hold a whole populate batch (1,000 documents).
+struct Etcd {
+    _server: Server,
+    url: String,
+}
+
+impl Etcd {
+    fn start(dir: &Path) -> Result<Etcd> {
+        let port = |()| -> Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let (client, peer) = (port(())?, port(())?);
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "bench"])
+            .arg("--data-dir")
+            .arg(dir.join("etcd"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("bench={peer_url}")])
+            .args(["--max-txn-ops", "5000", "--max-request-bytes", "16777216"]);
+        let mut server = Server::start("etcd".into(), cmd, dir.join("etcd.log"))
+            .context("starting etcd (cargo xtask deps installs etcd-server)")?;
+        server.wait_line(|line| {
+            line.contains("ready to serve client requests")
+                .then_some(())
+        })?;
+        Ok(Etcd {
+            _server: server,
+            url: format!("etcd://127.0.0.1:{client}/mesh-bench"),
+        })
     }
-    Ok(())
+}
+
+/// The figures of both stores, one row each.
+fn render_side_by_side(file: &Report, etcd: &Report) -> String {
+    let s = &file.sizes;
+    let mut out = format!(
+        "mesh-control benchmark{}, file store vs etcd (one local member): {} agents, {} Services, {} Workloads, loopback\n\n",
+        if file.quick { " (quick)" } else { "" },
+        s.agents,
+        s.services,
+        s.workloads
+    );
+    let _ = writeln!(out, "{:<54} {:>12} {:>12}", "", "file", "etcd");
+    let rows: [(&str, fn(&Report) -> f64, usize); 12] = [
+        ("populate, s", |r| r.populate.secs, 2),
+        ("first full sync of all agents, s", |r| r.first_sync.secs, 2),
+        (
+            "  bytes per agent (avg)",
+            |r| r.first_sync.bytes_per_agent_avg,
+            0,
+        ),
+        (
+            "change ACKed by all after the apply was sent, p50 ms",
+            |r| r.changes.acked_by_all_since_apply_sent_ms.p50,
+            1,
+        ),
+        (
+            "change ACKed by all after the apply was sent, p99 ms",
+            |r| r.changes.acked_by_all_since_apply_sent_ms.p99,
+            1,
+        ),
+        ("  the apply alone, p50 ms", |r| r.changes.apply_ms.p50, 1),
+        ("  the apply alone, p99 ms", |r| r.changes.apply_ms.p99, 1),
+        (
+            "bytes per agent per change (avg)",
+            |r| r.changes.bytes_per_agent_avg,
+            0,
+        ),
+        (
+            "bytes per agent per change (max)",
+            |r| r.changes.bytes_per_agent_max as f64,
+            0,
+        ),
+        ("mesh-control CPU s (total)", |r| r.server.cpu_secs.total, 2),
+        (
+            "mesh-control VmHWM MB",
+            |r| r.server.vm_hwm_kb as f64 / 1024.0,
+            1,
+        ),
+        ("load generator CPU s", |r| r.generator_cpu_secs, 1),
+    ];
+    for (name, figure, decimals) in rows {
+        let _ = writeln!(
+            out,
+            "{name:<54} {:>12.decimals$} {:>12.decimals$}",
+            figure(file),
+            figure(etcd)
+        );
+    }
+    for (store, report) in [("file", file), ("etcd", etcd)] {
+        let _ = writeln!(out, "\nAims ({store})");
+        for aim in &report.aims {
+            let verdict = if aim.met { "met" } else { "MISSED" };
+            let _ = writeln!(
+                out,
+                "  {verdict:<7} {} (measured {:.1} {})",
+                aim.aim, aim.measured, aim.unit
+            );
+        }
+    }
+    out
 }
 
 /// Each agent holds a connection, and mesh-control as many: lift the soft
@@ -321,7 +464,7 @@ struct Control {
 }
 
 impl Control {
-    fn start(dir: &Path, tokens: &Path) -> Result<Control> {
+    fn start(dir: &Path, tokens: &Path, etcd: Option<&str>) -> Result<Control> {
         let socket = dir.join("operator.sock");
         let mut cmd = Command::new(cluster::target_dir().join("release/mesh-control"));
         cmd.args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
@@ -331,6 +474,9 @@ impl Control {
             .arg(dir.join("store"))
             .arg("--tokens")
             .arg(tokens);
+        if let Some(url) = etcd {
+            cmd.args(["--store", url]);
+        }
         let mut server = Server::start("mesh-control".into(), cmd, dir.join("mesh-control.log"))?;
         let ready = server.wait_line(Ready::parse)?;
         Ok(Control {
