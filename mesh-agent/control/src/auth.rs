@@ -1,13 +1,14 @@
 //! Credentials: agents' node certificates (on the TLS connection), per-node
-//! bootstrap tokens for an agent's first certificate, and the admin token
-//! that guards the operator API on the network listener.
-use std::{collections::HashMap, fmt, fs, path::Path};
+//! bootstrap tokens for an agent's first certificate (or, in a cluster, its
+//! projected service-account token, verified with a TokenReview), and the
+//! admin token that guards the operator API on the network listener.
+use std::{collections::HashMap, fmt, fs, future::Future, path::Path, sync::Arc};
 
 use tonic::{Request, Status, metadata::MetadataMap};
 
 use mesh_api::identity::node_of_identity;
 
-use super::tls::PeerInfo;
+use super::{kubernetes::review::Reviewer, tls::PeerInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -15,9 +16,10 @@ pub enum Error {
     TokenFile { path: String, reason: String },
 }
 
-/// Node name -> bootstrap token.
+/// Node name -> bootstrap token; and, in Kubernetes mode, the TokenReview
+/// that judges a token that is none of them.
 #[derive(Clone, Debug, Default)]
-pub struct Tokens(HashMap<String, String>);
+pub struct Tokens(HashMap<String, String>, Option<Arc<Reviewer>>);
 
 impl Tokens {
     /// Reads a YAML map `node: token`.
@@ -43,7 +45,12 @@ impl Tokens {
         {
             return Err(format!("node {node:?} has an empty token"));
         }
-        Ok(Tokens(map))
+        Ok(Tokens(map, None))
+    }
+
+    /// Tokens that are no node's are reviewed by `reviewer`.
+    pub fn with_review(self, reviewer: Arc<Reviewer>) -> Tokens {
+        Tokens(self.0, Some(reviewer))
     }
 
     /// Nodes that have a token.
@@ -83,6 +90,9 @@ pub enum Via {
     Certificate,
     /// Its bootstrap token.
     Token,
+    /// Its projected service-account token, which a TokenReview bound to
+    /// the node.
+    ServiceAccountToken,
 }
 
 impl fmt::Display for Via {
@@ -90,6 +100,7 @@ impl fmt::Display for Via {
         f.write_str(match self {
             Via::Certificate => "node certificate",
             Via::Token => "bootstrap token",
+            Via::ServiceAccountToken => "service-account token (TokenReview)",
         })
     }
 }
@@ -103,10 +114,43 @@ pub struct Caller {
 
 /// The node a request comes from. A client certificate, when the connection
 /// presented one, decides: it must name a node of `trust_domain` (a token
-/// beside it is ignored). Without one, the bearer token must be a node's.
+/// beside it is ignored). Without one, the bearer token must be a node's,
+/// or (in Kubernetes mode) an agent's service-account token for a node.
 ///
-/// The error is the message for an `Unauthenticated` status.
+/// The error is the message for an `Unauthenticated` status. The future
+/// holds nothing of `request`.
 pub fn caller<T>(
+    request: &Request<T>,
+    tokens: &Tokens,
+    trust_domain: Option<&str>,
+) -> impl Future<Output = Result<Caller, String>> + Send + 'static {
+    let decided = static_caller(request, tokens, trust_domain);
+    let review = match (&decided, bearer(request.metadata()), &tokens.1) {
+        (Err(_), Some(token), Some(reviewer)) if !has_certificate(request) => {
+            Some((token.to_owned(), reviewer.clone()))
+        }
+        _ => None,
+    };
+    async move {
+        match review {
+            None => decided,
+            Some((token, reviewer)) => reviewer.node_of(&token).await.map(|node| Caller {
+                node,
+                via: Via::ServiceAccountToken,
+            }),
+        }
+    }
+}
+
+fn has_certificate<T>(request: &Request<T>) -> bool {
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .is_some_and(|p| p.identity.is_some())
+}
+
+/// [`caller`] by the certificate and the static tokens alone.
+fn static_caller<T>(
     request: &Request<T>,
     tokens: &Tokens,
     trust_domain: Option<&str>,

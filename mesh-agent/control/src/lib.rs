@@ -22,6 +22,7 @@ pub mod auth;
 pub mod ca_api;
 pub mod certs;
 pub mod distribution;
+pub mod kubernetes;
 pub mod operator;
 pub mod resources;
 pub mod rotation;
@@ -636,6 +637,20 @@ impl ControlPlane {
         self.revision.send_replace(revision);
         info!(revision, changes = changes.len(), "configuration changed");
     }
+
+    /// Makes the stored resources of `kinds` exactly `desired`, as one
+    /// transaction checked as an apply is (the Kubernetes source's sync, see
+    /// [`kubernetes::plan_replace`]). Blocks on the disk (or etcd).
+    pub fn replace_kinds(
+        &self,
+        kinds: &[Kind],
+        desired: Vec<resources::Resource>,
+    ) -> Result<u64, Error> {
+        let (revision, ()) = self.transact(false, |state| {
+            Ok((kubernetes::plan_replace(state, kinds, &desired)?, ()))
+        })?;
+        Ok(revision)
+    }
 }
 
 fn revision_gauge(revision: u64) -> i64 {
@@ -658,6 +673,9 @@ pub struct Listeners {
 pub struct Access {
     pub tokens: auth::Tokens,
     pub admin_token: Option<String>,
+    /// Kinds the operator API refuses to apply or delete: in Kubernetes
+    /// mode, those that come from the API server ([`kubernetes::KINDS`]).
+    pub from_kubernetes: Vec<Kind>,
 }
 
 /// Serves until `shutdown` completes, then closes agent streams (they
@@ -680,8 +698,11 @@ pub async fn serve(
             stop.clone(),
         ));
         let operator = tonic::service::interceptor::InterceptedService::new(
-            OperatorServer::new(operator::OperatorService::new(plane.clone()))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
+            OperatorServer::new(
+                operator::OperatorService::new(plane.clone())
+                    .refusing(access.from_kubernetes.clone()),
+            )
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
             auth::admin_only(access.admin_token),
         );
         let signal = stopped(stop.clone());
@@ -736,8 +757,10 @@ pub async fn serve(
         }
     }
     if let Some(listener) = listeners.operator_socket {
-        let operator = OperatorServer::new(operator::OperatorService::new(plane.clone()))
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let operator = OperatorServer::new(
+            operator::OperatorService::new(plane.clone()).refusing(access.from_kubernetes.clone()),
+        )
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
         let signal = stopped(stop.clone());
         tasks.spawn(async move {
             Server::builder()

@@ -48,8 +48,30 @@ struct Args {
     store: StoreLocation,
     /// Agents' bootstrap tokens: a YAML map `node: token`. An agent uses its
     /// token for its first node certificate, and that certificate afterwards.
+    /// Optional in Kubernetes mode, where agents show their service-account
+    /// tokens instead.
+    #[arg(long, required_unless_present_any = ["kubernetes", "kube_api"])]
+    tokens: Option<PathBuf>,
+    /// Learn pods, Services, routes and policies from the Kubernetes API
+    /// server (in-cluster: the pod's service account), in the namespaces
+    /// labelled mesh.dev/enrolled=true, and verify agents' projected
+    /// service-account tokens with a TokenReview.
+    #[arg(long, conflicts_with = "kube_api")]
+    kubernetes: bool,
+    /// As --kubernetes, with the API server at this URL.
     #[arg(long)]
-    tokens: PathBuf,
+    kube_api: Option<String>,
+    /// The bearer token for --kube-api (re-read as it rotates).
+    #[arg(long, requires = "kube_api")]
+    kube_token_file: Option<PathBuf>,
+    /// The audience agents' projected tokens are for (the TokenReview asks
+    /// for it).
+    #[arg(long, default_value = control::kubernetes::review::DEFAULT_AUDIENCE)]
+    token_audience: String,
+    /// The agents' service account, `namespace/name`: a reviewed token is a
+    /// node agent's only if it is this account's and names its node.
+    #[arg(long, default_value = "mesh-system/mesh-agent", value_parser = service_account)]
+    agent_service_account: (String, String),
     /// Trust domain of every SPIFFE ID the CA issues.
     #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -78,6 +100,15 @@ struct Args {
     /// Compact the store's log into a new snapshot after this many transactions.
     #[arg(long, default_value_t = 1000)]
     compact_after: usize,
+}
+
+fn service_account(text: &str) -> Result<(String, String), String> {
+    match text.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_owned(), name.to_owned()))
+        }
+        _ => Err(format!("{text:?} is not namespace/name")),
+    }
 }
 
 fn cert_ttl(text: &str) -> Result<Duration, String> {
@@ -137,13 +168,46 @@ fn run() -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
+    let kubernetes = if args.kubernetes {
+        Some(control::kubernetes::Connection::InCluster)
+    } else {
+        args.kube_api
+            .clone()
+            .map(|url| control::kubernetes::Connection::Url {
+                url,
+                token_file: args.kube_token_file.clone(),
+            })
+    };
+    let kube = kubernetes
+        .as_ref()
+        .map(control::kubernetes::client)
+        .transpose()
+        .context("connecting to the Kubernetes API server")?;
+    let mut tokens = match &args.tokens {
+        Some(path) => auth::Tokens::load(path)?,
+        None => auth::Tokens::default(),
+    };
+    if let Some(client) = &kube {
+        let (namespace, account) = &args.agent_service_account;
+        tokens = tokens.with_review(Arc::new(control::kubernetes::review::Reviewer::new(
+            client.clone(),
+            &args.token_audience,
+            namespace,
+            account,
+        )));
+    }
     let access = Access {
-        tokens: auth::Tokens::load(&args.tokens)?,
+        tokens,
         admin_token: args
             .admin_token_file
             .as_deref()
             .map(read_token)
             .transpose()?,
+        from_kubernetes: if kube.is_some() {
+            control::kubernetes::KINDS.to_vec()
+        } else {
+            Vec::new()
+        },
     };
     // The CA is loaded (or generated) under the store's lock, so two servers
     // started on one directory can't both generate a root.
@@ -172,8 +236,19 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.metrics_addr))?;
     let operator_socket = bind_socket(&args.operator_socket)?;
+    let kubernetes_mode = match &kubernetes {
+        None => "off".to_owned(),
+        Some(control::kubernetes::Connection::InCluster) => "in-cluster".to_owned(),
+        Some(control::kubernetes::Connection::Url { url, .. }) => url.clone(),
+    };
+    let _source = kube.map(|client| {
+        AbortOnDrop(tokio::spawn(control::kubernetes::run(
+            plane.clone(),
+            client,
+        )))
+    });
     let ready = format!(
-        "mesh-control ready: grpc={} metrics={} operator-socket={} revision={} trust-domain={} ca={} cert-ttl={}s",
+        "mesh-control ready: grpc={} metrics={} operator-socket={} revision={} trust-domain={} ca={} cert-ttl={}s kubernetes={}",
         grpc.local_addr()?,
         metrics.local_addr()?,
         args.operator_socket.display(),
@@ -181,6 +256,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         args.trust_domain,
         bundle.display(),
         args.cert_ttl.as_secs(),
+        kubernetes_mode,
     );
     // Handlers before the ready line: whoever reads it may signal at once.
     let mut term = signal(SignalKind::terminate())?;
@@ -225,6 +301,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     };
     let _ = std::fs::remove_file(&args.operator_socket);
     result
+}
+
+/// Stops the Kubernetes source when the server stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -17,11 +17,32 @@ use mesh_api::pb::{
 
 pub struct OperatorService {
     plane: Arc<ControlPlane>,
+    /// Kinds that come from Kubernetes: not applied or deleted here.
+    from_kubernetes: Vec<Kind>,
 }
 
 impl OperatorService {
     pub fn new(plane: Arc<ControlPlane>) -> OperatorService {
-        OperatorService { plane }
+        OperatorService {
+            plane,
+            from_kubernetes: Vec::new(),
+        }
+    }
+
+    /// Refuses to apply or delete `kinds` (Kubernetes mode: they come from
+    /// the API server).
+    pub fn refusing(mut self, kinds: Vec<Kind>) -> OperatorService {
+        self.from_kubernetes = kinds;
+        self
+    }
+
+    fn refuse_kubernetes_kind(&self, kind: Kind) -> Result<(), Status> {
+        if self.from_kubernetes.contains(&kind) {
+            return Err(Status::failed_precondition(format!(
+                "{kind} comes from Kubernetes on this control server (--kubernetes): change it with kubectl"
+            )));
+        }
+        Ok(())
     }
 
     /// Runs a store operation off the async runtime (it fsyncs).
@@ -76,6 +97,13 @@ impl Operator for OperatorService {
         request: Request<ApplyRequest>,
     ) -> Result<Response<ApplyResponse>, Status> {
         let ApplyRequest { yaml, dry_run } = request.into_inner();
+        if !self.from_kubernetes.is_empty()
+            && let Ok(resources) = super::resources::parse_documents(&yaml)
+        {
+            for resource in &resources {
+                self.refuse_kubernetes_kind(resource.id().kind)?;
+            }
+        }
         let applied = self
             .blocking(move |plane| plane.apply(&yaml, dry_run))
             .await?;
@@ -121,6 +149,7 @@ impl Operator for OperatorService {
             name,
         } = request.into_inner();
         let kind = kind(&kind_text)?;
+        self.refuse_kubernetes_kind(kind)?;
         if name.is_empty() {
             return Err(Status::invalid_argument("delete needs a name"));
         }

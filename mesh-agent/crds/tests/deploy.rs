@@ -446,7 +446,11 @@ fn the_agent_runs_the_local_clusters_binary_and_flags() {
         .service_account_token
         .as_ref()
         .expect("a service-account token");
-    assert_eq!(sa_token.audience.as_deref(), Some("mesh-control"));
+    // The audience mesh-control's TokenReview asks for.
+    assert_eq!(
+        sa_token.audience.as_deref(),
+        Some(mesh_control::kubernetes::review::DEFAULT_AUDIENCE)
+    );
     assert_eq!(
         Path::new(&token_mount.mount_path).join(&sa_token.path),
         Path::new(token_file)
@@ -632,8 +636,13 @@ fn the_control_server_runs_replicas_behind_a_service_and_a_budget() {
     );
 
     // xtask's spawn_control passes these; the operator's CA is added so
-    // that every replica signs with the same one.
-    let pairs = flag_pairs(control);
+    // that every replica signs with the same one, and --kubernetes (no
+    // value, last): the mesh from the API server, agents by TokenReview, so
+    // no --tokens.
+    let mut switched = control.clone();
+    let args = switched.args.get_or_insert_default();
+    assert_eq!(args.pop().as_deref(), Some("--kubernetes"));
+    let pairs = flag_pairs(&switched);
     let flags: Vec<&str> = pairs.iter().map(|(f, _)| f.as_str()).collect();
     assert_eq!(
         flags,
@@ -642,7 +651,6 @@ fn the_control_server_runs_replicas_behind_a_service_and_a_budget() {
             "--metrics-addr",
             "--operator-socket",
             "--store-dir",
-            "--tokens",
             "--ca-cert",
             "--ca-key"
         ]
@@ -660,8 +668,6 @@ fn the_control_server_runs_replicas_behind_a_service_and_a_budget() {
         let secret = v.secret.as_ref().expect("the CA from a Secret");
         assert_eq!(secret.secret_name.as_deref(), Some("mesh-ca"));
     }
-    let (_, tokens) = mount_of(spec, control, flag(&pairs, "--tokens"));
-    assert!(tokens.secret.is_some(), "bootstrap tokens are secrets");
     for f in ["--store-dir", "--operator-socket"] {
         let (mount, _) = mount_of(spec, control, flag(&pairs, f));
         assert_ne!(mount.read_only, Some(true), "{f} is written");
