@@ -326,9 +326,9 @@ fn store_location(text: &str) -> Result<StoreLocation, String> {
     store::etcd::Config::parse(text)
         .map(StoreLocation::Etcd)
         .map_err(|e| match e {
-            store::etcd::Error::BadLocation { reason, .. } => format!(
-                "{reason} (expected file, or etcd://host:port[,host:port...][/prefix])"
-            ),
+            store::etcd::Error::BadLocation { reason, .. } => {
+                format!("{reason} (expected file, or etcd://host:port[,host:port...][/prefix])")
+            }
             e => e.to_string(),
         })
 }

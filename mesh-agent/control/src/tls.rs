@@ -175,7 +175,9 @@ pub fn live_server_config(
                     bundle = now;
                     info!("the gRPC listener trusts the new trust bundle");
                 }
-                Err(e) => warn!(error = %e, "the new trust bundle is unusable for the gRPC listener"),
+                Err(e) => {
+                    warn!(error = %e, "the new trust bundle is unusable for the gRPC listener")
+                }
             }
         }
     });
