@@ -320,6 +320,9 @@ impl Etcd {
     }
 }
 
+/// A row of the side-by-side table: its label, the figure, and its decimals.
+type Row = (&'static str, fn(&Report) -> f64, usize);
+
 /// The figures of both stores, one row each.
 fn render_side_by_side(file: &Report, etcd: &Report) -> String {
     let s = &file.sizes;
@@ -331,7 +334,7 @@ fn render_side_by_side(file: &Report, etcd: &Report) -> String {
         s.workloads
     );
     let _ = writeln!(out, "{:<54} {:>12} {:>12}", "", "file", "etcd");
-    let rows: [(&str, fn(&Report) -> f64, usize); 12] = [
+    let rows: [Row; 12] = [
         ("populate, s", |r| r.populate.secs, 2),
         ("first full sync of all agents, s", |r| r.first_sync.secs, 2),
         (

@@ -26,12 +26,15 @@ const REFUSED_FOR: Duration = Duration::from_secs(5);
 /// Bound on remembered verdicts; past it, expired ones are dropped, then all.
 const MAX_CACHED: usize = 4096;
 
+/// A remembered review: until when, and the node or the refusal's reason.
+type Verdict = (Instant, Result<String, String>);
+
 pub struct Reviewer {
     api: Api<TokenReview>,
     audience: String,
     /// `system:serviceaccount:<namespace>:<name>` of the agents.
     agent_user: String,
-    cache: Mutex<HashMap<String, (Instant, Result<String, String>)>>,
+    cache: Mutex<HashMap<String, Verdict>>,
 }
 
 impl std::fmt::Debug for Reviewer {
