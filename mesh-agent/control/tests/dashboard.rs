@@ -81,6 +81,10 @@ fn control_registered() -> BTreeMap<String, bool> {
         .tls_handshakes
         .get_or_create(&mesh_control::ResultLabels { result: "any" })
         .inc();
+    metrics
+        .ca_live_certificates
+        .get_or_create(&mesh_control::SlotLabels { slot: "current" })
+        .set(1);
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let mut text = String::new();
