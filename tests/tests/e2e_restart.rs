@@ -6,7 +6,7 @@ mod support;
 
 use std::{
     io::{BufRead, BufReader, Write},
-    process::{Child, ChildStdin, ChildStdout, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -23,69 +23,6 @@ fn cluster() -> Option<Cluster> {
     let mut spec = spec(2, 2);
     spec.agent_args = vec!["--drain-timeout".into(), "3s".into()];
     Some(Cluster::up(&spec).expect("cluster up"))
-}
-
-/// One TCP connection from a pod to an echo server, kept open: each line
-/// written comes back, or the connection is reported closed.
-struct LongLived {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-const LONG_LIVED_PY: &str = r#"
-import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
-f = s.makefile("rwb")
-print("ready " + f.readline().decode().strip(), flush=True)
-for line in sys.stdin:
-    try:
-        f.write(line.encode()); f.flush()
-        got = f.readline().decode().strip()
-        print(("echo " + got) if got else "closed", flush=True)
-    except OSError as e:
-        print("closed " + str(e), flush=True)
-"#;
-
-impl LongLived {
-    fn open(cluster: &Cluster, pod: &str, dst: &str) -> LongLived {
-        let (ip, port) = dst.split_once(':').expect("ip:port");
-        let mut child = python_in_pod(cluster, pod)
-            .args(["-c", LONG_LIVED_PY, ip, port])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting the long-lived client");
-        let stdin = child.stdin.take().expect("piped");
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("ready line");
-        assert!(line.starts_with("ready "), "long-lived client: {line:?}");
-        LongLived {
-            child,
-            stdin,
-            stdout,
-        }
-    }
-
-    /// Sends `word` and returns what came back (`echo <word>` or `closed ...`).
-    fn round_trip(&mut self, word: &str) -> String {
-        writeln!(self.stdin, "{word}").expect("write to the long-lived client");
-        self.stdin.flush().expect("flush");
-        let mut line = String::new();
-        self.stdout
-            .read_line(&mut line)
-            .expect("long-lived client reply");
-        line.trim().to_owned()
-    }
-}
-
-impl Drop for LongLived {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A fresh connect from `pod` to `dst` with a payload: the probe's report.

@@ -424,12 +424,8 @@ impl Authority {
         live
     }
 
-    fn observe(inner: &Inner, acks: &[AgentBundle]) -> Observed {
-        let live = Self::live(inner);
-        let count = |ca: Option<&Arc<Ca>>| {
-            ca.and_then(|ca| live.get(&ca.root_id()).copied())
-                .unwrap_or(0)
-        };
+    /// Root ids the bundle of the current phase holds, sorted.
+    fn wanted_roots(inner: &Inner) -> Vec<String> {
         let trust = inner.rotation.trust();
         let mut want: Vec<String> = [
             Some(&inner.current).filter(|_| trust.current),
@@ -440,13 +436,111 @@ impl Authority {
         .map(|ca| ca.root_id())
         .collect();
         want.sort();
-        let agents_acked = acks.iter().filter(|a| a.connected).all(|a| {
+        want
+    }
+
+    /// The agents the phase waits on.
+    ///
+    /// BundleDistributed waits for every connected agent to acknowledge
+    /// the two-root bundle, and also for every disconnected one whose node
+    /// still holds a live certificate: such an agent still carries traffic
+    /// and trusts the old root only, so signing with the new one would
+    /// break its connections. It stops counting once its certificates
+    /// expire or its node is revoked. Retiring waits for the connected
+    /// agents only (a disconnected one trusts a superset). Signing and
+    /// RollingBack wait for certificates, and name the nodes holding them.
+    fn pending(inner: &Inner, acks: &[AgentBundle]) -> Vec<Pending> {
+        let now = unix_now();
+        let phase = inner.rotation.phase;
+        let root_of = |ca: Option<&Arc<Ca>>| ca.map(|ca| ca.root_id());
+        let awaited_root = match phase {
+            Phase::Signing => root_of(Some(&inner.current)),
+            Phase::RollingBack => root_of(inner.next.as_ref()),
+            _ => None,
+        };
+        let mut live: BTreeMap<&str, usize> = BTreeMap::new();
+        for ((_, node), (root, not_after)) in &inner.issued {
+            if *not_after > now && awaited_root.as_ref().is_none_or(|r| r == root) {
+                *live.entry(node.as_str()).or_insert(0) += 1;
+            }
+        }
+        let connected: HashMap<&str, &AgentBundle> = acks
+            .iter()
+            .filter(|a| a.connected)
+            .map(|a| (a.node.as_str(), a))
+            .collect();
+        let want = Self::wanted_roots(inner);
+        let on_bundle = |a: &AgentBundle| {
             inner.bundles.get(&a.version).is_some_and(|roots| {
                 let mut roots = roots.clone();
                 roots.sort();
                 roots == want
             })
-        });
+        };
+        let count = |node: &str| live.get(node).copied().unwrap_or(0);
+        let entry = |a: &AgentBundle, reason: &str| Pending {
+            node: a.node.clone(),
+            connected: a.connected,
+            version: a.version.clone(),
+            live_certificates: count(&a.node),
+            reason: reason.to_owned(),
+        };
+        match phase {
+            Phase::Idle => Vec::new(),
+            Phase::BundleDistributed | Phase::Retiring => acks
+                .iter()
+                .filter(|a| !on_bundle(a))
+                .filter_map(|a| {
+                    if a.connected {
+                        Some(entry(a, "connected, not yet on the bundle of this phase"))
+                    } else if phase == Phase::BundleDistributed
+                        && !connected.contains_key(a.node.as_str())
+                        && count(&a.node) > 0
+                        && !inner.revoked.nodes.contains(&a.node)
+                    {
+                        Some(entry(
+                            a,
+                            "disconnected, still holds live certificates under the old root \
+                             only it trusts (waits until it returns, its certificates expire \
+                             or the node is revoked)",
+                        ))
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+            Phase::Signing | Phase::RollingBack => {
+                let reason = if phase == Phase::Signing {
+                    "holds live certificates under the old root (renewal pending)"
+                } else {
+                    "holds live certificates under the new root (renewal pending)"
+                };
+                live.iter()
+                    .map(|(node, n)| {
+                        let agent = acks.iter().find(|a| a.node == *node);
+                        Pending {
+                            node: (*node).to_owned(),
+                            connected: connected.contains_key(node),
+                            version: agent.map(|a| a.version.clone()).unwrap_or_default(),
+                            live_certificates: *n,
+                            reason: reason.to_owned(),
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn observe(inner: &Inner, acks: &[AgentBundle]) -> Observed {
+        let live = Self::live(inner);
+        let count = |ca: Option<&Arc<Ca>>| {
+            ca.and_then(|ca| live.get(&ca.root_id()).copied())
+                .unwrap_or(0)
+        };
+        let agents_acked = match inner.rotation.phase {
+            Phase::BundleDistributed | Phase::Retiring => Self::pending(inner, acks).is_empty(),
+            _ => true,
+        };
         Observed {
             agents_acked,
             live_current: count(Some(&inner.current)),
@@ -697,6 +791,16 @@ impl Authority {
             oldest_workload_not_after_unix: oldest,
             revoked_identities: inner.revoked.identities.iter().cloned().collect(),
             revoked_nodes: inner.revoked.nodes.iter().cloned().collect(),
+            pending: Self::pending(&inner, acks)
+                .into_iter()
+                .map(|p| pb::PendingAgent {
+                    node: p.node,
+                    connected: p.connected,
+                    bundle_version: p.version,
+                    live_certificates: u32::try_from(p.live_certificates).unwrap_or(u32::MAX),
+                    reason: p.reason,
+                })
+                .collect(),
         }
     }
 
@@ -715,8 +819,19 @@ impl Authority {
 /// One agent's last acknowledged trust bundle, as the rotation sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentBundle {
+    pub node: String,
     pub connected: bool,
     pub version: String,
+}
+
+/// An agent a rotation's phase waits on, for `meshctl ca status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pending {
+    node: String,
+    connected: bool,
+    version: String,
+    live_certificates: usize,
+    reason: String,
 }
 
 pub struct CertificatesService {
@@ -960,6 +1075,7 @@ mod tests {
 
     fn agent(version: &str) -> AgentBundle {
         AgentBundle {
+            node: "n1".into(),
             connected: true,
             version: version.into(),
         }
@@ -1067,6 +1183,80 @@ mod tests {
         assert!(a.tick(&[]));
         assert_eq!(a.phase(), Phase::Idle);
         assert_eq!(a.trust_bundle_pem(), old_root);
+    }
+
+    fn away(node: &str, version: &str) -> AgentBundle {
+        AgentBundle {
+            node: node.into(),
+            connected: false,
+            version: version.into(),
+        }
+    }
+
+    #[test]
+    fn a_disconnected_agent_with_live_certificates_holds_signing_until_it_returns() {
+        let dir = TempDir::new("away");
+        let a = Authority::open(
+            Ca::generate(TD).expect("root"),
+            Duration::from_secs(3600),
+            &dir.0,
+        )
+        .expect("open");
+        a.note_bundle("old".into(), a.trust_material().1);
+        issue(&a, "web", "n1");
+        issue(&a, "db", "n2");
+        a.rotate("", "", true).expect("idle");
+        let (_, roots) = a.trust_material();
+        a.note_bundle("two".into(), roots);
+        // n2 went away before it saw the two-root bundle, but its pods'
+        // certificates (old root) are live: it still carries traffic and
+        // would refuse peers renewed under the new root.
+        let acks = [agent("two"), away("n2", "old")];
+        assert!(!a.tick(&acks));
+        assert_eq!(a.phase(), Phase::BundleDistributed);
+        let status = a.status(&acks, "two");
+        assert_eq!(status.pending.len(), 1, "{status:?}");
+        assert_eq!(status.pending[0].node, "n2");
+        assert!(!status.pending[0].connected);
+        assert_eq!(status.pending[0].live_certificates, 1);
+        assert!(
+            status.pending[0].reason.contains("disconnected"),
+            "{status:?}"
+        );
+        // A disconnected node with nothing live (n3) does not count; nor
+        // does a revoked one.
+        assert!(!a.tick(&[agent("two"), away("n2", "old"), away("n3", "old")]));
+        a.revoke("node", "n2", false).expect("revoked");
+        assert!(a.tick(&acks), "a revoked node no longer holds the rotation");
+        assert_eq!(a.phase(), Phase::Signing);
+        a.revoke("node", "n2", true).expect("unrevoked");
+        // Signing names the nodes still on the old root.
+        let status = a.status(&[agent("two"), away("n2", "old")], "two");
+        let nodes: Vec<&str> = status.pending.iter().map(|p| p.node.as_str()).collect();
+        assert_eq!(nodes, ["n1", "n2"], "{status:?}");
+    }
+
+    #[test]
+    fn a_returning_agent_releases_bundle_distributed() {
+        let dir = TempDir::new("returns");
+        let a = Authority::open(
+            Ca::generate(TD).expect("root"),
+            Duration::from_secs(3600),
+            &dir.0,
+        )
+        .expect("open");
+        a.note_bundle("old".into(), a.trust_material().1);
+        issue(&a, "db", "n2");
+        a.rotate("", "", false).expect("idle");
+        let (_, roots) = a.trust_material();
+        a.note_bundle("two".into(), roots);
+        assert!(!a.tick(&[agent("two"), away("n2", "old")]));
+        let back = AgentBundle {
+            connected: true,
+            ..away("n2", "two")
+        };
+        assert!(a.tick(&[agent("two"), back]));
+        assert_eq!(a.phase(), Phase::Signing);
     }
 
     #[test]

@@ -245,7 +245,7 @@ impl Rotation {
         match self.phase {
             Phase::Idle => "nothing",
             Phase::BundleDistributed => {
-                "every connected agent to acknowledge the bundle with the new root"
+                "every connected agent, and every disconnected one whose node holds live certificates, to acknowledge the bundle with the new root"
             }
             Phase::Signing => "no live certificate under the old root (renewals at half-life)",
             Phase::Retiring => {

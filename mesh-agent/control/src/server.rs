@@ -94,8 +94,9 @@ impl Agents {
     /// Each agent's last acknowledged trust bundle, for the CA rotation.
     pub fn bundles(&self) -> Vec<super::certs::AgentBundle> {
         lock(&self.0)
-            .values()
-            .map(|r| super::certs::AgentBundle {
+            .iter()
+            .map(|(node, r)| super::certs::AgentBundle {
+                node: node.clone(),
                 connected: r.streams > 0,
                 version: r.bundle.clone(),
             })

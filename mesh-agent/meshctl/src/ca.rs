@@ -170,6 +170,13 @@ pub fn status_json(s: &CaStatusResponse) -> Value {
             .then(|| left(s.oldest_workload_not_after_unix)),
         "revoked_identities": s.revoked_identities,
         "revoked_nodes": s.revoked_nodes,
+        "pending": s.pending.iter().map(|p| json!({
+            "node": p.node,
+            "connected": p.connected,
+            "bundle_version": p.bundle_version,
+            "live_certificates": p.live_certificates,
+            "reason": p.reason,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -227,6 +234,26 @@ fn render(s: &CaStatusResponse) -> String {
             ]
         })
         .collect();
+    if !s.pending.is_empty() {
+        let rows = s
+            .pending
+            .iter()
+            .map(|p| {
+                vec![
+                    p.node.clone(),
+                    if p.connected { "yes" } else { "no" }.to_owned(),
+                    p.bundle_version.clone(),
+                    p.live_certificates.to_string(),
+                    p.reason.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["WAITING ON", "CONNECTED", "BUNDLE", "LIVE CERTS", "WHY"],
+            rows,
+        ));
+        out.push('\n');
+    }
     out.push_str(&format!("Connected agents: {}\n", s.connected_agents));
     out.push_str(&table(&["BUNDLE", "ROOTS", "AGENTS", "CURRENT"], rows));
     out.push('\n');

@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod etcd;
+pub mod traffic;
 
 use std::{
     io::{BufRead, BufReader},
@@ -15,6 +16,8 @@ use std::{
 };
 
 use serde_json::Value;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use traffic::{HttpLoop, LongLived};
 use xtask::cluster::{Cluster, ClusterSpec};
 
 pub const TESTAPP: &str = env!("CARGO_BIN_EXE_mesh-testapp");
