@@ -559,3 +559,140 @@ fn bad_store_values_are_refused_naming_the_value() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("--ca-dir is for the file store"), "{err}");
 }
+
+/// The agent's own discovery (no kernel) given both replicas
+/// (`--control-addr https://a,https://b`): when the replica it streams
+/// from is SIGKILLed together with an etcd member, it goes on to the other
+/// and acknowledges what is applied there; a restarted replica, on its
+/// address, serves it again once the other goes.
+#[tokio::test]
+async fn an_agent_given_every_replica_fails_over_when_its_replica_is_killed() {
+    use mesh_agent::state::{
+        Context,
+        discovery::{self, Discovery},
+    };
+    use std::sync::Arc;
+
+    let Some(mut etcd) = EtcdCluster::start(3).await else {
+        return;
+    };
+    let url = etcd.url("/mesh-failover");
+    let (dir_a, dir_b) = (TempDir::new("etcd-fo-a"), TempDir::new("etcd-fo-b"));
+    let cache = TempDir::new("etcd-fo-agent");
+    let a = replica(&dir_a.0, &url);
+    let b = replica(&dir_b.0, &url);
+    let a_listen = a.grpc.to_string();
+    let connector = Arc::new(
+        client::AgentConnector::new(
+            &format!("https://{},https://{}", a.grpc, b.grpc),
+            "n1",
+            "cluster.local",
+            Some("token-1".into()),
+            Some(a.ca.clone()),
+        )
+        .expect("connector"),
+    );
+    let (discovery, mut config, sync) = Discovery::new(
+        discovery::Settings {
+            ctx: Context {
+                node: "n1".into(),
+                agent_ip: "198.19.1.1".parse().expect("ip"),
+                trust_domain: "cluster.local".into(),
+                node_addresses: Default::default(),
+                registry: Default::default(),
+            },
+            connector,
+            cache_dir: Some(cache.0.clone()),
+        },
+        Box::new(|_| Ok(())),
+    )
+    .expect("discovery");
+    let task = tokio::spawn(discovery.run());
+    let reach = |config: &mut mesh_agent::state::StateRx, revision: u64, within: Duration| {
+        let mut config = config.clone();
+        async move {
+            tokio::time::timeout(
+                within,
+                config.wait_for(|s| s.version.parse::<u64>().is_ok_and(|v| v >= revision)),
+            )
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false)
+        }
+    };
+    let subscribed = |server: &Server| {
+        std::fs::read_to_string(&server.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("agent subscribed"))
+            .count()
+    };
+
+    let first = apply(&a, &workload("w-0", "198.18.4.1"))
+        .await
+        .expect("apply through A");
+    assert!(reach(&mut config, first, WAIT).await, "the agent on A");
+    assert!(
+        subscribed(&a) >= 1,
+        "the agent starts on the first endpoint"
+    );
+    assert_eq!(subscribed(&b), 0, "and only there");
+
+    // SIGKILL A and an etcd member; apply through B.
+    etcd.kill(0);
+    drop(a);
+    let killed = Instant::now();
+    let second = apply(&b, &workload("w-1", "198.18.4.2"))
+        .await
+        .expect("apply through B with A and one member gone");
+    // The apply may wait out B's etcd client on the dead member.
+    let applied = killed.elapsed();
+    assert!(
+        reach(&mut config, second, WAIT).await,
+        "the agent did not reach revision {second} through B: {:?}",
+        sync.lock().expect("sync")
+    );
+    let failover = killed.elapsed();
+    eprintln!(
+        "failover (A killed -> revision {second} acked through B): {failover:?}, of which the apply {applied:?}"
+    );
+    assert!(subscribed(&b) >= 1, "the agent subscribed to B");
+    assert!(
+        failover < Duration::from_secs(10),
+        "failover took {failover:?}"
+    );
+
+    // A restarts on its address at the stored revision; B goes: the agent
+    // comes back to A and follows what is applied there.
+    let a = Server::start_listening(&dir_a.0, &a_listen, &["--store", &url]);
+    let log = std::fs::read_to_string(&a.log).unwrap_or_default();
+    assert!(
+        log.contains(&format!("revision={second}")),
+        "A did not restart at revision {second}: {log}"
+    );
+    let before = subscribed(&a);
+    drop(b);
+    let third = apply(&a, &workload("w-2", "198.18.4.3"))
+        .await
+        .expect("apply through the restarted A");
+    assert_eq!(third, second + 1);
+    assert!(
+        reach(&mut config, third, WAIT).await,
+        "the agent did not come back to the restarted A: {:?}",
+        sync.lock().expect("sync")
+    );
+    assert!(subscribed(&a) > before, "the agent subscribed to A again");
+    let held: BTreeSet<String> = config
+        .borrow()
+        .resources
+        .keys()
+        .filter_map(|k| k.strip_prefix("Workload/default/"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        held,
+        ["w-0", "w-1", "w-2"].map(String::from).into(),
+        "the agent holds every apply"
+    );
+    task.abort();
+}

@@ -84,8 +84,11 @@ pub struct Args {
     pub metrics_addr: SocketAddr,
     #[arg(long, default_value_t = 5000)]
     pub connect_timeout_ms: u64,
-    /// Control server (`https://host:15012`, with --ca-bundle). Without it
-    /// the agent only carries connections to their original destinations.
+    /// Control server (`https://host:15012`, with --ca-bundle), or several
+    /// replicas of it separated by commas (`https://a:15012,https://b:15012`):
+    /// the agent uses one at a time and goes on to the next when it fails.
+    /// Without it the agent only carries connections to their original
+    /// destinations.
     #[arg(long, env = "MESH_CONTROL_ADDR")]
     pub control_addr: Option<String>,
     /// This node's bootstrap token for the control server: it gets the node
@@ -300,7 +303,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 install,
             )?;
             // Certificates come from a control server with a CA (over TLS).
-            let identity = connector.target().is_tls().then(|| {
+            let identity = connector.is_tls().then(|| {
                 let settings = certs::Settings {
                     node: args.node.clone(),
                     cache_dir: args.cache_dir.clone(),

@@ -8,7 +8,10 @@ use std::{
     fmt, io,
     path::{Path, PathBuf},
     str::FromStr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -375,9 +378,23 @@ impl NodeCert {
 /// verifying the server as the control server of its trust domain against
 /// the CA bundle file, presenting its node certificate when it holds a valid
 /// one and sending its bootstrap token otherwise.
+///
+/// It is given one or several endpoints (replicas of mesh-control sharing
+/// one store) and uses one at a time, for its configuration stream and its
+/// certificate requests alike; when a connection to it fails, or a caller
+/// reports that its stream did, it goes on to the next ([`next_endpoint`]).
+///
+/// Why not tonic's `Channel::balance_list`: it takes plain `Endpoint`s and
+/// dials them with tonic's own connector, while ours verifies the server by
+/// SPIFFE ID and presents the node certificate; it spreads calls over every
+/// replica, while a node's stream and its signing requests should meet one
+/// replica's view; and a long-lived stream stays on the connection it
+/// started on, so its failure has to be handled by the caller anyway.
 #[derive(Debug)]
 pub struct AgentConnector {
-    target: Target,
+    targets: Vec<Target>,
+    /// Index into `targets` of the endpoint in use.
+    current: AtomicUsize,
     trust_domain: String,
     token: Option<String>,
     ca_bundle: Option<PathBuf>,
@@ -390,8 +407,8 @@ pub struct AgentConnector {
 
 impl AgentConnector {
     /// `addr` is `https://host:port` (or `http://` for a server without a
-    /// CA); `ca_bundle` is read at every connection, so a replaced file
-    /// takes effect on the next one.
+    /// CA), or several of them separated by commas; `ca_bundle` is read at
+    /// every connection, so a replaced file takes effect on the next one.
     pub fn new(
         addr: &str,
         node: &str,
@@ -399,18 +416,14 @@ impl AgentConnector {
         token: Option<String>,
         ca_bundle: Option<PathBuf>,
     ) -> Result<AgentConnector, Error> {
-        let target: Target = addr.parse()?;
-        if matches!(target, Target::Unix(_)) {
-            return Err(Error::Address(format!(
-                "{addr}: agents reach the control server over the network"
-            )));
-        }
-        if target.is_tls() && ca_bundle.is_none() {
-            return Err(Error::NeedsTls(target));
+        let targets = agent_targets(addr)?;
+        if targets[0].is_tls() && ca_bundle.is_none() {
+            return Err(Error::NeedsTls(targets[0].clone()));
         }
         let id = node_identity(trust_domain, node).map_err(|e| Error::Tls(e.to_string()))?;
         Ok(AgentConnector {
-            target,
+            targets,
+            current: AtomicUsize::new(0),
             trust_domain: trust_domain.to_owned(),
             token,
             ca_bundle,
@@ -419,8 +432,39 @@ impl AgentConnector {
         })
     }
 
+    /// The endpoint in use.
     pub fn target(&self) -> &Target {
-        &self.target
+        &self.targets[self.current.load(Ordering::Acquire) % self.targets.len()]
+    }
+
+    /// Every endpoint, in the order they are tried.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// Whether the control server is reached over TLS (all endpoints are
+    /// alike).
+    pub fn is_tls(&self) -> bool {
+        self.targets[0].is_tls()
+    }
+
+    /// The endpoint at `index` failed (its connection, or a stream on it):
+    /// the next connection goes to the one after it, unless another caller
+    /// has moved on already.
+    pub fn failed(&self, index: usize) {
+        let len = self.targets.len();
+        let _ = self
+            .current
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+                Some(next_endpoint(current, index, len))
+            });
+        if len > 1 {
+            tracing::info!(
+                failed = %self.targets[index % len],
+                next = %self.target(),
+                "control server endpoint failed; going on to the next"
+            );
+        }
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -454,8 +498,29 @@ impl AgentConnector {
     /// server has a new CA) would fail every handshake: it is dropped, and
     /// the token goes instead.
     pub async fn connect(&self) -> Result<(Channel, Bearer), Error> {
+        self.connect_endpoint()
+            .await
+            .map(|(channel, bearer, _)| (channel, bearer))
+    }
+
+    /// [`connect`](Self::connect) to the endpoint in use; also returns its
+    /// index, for [`failed`](Self::failed) when a stream on it breaks. A
+    /// failed connection moves on to the next endpoint by itself.
+    pub async fn connect_endpoint(&self) -> Result<(Channel, Bearer, usize), Error> {
+        let index = self.current.load(Ordering::Acquire) % self.targets.len();
+        let target = &self.targets[index];
+        match self.connect_to(target).await {
+            Ok((channel, bearer)) => Ok((channel, bearer, index)),
+            Err(e) => {
+                self.failed(index);
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect_to(&self, target: &Target) -> Result<(Channel, Bearer), Error> {
         let tls = match &self.ca_bundle {
-            Some(path) if self.target.is_tls() => {
+            Some(path) if target.is_tls() => {
                 let mut bundle = read_bundle(path)?;
                 if let Some(distributed) = self
                     .distributed
@@ -485,7 +550,7 @@ impl AgentConnector {
             _ => None,
         };
         let has_cert = self.node_cert.is_valid();
-        let channel = channel_with_tls(&self.target, tls.as_ref()).await?;
+        let channel = channel_with_tls(target, tls.as_ref()).await?;
         let token = if tls.is_some() && has_cert {
             None
         } else {
@@ -495,9 +560,113 @@ impl AgentConnector {
     }
 }
 
+/// Parses an agent's `--control-addr`: one network endpoint or several,
+/// separated by commas, all `https://` or all `http://`.
+fn agent_targets(addr: &str) -> Result<Vec<Target>, Error> {
+    let mut targets = Vec::new();
+    for part in addr.split(',').map(str::trim) {
+        let target: Target = part.parse()?;
+        if matches!(target, Target::Unix(_)) {
+            return Err(Error::Address(format!(
+                "{part}: agents reach the control server over the network"
+            )));
+        }
+        if let Some(first) = targets.first()
+            && Target::is_tls(first) != target.is_tls()
+        {
+            return Err(Error::Address(format!(
+                "{part}: every control server endpoint must use the scheme of {first}"
+            )));
+        }
+        targets.push(target);
+    }
+    Ok(targets)
+}
+
+/// Which endpoint to use next, when the one at `failed` failed while
+/// `current` is in use: the one after `failed`, wrapping round; if another
+/// caller has already moved on from `failed`, `current` stays.
+pub fn next_endpoint(current: usize, failed: usize, count: usize) -> usize {
+    if count == 0 {
+        return 0;
+    }
+    if current % count == failed % count {
+        (failed % count + 1) % count
+    } else {
+        current % count
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_endpoint_hands_over_to_the_next_wrapping_round() {
+        assert_eq!(next_endpoint(0, 0, 3), 1);
+        assert_eq!(next_endpoint(1, 1, 3), 2);
+        assert_eq!(next_endpoint(2, 2, 3), 0);
+        // One endpoint: it stays (the backoff paces the retries).
+        assert_eq!(next_endpoint(0, 0, 1), 0);
+    }
+
+    #[test]
+    fn a_failure_reported_late_does_not_skip_the_endpoint_already_chosen() {
+        // The stream and a signing request both saw endpoint 0 fail; the
+        // first report moved to 1, the second must not move on to 2.
+        let after_first = next_endpoint(0, 0, 3);
+        assert_eq!(next_endpoint(after_first, 0, 3), 1);
+    }
+
+    #[test]
+    fn agent_endpoints_parse_as_a_list_and_name_the_bad_one() {
+        let targets = agent_targets("https://198.18.0.2:15012, https://198.18.0.3:15012")
+            .expect("two endpoints");
+        assert_eq!(
+            targets,
+            vec![
+                Target::Http("https://198.18.0.2:15012".into()),
+                Target::Http("https://198.18.0.3:15012".into()),
+            ]
+        );
+        let bad = agent_targets("https://a:15012,b:15012").expect_err("no scheme");
+        assert!(bad.to_string().contains("\"b:15012\""), "{bad}");
+        let unix = agent_targets("https://a:15012,unix:///run/c.sock").expect_err("unix");
+        assert!(unix.to_string().contains("unix:///run/c.sock"), "{unix}");
+        let mixed = agent_targets("https://a:15012,http://b:15012").expect_err("mixed");
+        assert!(mixed.to_string().contains("http://b:15012"), "{mixed}");
+        assert!(agent_targets("https://a:15012,").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_connector_goes_round_its_endpoints_as_connections_fail() {
+        // Two ports nothing listens on (bound, then closed): each connection
+        // is refused, so each moves to the next endpoint.
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port()
+        };
+        let (a, b) = (free(), free());
+        let addr = format!("http://127.0.0.1:{a},http://127.0.0.1:{b}");
+        let connector =
+            AgentConnector::new(&addr, "n1", "cluster.local", None, None).expect("connector");
+        assert_eq!(
+            connector.target().to_string(),
+            format!("http://127.0.0.1:{a}")
+        );
+        assert!(connector.connect_endpoint().await.is_err());
+        assert_eq!(
+            connector.target().to_string(),
+            format!("http://127.0.0.1:{b}")
+        );
+        assert!(connector.connect_endpoint().await.is_err());
+        assert_eq!(
+            connector.target().to_string(),
+            format!("http://127.0.0.1:{a}")
+        );
+    }
 
     #[test]
     fn targets_parse() {

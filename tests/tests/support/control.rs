@@ -60,9 +60,15 @@ impl Drop for TempDir {
 /// `mesh-control` with its store, tokens and operator socket in `dir`,
 /// listening on ephemeral loopback ports, plus `extra` flags.
 pub fn command(dir: &Path, extra: &[&str]) -> Command {
+    command_listening(dir, "127.0.0.1:0", extra)
+}
+
+/// [`command`] with the gRPC server on `listen` (a replica restarted on
+/// the address its agents know).
+pub fn command_listening(dir: &Path, listen: &str, extra: &[&str]) -> Command {
     std::fs::write(dir.join("tokens.yaml"), "n1: token-1\nn2: token-2\n").expect("tokens");
     let mut cmd = Command::new(bin("mesh-control"));
-    cmd.args(["--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+    cmd.args(["--listen", listen, "--metrics-addr", "127.0.0.1:0"])
         .arg("--operator-socket")
         .arg(dir.join("operator.sock"))
         .arg("--store-dir")
@@ -86,13 +92,18 @@ pub struct Server {
 impl Server {
     /// Starts the server and waits for its ready line.
     pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        Server::start_listening(dir, "127.0.0.1:0", extra)
+    }
+
+    /// [`start`](Server::start) with the gRPC server on `listen`.
+    pub fn start_listening(dir: &Path, listen: &str, extra: &[&str]) -> Server {
         let log = dir.join("mesh-control.log");
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("log file");
-        let mut child = command(dir, extra)
+        let mut child = command_listening(dir, listen, extra)
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()

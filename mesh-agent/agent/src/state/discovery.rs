@@ -132,7 +132,7 @@ impl Discovery {
     /// Runs forever: subscribe, and on any failure reconnect with
     /// exponential backoff and jitter.
     pub async fn run(self) {
-        if self.connector.target().is_tls() {
+        if self.connector.is_tls() {
             self.connector.node_cert().wait_valid(NODE_CERT_WAIT).await;
         }
         let mut backoff = BACKOFF_MIN;
@@ -155,13 +155,28 @@ impl Discovery {
         }
     }
 
-    /// One subscription; returns whether any response arrived.
+    /// One subscription; returns whether any response arrived. When it
+    /// fails after connecting, the connector is told, so that the next one
+    /// goes to the next control server endpoint (a failed connection moves
+    /// on by itself).
     async fn session(&self) -> Result<bool, (bool, Error)> {
-        let (channel, credentials) = self
+        let (channel, credentials, endpoint) = self
             .connector
-            .connect()
+            .connect_endpoint()
             .await
             .map_err(|e| (false, Error::Connect(e)))?;
+        let result = self.subscribe(channel, credentials).await;
+        if result.is_err() {
+            self.connector.failed(endpoint);
+        }
+        result
+    }
+
+    async fn subscribe(
+        &self,
+        channel: tonic::transport::Channel,
+        credentials: client::Bearer,
+    ) -> Result<bool, (bool, Error)> {
         let mut client = DistributionClient::with_interceptor(channel, credentials)
             .max_decoding_message_size(256 * 1024 * 1024);
 
