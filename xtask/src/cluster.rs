@@ -16,6 +16,7 @@
 
 pub mod cli;
 pub mod plan;
+mod replicas;
 mod state;
 mod sys;
 
@@ -36,7 +37,7 @@ use serde_json::{Value, json};
 use crate::admin;
 use plan::Roots;
 pub use plan::{ControlInfo, NodeInfo, PodInfo};
-use state::{ControlState, NodeState, Owner, State};
+use state::{ControlState, EtcdState, NodeState, Owner, State};
 use sys::Placement;
 
 /// One state dir per cluster, plus `current`.
@@ -74,6 +75,13 @@ pub struct ClusterSpec {
     /// Lifetime of the certificates the control server issues (`mesh-control
     /// --cert-ttl`, e.g. "2m"); `None`: its default, 24h.
     pub cert_ttl: Option<String>,
+    /// `mesh-control` replicas (1: one, on its file store). More than one share an
+    /// etcd store of `etcd_members` members the cluster starts in the fabric netns;
+    /// replica r listens on 198.18.0.(2+r) with its own operator socket, and agents
+    /// get every replica in `--control-addr`.
+    pub control_replicas: usize,
+    /// etcd members for the replicas' store (`--store etcd://...`); 0: the file store.
+    pub etcd_members: usize,
 }
 
 impl Default for ClusterSpec {
@@ -90,6 +98,8 @@ impl Default for ClusterSpec {
             control_bin: Some(default_control_bin()),
             meshctl_bin: default_meshctl_bin(),
             cert_ttl: None,
+            control_replicas: 1,
+            etcd_members: 0,
         }
     }
 }
@@ -140,6 +150,9 @@ pub struct Cluster {
     agents: BTreeMap<String, Child>,
     /// The control server, if this process started it.
     control: Option<Child>,
+    /// Control replicas 1.. and etcd members this process started, by index.
+    replica_children: BTreeMap<usize, Child>,
+    etcd_children: BTreeMap<usize, Child>,
     keep: bool,
     torn_down: bool,
 }
@@ -150,6 +163,21 @@ pub fn agent_args(
     info: &NodeInfo,
     bpf_object: &Path,
     control: Option<&ControlInfo>,
+) -> Vec<OsString> {
+    let control = control.map(|c| (c.url(), c.ca_bundle()));
+    agent_args_to(
+        info,
+        bpf_object,
+        control.as_ref().map(|(u, c)| (u.as_str(), c.as_path())),
+    )
+}
+
+/// [`agent_args`] with the control plane given as its `--control-addr` (one URL or
+/// a comma-separated list of replicas) and `--ca-bundle`.
+pub fn agent_args_to(
+    info: &NodeInfo,
+    bpf_object: &Path,
+    control: Option<(&str, &Path)>,
 ) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "--node".into(),
@@ -165,12 +193,12 @@ pub fn agent_args(
         "--bpf-object".into(),
         bpf_object.into(),
     ];
-    if let Some(ctl) = control {
+    if let Some((urls, ca_bundle)) = control {
         args.extend([
             "--control-addr".into(),
-            ctl.url().into(),
+            urls.into(),
             "--ca-bundle".into(),
-            ctl.ca_bundle().into(),
+            ca_bundle.into(),
             "--token-file".into(),
             info.token_file.clone().into(),
             "--cache-dir".into(),
@@ -188,6 +216,7 @@ impl Cluster {
     /// it once this process is gone.
     pub fn up(spec: &ClusterSpec) -> Result<Cluster> {
         plan::validate_size(spec.nodes, spec.pods_per_node)?;
+        plan::validate_replicas(spec.control_replicas, spec.etcd_members)?;
         let agent_bin = existing_file(
             &spec.agent_bin,
             "agent binary",
@@ -224,6 +253,22 @@ impl Cluster {
 
         let nodes = plan::nodes(&prefix, spec.nodes, &roots);
         let pods = plan::pods(&prefix, &nodes, spec.pods_per_node, &roots);
+        let etcd = plan::etcd_members(&prefix, &roots, spec.etcd_members);
+        let store = (!etcd.is_empty()).then(|| plan::etcd_store_url(&etcd));
+        let replica = |r: usize, (bin, meshctl_bin): &(PathBuf, PathBuf)| ControlState {
+            info: plan::replica(&prefix, &roots, r),
+            bin: bin.clone(),
+            meshctl_bin: meshctl_bin.clone(),
+            pid: None,
+            cert_ttl: spec.cert_ttl.clone(),
+            store: store.clone(),
+        };
+        let replicas = match &control_bins {
+            Some(bins) => (1..spec.control_replicas)
+                .map(|r| replica(r, bins))
+                .collect(),
+            None => Vec::new(),
+        };
         let state = State {
             owner: Some(Owner::current()?),
             fabric_netns: plan::fabric_netns(&prefix),
@@ -241,13 +286,12 @@ impl Cluster {
                 .collect(),
             pods,
             enrolled: BTreeSet::new(),
-            control: control_bins.map(|(bin, meshctl_bin)| ControlState {
-                info: plan::control(&prefix, &roots),
-                bin,
-                meshctl_bin,
-                pid: None,
-                cert_ttl: spec.cert_ttl.clone(),
-            }),
+            control: control_bins.as_ref().map(|bins| replica(0, bins)),
+            replicas,
+            etcd: etcd
+                .into_iter()
+                .map(|info| EtcdState { info, pid: None })
+                .collect(),
             prefix,
         };
         let mut cluster = Cluster::from_state(state, state_dir, false);
@@ -292,6 +336,8 @@ impl Cluster {
             enrolled,
             agents: BTreeMap::new(),
             control: None,
+            replica_children: BTreeMap::new(),
+            etcd_children: BTreeMap::new(),
             keep,
             torn_down: false,
         }
@@ -593,7 +639,7 @@ impl Cluster {
     /// The root CA agents trust (`mesh-agent --ca-bundle`), written by the control
     /// server at its first start. `None` without a control plane.
     pub fn ca_bundle(&self) -> Option<PathBuf> {
-        self.state.control.as_ref().map(|c| c.info.ca_bundle())
+        self.state.control.as_ref().map(ControlState::ca_bundle)
     }
 
     /// The last `lines` lines of the control server's log.
@@ -694,9 +740,12 @@ impl Cluster {
             .with_context(|| format!("creating {}", self.state.bpf_root.display()))?;
         if self.state.control.is_some() {
             self.write_tokens()?;
+            self.start_etcd()?;
             self.spawn_control()?;
             self.save()?;
             self.wait_control_ready()?;
+            // After the first, so that it generates the root CA the others load.
+            self.start_replicas()?;
         }
         let names: Vec<String> = self
             .state
@@ -726,7 +775,7 @@ impl Cluster {
         sys::netns_add(fabric)?;
         sys::ip_in(fabric, &["link", "add", FABRIC_BRIDGE, "type", "bridge"])?;
         sys::ip_in(fabric, &["link", "set", FABRIC_BRIDGE, "up"])?;
-        if let Some(ctl) = &self.state.control {
+        for ctl in self.state.control.iter().chain(&self.state.replicas) {
             let addr = format!("{}/24", ctl.info.ip);
             sys::ip_in(fabric, &["addr", "add", &addr, "dev", FABRIC_BRIDGE])?;
         }
@@ -800,9 +849,10 @@ impl Cluster {
             ]);
         }
         dirs.extend(self.state.pods.iter().map(|p| &p.cgroup));
-        if let Some(ctl) = &self.state.control {
+        for ctl in self.state.control.iter().chain(&self.state.replicas) {
             dirs.push(&ctl.info.cgroup);
         }
+        dirs.extend(self.state.etcd.iter().map(|m| &m.info.cgroup));
         for dir in dirs {
             fs::create_dir(dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
         }
@@ -820,10 +870,18 @@ impl Cluster {
             _ => {}
         }
         let mut cmd = Command::new(&self.state.agent_bin);
-        let control = self.state.control.as_ref().map(|c| &c.info);
-        cmd.args(agent_args(&info, &self.state.bpf_object, control))
-            .args(&self.state.agent_args)
-            .env("RUST_LOG", "info");
+        let control = self
+            .state
+            .control
+            .as_ref()
+            .map(|c| (self.control_urls(), c.ca_bundle()));
+        cmd.args(agent_args_to(
+            &info,
+            &self.state.bpf_object,
+            control.as_ref().map(|(u, c)| (u.as_str(), c.as_path())),
+        ))
+        .args(&self.state.agent_args)
+        .env("RUST_LOG", "info");
 
         let mut log = OpenOptions::new()
             .create(true)
@@ -871,47 +929,7 @@ impl Cluster {
     /// so that it outlives this process, its output appended to `<state>/control.log`.
     fn spawn_control(&mut self) -> Result<()> {
         let ctl = self.try_control()?.clone();
-        match fs::remove_file(&ctl.info.socket) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(e).context(format!("removing {}", ctl.info.socket.display()));
-            }
-            _ => {}
-        }
-        let mut cmd = Command::new(&ctl.bin);
-        cmd.arg("--listen")
-            .arg(ctl.info.listen.to_string())
-            .arg("--metrics-addr")
-            .arg(ctl.info.metrics.to_string())
-            .arg("--operator-socket")
-            .arg(&ctl.info.socket)
-            .arg("--store-dir")
-            .arg(&ctl.info.store_dir)
-            .arg("--tokens")
-            .arg(&ctl.info.tokens)
-            .env("RUST_LOG", "info");
-        if let Some(ttl) = &ctl.cert_ttl {
-            cmd.arg("--cert-ttl").arg(ttl);
-        }
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&ctl.info.log)
-            .with_context(|| format!("opening {}", ctl.info.log.display()))?;
-        writeln!(log, "--- xtask: starting {cmd:?}")?;
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        sys::place(
-            &mut cmd,
-            &Placement {
-                netns: Some(&self.state.fabric_netns),
-                cgroup: Some(&ctl.info.cgroup),
-                new_session: true,
-            },
-        );
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting the control server ({})", ctl.bin.display()))?;
+        let child = self.spawn_replica_process(&ctl)?;
         if let Some(state) = self.state.control.as_mut() {
             state.pid = Some(child.id());
         }
@@ -961,7 +979,16 @@ impl Cluster {
         args: &[&str],
         input: Option<&str>,
     ) -> Result<std::process::Output> {
-        let ctl = self.try_control()?;
+        self.meshctl_of(self.try_control()?, args, input)
+    }
+
+    /// `meshctl` through the operator socket of `ctl` (one replica).
+    fn meshctl_of(
+        &self,
+        ctl: &ControlState,
+        args: &[&str],
+        input: Option<&str>,
+    ) -> Result<std::process::Output> {
         let mut cmd = Command::new(&ctl.meshctl_bin);
         cmd.arg("--control")
             .arg(ctl.info.meshctl_target())
@@ -1155,6 +1182,7 @@ impl Cluster {
         {
             errors.push(format!("{e:#}"));
         }
+        errors.extend(self.stop_replicas_and_etcd());
         let (removed, purge_errors) = purge(&Leftovers {
             prefix: self.state.prefix.clone(),
             cgroup_root: self.state.cgroup_root.clone(),

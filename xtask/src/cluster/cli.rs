@@ -97,6 +97,12 @@ pub struct UpArgs {
     /// Lifetime of the certificates the control server issues (e.g. 2m, 24h).
     #[arg(long, conflicts_with = "no_control")]
     pub cert_ttl: Option<String>,
+    /// mesh-control replicas; more than one share an etcd store (--etcd-members).
+    #[arg(long, default_value_t = 1, conflicts_with = "no_control")]
+    pub control_replicas: usize,
+    /// etcd members the cluster starts for the replicas' store (0: the file store).
+    #[arg(long, default_value_t = 0, conflicts_with = "no_control")]
+    pub etcd_members: usize,
     /// Build the agent, control server and meshctl first (release).
     #[arg(long)]
     pub release: bool,
@@ -153,6 +159,8 @@ fn up(args: UpArgs) -> Result<ExitCode> {
         },
         meshctl_bin: args.meshctl_bin.unwrap_or_else(super::default_meshctl_bin),
         cert_ttl: args.cert_ttl,
+        control_replicas: args.control_replicas,
+        etcd_members: args.etcd_members,
     };
     match sweep(false) {
         Ok(removed) => report_sweep(removed),

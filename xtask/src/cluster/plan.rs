@@ -167,6 +167,96 @@ pub fn control(prefix: &str, roots: &Roots) -> ControlInfo {
     }
 }
 
+/// Most `mesh-control` replicas: replica r (from 0) is on 198.18.0.(2+r), below the nodes.
+pub const MAX_CONTROL_REPLICAS: usize = 8;
+/// Most etcd members the cluster starts for its replicas.
+pub const MAX_ETCD_MEMBERS: usize = 5;
+/// etcd member i listens for clients on 198.18.0.2:(2379+10i), for peers on (2380+10i).
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+
+pub fn validate_replicas(replicas: usize, etcd_members: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=MAX_CONTROL_REPLICAS).contains(&replicas),
+        "control replicas must be in 1..={MAX_CONTROL_REPLICAS}, got {replicas}"
+    );
+    anyhow::ensure!(
+        etcd_members <= MAX_ETCD_MEMBERS,
+        "etcd members must be in 0..={MAX_ETCD_MEMBERS}, got {etcd_members}"
+    );
+    anyhow::ensure!(
+        replicas == 1 || etcd_members > 0,
+        "{replicas} control replicas need a shared store: give etcd members (1..={MAX_ETCD_MEMBERS})"
+    );
+    Ok(())
+}
+
+/// Replica `r` (from 0) of the control plane: replica 0 is [`control`]; the others
+/// are on 198.18.0.(2+r) with their own socket, store dir, log and cgroup.
+pub fn replica(prefix: &str, roots: &Roots, r: usize) -> ControlInfo {
+    if r == 0 {
+        return control(prefix, roots);
+    }
+    let state = roots.state_dir(prefix);
+    let ip = Ipv4Addr::new(198, 18, 0, octet(2 + r));
+    ControlInfo {
+        ip,
+        listen: SocketAddrV4::new(ip, CONTROL_PORT),
+        metrics: SocketAddrV4::new(ip, CONTROL_METRICS_PORT),
+        cgroup: roots.cgroup_root(prefix).join(format!("control{r}")),
+        socket: state.join(format!("control{r}.sock")),
+        store_dir: state.join(format!("control{r}-store")),
+        tokens: state.join("tokens.yaml"),
+        log: state.join(format!("control{r}.log")),
+    }
+}
+
+/// One etcd member of the replicas' store, in the fabric netns on br0's first address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdInfo {
+    /// `m<i>`
+    pub name: String,
+    pub client: SocketAddrV4,
+    pub peer: SocketAddrV4,
+    /// `<state>/etcd-m<i>`
+    pub data_dir: PathBuf,
+    /// `<state>/etcd-m<i>.log`
+    pub log: PathBuf,
+    /// `<cg2>/<prefix>/etcd-m<i>`
+    pub cgroup: PathBuf,
+}
+
+pub fn etcd_members(prefix: &str, roots: &Roots, count: usize) -> Vec<EtcdInfo> {
+    let state = roots.state_dir(prefix);
+    (0..count)
+        .map(|i| {
+            let port = ETCD_CLIENT_PORT + 10 * i as u16;
+            EtcdInfo {
+                name: format!("m{i}"),
+                client: SocketAddrV4::new(CONTROL_IP, port),
+                peer: SocketAddrV4::new(CONTROL_IP, port + 1),
+                data_dir: state.join(format!("etcd-m{i}")),
+                log: state.join(format!("etcd-m{i}.log")),
+                cgroup: roots.cgroup_root(prefix).join(format!("etcd-m{i}")),
+            }
+        })
+        .collect()
+}
+
+/// `etcd://<every member>/mesh`, what every replica gets as `--store`.
+pub fn etcd_store_url(members: &[EtcdInfo]) -> String {
+    let hosts: Vec<String> = members.iter().map(|m| m.client.to_string()).collect();
+    format!("etcd://{}/mesh", hosts.join(","))
+}
+
+/// `--initial-cluster` of the members.
+pub fn etcd_initial_cluster(members: &[EtcdInfo]) -> String {
+    let peers: Vec<String> = members
+        .iter()
+        .map(|m| format!("{}=http://{}", m.name, m.peer))
+        .collect();
+    peers.join(",")
+}
+
 pub fn fabric_netns(prefix: &str) -> String {
     format!("{prefix}-fabric")
 }
@@ -574,5 +664,42 @@ mod tests {
         assert!(is_mounted(mounts, "bpf", Path::new("/mnt/with space")));
         assert!(!is_mounted(mounts, "bpf", Path::new("/sys/fs/cgroup")));
         assert_eq!(cgroup2_mount("proc /proc proc rw 0 0\n"), None);
+    }
+
+    #[test]
+    fn replicas_sit_below_the_nodes_each_with_its_own_socket_store_and_cgroup() {
+        let roots = roots();
+        assert_eq!(replica("mc3fa2b1", &roots, 0), control("mc3fa2b1", &roots));
+        let r1 = replica("mc3fa2b1", &roots, 1);
+        assert_eq!(r1.url(), "https://198.18.0.3:15012");
+        assert_eq!(
+            r1.socket,
+            Path::new("/run/mesh-cluster/mc3fa2b1/control1.sock")
+        );
+        assert_eq!(
+            r1.store_dir,
+            Path::new("/run/mesh-cluster/mc3fa2b1/control1-store")
+        );
+        assert!(r1.cgroup.ends_with("mc3fa2b1/control1"));
+        let last = replica("mc3fa2b1", &roots, MAX_CONTROL_REPLICAS - 1);
+        assert!(last.ip < node_ip(1), "{} is not below the nodes", last.ip);
+        validate_replicas(2, 3).expect("two replicas on three members");
+        let err = validate_replicas(2, 0).expect_err("no shared store");
+        assert!(err.to_string().contains("shared store"), "{err}");
+        assert!(validate_replicas(MAX_CONTROL_REPLICAS + 1, 3).is_err());
+    }
+
+    #[test]
+    fn etcd_members_are_on_the_control_address_and_make_one_store_url() {
+        let members = etcd_members("mc3fa2b1", &roots(), 3);
+        assert_eq!(
+            etcd_store_url(&members),
+            "etcd://198.18.0.2:2379,198.18.0.2:2389,198.18.0.2:2399/mesh"
+        );
+        assert_eq!(
+            etcd_initial_cluster(&members),
+            "m0=http://198.18.0.2:2380,m1=http://198.18.0.2:2390,m2=http://198.18.0.2:2400"
+        );
+        assert!(members[2].cgroup.ends_with("mc3fa2b1/etcd-m2"));
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::plan::{ControlInfo, NodeInfo, PodInfo};
+use super::plan::{ControlInfo, EtcdInfo, NodeInfo, PodInfo};
 
 pub const STATE_FILE: &str = "state.json";
 
@@ -33,6 +33,19 @@ pub struct State {
     /// The control plane, if the cluster runs one.
     #[serde(default)]
     pub control: Option<ControlState>,
+    /// Replicas 1.. of the control plane (`control` is replica 0), on the etcd store.
+    #[serde(default)]
+    pub replicas: Vec<ControlState>,
+    /// The etcd members the replicas share, in the fabric netns.
+    #[serde(default)]
+    pub etcd: Vec<EtcdState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdState {
+    #[serde(flatten)]
+    pub info: EtcdInfo,
+    pub pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +60,20 @@ pub struct ControlState {
     /// `mesh-control --cert-ttl`; `None`: its default (24h).
     #[serde(default)]
     pub cert_ttl: Option<String>,
+    /// `mesh-control --store` (`etcd://...`); `None`: its file store.
+    #[serde(default)]
+    pub store: Option<String>,
+}
+
+impl ControlState {
+    /// The root CA agents trust: `<store-dir>/ca.crt` with an etcd store (the root
+    /// lives in etcd), `<store-dir>/ca/ca.crt` with the file store.
+    pub fn ca_bundle(&self) -> PathBuf {
+        match self.store {
+            Some(_) => self.info.store_dir.join("ca.crt"),
+            None => self.info.ca_bundle(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,7 +180,10 @@ mod tests {
                 meshctl_bin: "/bin/meshctl".into(),
                 pid: Some(43),
                 cert_ttl: Some("2m".into()),
+                store: None,
             }),
+            replicas: Vec::new(),
+            etcd: Vec::new(),
         };
         state.write(&dir).unwrap();
         let back = State::read(&dir).unwrap();
