@@ -854,11 +854,8 @@ fn rbac_names_every_verb_and_gives_the_agent_nothing() {
     let role = one(&m.roles, "Role");
     assert_eq!(
         rules(role.rules.as_deref().unwrap_or_default()),
-        [
-            "coordination.k8s.io leases: create",
-            "coordination.k8s.io leases [mesh-control]: get,update",
-            " secrets [mesh-ca]: get",
-        ]
+        [" secrets [mesh-ca]: get"],
+        "no Lease: with --kubernetes no replica writes, so none leads"
     );
 
     // Bindings give the control server's account its roles, and nobody else
