@@ -30,7 +30,7 @@ pub const ECHO: u16 = 8090;
 /// Whether privileged end-to-end tests must run here. In CI (CI=true) or under
 /// `cargo xtask test` (MESH_E2E_REQUIRED=1) a missing privilege or kernel
 /// feature is a failure, never a silent pass.
-fn required() -> bool {
+pub fn required() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
         || std::env::var("MESH_E2E_REQUIRED").is_ok_and(|v| v == "1")
 }
