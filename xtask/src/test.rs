@@ -44,6 +44,9 @@ pub fn run(filter: Option<&str>) -> anyhow::Result<()> {
     test.args([
         "test",
         "--release",
+        // Every test binary runs even after one fails, so one CI run
+        // reports every failure.
+        "--no-fail-fast",
         "--workspace",
         "--exclude",
         "mesh-ebpf",

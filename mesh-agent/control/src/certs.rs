@@ -77,6 +77,9 @@ pub struct Authority {
     inner: RwLock<Inner>,
     /// Bumped whenever the trust bundle, the signer or the revocations change.
     changes: watch::Sender<u64>,
+    /// Held from the ledger snapshot to its rename into place, so that
+    /// certificates issued at once never write an older ledger over a newer.
+    ledger_write: std::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -145,11 +148,16 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Written to a temporary name created 0600, then renamed into place.
+/// Written to a temporary name created 0600, then renamed into place. The
+/// temporary name is unique to the write: two writes at once (certificates
+/// issued on two streams) must not rename each other's file.
 fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}.{n}", std::process::id()));
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -189,6 +197,7 @@ impl Authority {
                 bundles: HashMap::new(),
             }),
             changes: watch::Sender::new(0),
+            ledger_write: std::sync::Mutex::new(()),
         }
     }
 
@@ -362,6 +371,10 @@ impl Authority {
         let signer = self.signer();
         let issued = signer.sign_csr(csr, id, self.ttl)?;
         let now = unix_now();
+        let ledger = self
+            .ledger_write
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut inner = self.write();
         inner.issued.retain(|_, (_, not_after)| *not_after > now);
         inner.issued.insert(
@@ -389,6 +402,7 @@ impl Authority {
                 warn!(path = %path.display(), error = %e, "cannot keep the ledger of issued certificates");
             }
         }
+        drop(ledger);
         Ok(issued)
     }
 
@@ -1191,6 +1205,44 @@ mod tests {
             connected: false,
             version: version.into(),
         }
+    }
+
+    #[test]
+    fn certificates_issued_at_once_all_reach_the_ledger_on_disk() {
+        // Agents renew every pod at once during a rotation; each issue
+        // rewrites the ledger. Two writes at once once shared a temporary
+        // file and one failed with ENOENT, or left an older ledger last.
+        let dir = TempDir::new("ledger");
+        let a = Authority::open(
+            Ca::generate(TD).expect("root"),
+            Duration::from_secs(3600),
+            &dir.0,
+        )
+        .expect("open");
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let a = &a;
+                scope.spawn(move || {
+                    for i in 0..8 {
+                        issue(a, &format!("sa{t}-{i}"), &format!("n{t}"));
+                    }
+                });
+            }
+        });
+        let text = std::fs::read_to_string(dir.0.join(ISSUED_FILE)).expect("ledger");
+        let records: Vec<IssuedRecord> = serde_json::from_str(&text).expect("json");
+        assert_eq!(
+            records.len(),
+            32,
+            "every issued certificate is in the ledger"
+        );
+        let left: Vec<_> = std::fs::read_dir(&dir.0)
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "no temporary file left: {left:?}");
     }
 
     #[test]
