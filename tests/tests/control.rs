@@ -321,6 +321,11 @@ async fn agents_get_every_workload_and_service_and_the_trust_bundle_then_only_ch
     server
         .wait_for_metric("mesh_control_push_latency_seconds_count", 1.0)
         .await;
+    // The agent acknowledged the bundle with its first sync; the gauge
+    // follows without anyone asking for `ca status`.
+    server
+        .wait_for_metric("mesh_control_ca_agents_on_bundle", 1.0)
+        .await;
     let pushed = server
         .metric("mesh_control_push_latency_seconds_sum")
         .expect("_sum");

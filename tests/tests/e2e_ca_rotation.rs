@@ -8,11 +8,7 @@
 //! refuses its new ones while another identity's traffic goes on.
 mod support;
 
-use std::{
-    io::Write,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::*;
@@ -49,68 +45,36 @@ fn wait_phase(cluster: &Cluster, phase: &str, within: Duration) -> Value {
 
 /// Cuts a node's agent off from the control server, both ways, with
 /// nftables in the node's namespace (resets, so both ends notice at their
-/// next packet) and `ss -K` of the server's end; the link returns on drop. Tunnel traffic between nodes is
-/// untouched.
-struct CutOff<'a> {
-    cluster: &'a Cluster,
-    node: &'a str,
-}
-
-impl<'a> CutOff<'a> {
-    fn new(cluster: &'a Cluster, node: &'a str) -> CutOff<'a> {
-        let control = cluster.control_info().expect("a control plane").listen;
-        let (ip, port) = (control.ip(), control.port());
-        let rules = format!(
-            "table inet meshcut {{\n\
-             chain output {{ type filter hook output priority 0; policy accept;\n\
+/// next packet) and `ss -K` of the server's end; the link returns when the
+/// table drops. Tunnel traffic between nodes is untouched.
+fn cut_off<'a>(cluster: &'a Cluster, node: &'a str) -> NftTable<'a> {
+    let control = cluster.control_info().expect("a control plane").listen;
+    let (ip, port) = (control.ip(), control.port());
+    let table = NftTable::load(
+        move || cluster.node_command(node, "nft"),
+        "meshcut",
+        &format!(
+            "  chain output {{ type filter hook output priority 0; policy accept;\n\
                ip daddr {ip} tcp dport {port} reject with tcp reset\n  }}\n\
              chain input {{ type filter hook input priority 0; policy accept;\n\
-               ip saddr {ip} tcp sport {port} reject with tcp reset\n  }}\n}}\n"
-        );
-        let mut child = cluster
-            .node_command(node, "nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nft (installed by cargo xtask test)");
-        child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(rules.as_bytes())
-            .expect("rules to nft");
-        let out = child.wait_with_output().expect("nft");
-        assert!(
-            out.status.success(),
-            "nft in {node}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // The control server's end of the agent's stream, closed now (a
-        // dead peer would otherwise only show at its next keep-alive).
-        let filter = format!("( sport = :{port} and dst {} )", cluster.node_ip(node));
-        let out = cluster
-            .fabric_command("ss")
-            .args(["-K", "-t", "state", "established", &filter])
-            .output()
-            .expect("ss");
-        assert!(
-            out.status.success(),
-            "ss -K in the fabric: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        CutOff { cluster, node }
-    }
-}
-
-impl Drop for CutOff<'_> {
-    fn drop(&mut self) {
-        let _ = self
-            .cluster
-            .node_command(self.node, "nft")
-            .args(["delete", "table", "inet", "meshcut"])
-            .status();
-    }
+               ip saddr {ip} tcp sport {port} reject with tcp reset\n  }}"
+        ),
+        node,
+    );
+    // The control server's end of the agent's stream, closed now (a
+    // dead peer would otherwise only show at its next keep-alive).
+    let filter = format!("( sport = :{port} and dst {} )", cluster.node_ip(node));
+    let out = cluster
+        .fabric_command("ss")
+        .args(["-K", "-t", "state", "established", &filter])
+        .output()
+        .expect("ss");
+    assert!(
+        out.status.success(),
+        "ss -K in the fabric: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    table
 }
 
 fn root_ids(status: &Value) -> Vec<String> {
@@ -178,7 +142,7 @@ fn a_root_rotation_under_traffic_drops_nothing_and_rollbacks_restore_the_old_roo
     let back = HttpLoop::start(&cluster, "node2-pod2", &back_url);
     std::thread::sleep(Duration::from_secs(2));
     let started = Instant::now();
-    let cut = CutOff::new(&cluster, "node2");
+    let cut = cut_off(&cluster, "node2");
     meshctl_ok(&cluster, &["ca", "rotate"]);
     let away = wait_for(
         "node2 seen disconnected and waited on",

@@ -97,53 +97,16 @@ fn echo_n(cluster: &Cluster, from: &str, to: &str, n: u64, bytes: &str) {
 }
 
 /// Drops `percent` of the TCP segments arriving on the echo port in `pod`'s
-/// namespace (and only there) until dropped.
-struct Loss<'a> {
-    cluster: &'a Cluster,
-    pod: &'a str,
-}
-
-impl<'a> Loss<'a> {
-    fn start(cluster: &'a Cluster, pod: &'a str, percent: u32) -> Loss<'a> {
-        let rules = format!(
-            "table inet meshloss {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    tcp dport {ECHO_PORT} numgen random mod 100 < {percent} drop\n  }}\n}}\n"
-        );
-        let mut nft = cluster.command(pod, "nft");
-        let out = run_with_stdin(nft.args(["-f", "-"]), &rules);
-        assert!(
-            out.status.success(),
-            "nft (installed by cargo xtask test) in {pod}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Loss { cluster, pod }
-    }
-}
-
-impl Drop for Loss<'_> {
-    fn drop(&mut self) {
-        let _ = self
-            .cluster
-            .command(self.pod, "nft")
-            .args(["delete", "table", "inet", "meshloss"])
-            .status();
-    }
-}
-
-fn run_with_stdin(cmd: &mut Command, input: &str) -> std::process::Output {
-    use std::{io::Write, process::Stdio};
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(input.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("wait")
+/// namespace (and only there) while the table is loaded.
+fn loss<'a>(cluster: &'a Cluster, pod: &'a str, percent: u32) -> NftTable<'a> {
+    NftTable::load(
+        move || cluster.command(pod, "nft"),
+        "meshloss",
+        &format!(
+            "  chain input {{\n    type filter hook input priority 0; policy accept;\n    tcp dport {ECHO_PORT} numgen random mod 100 < {percent} drop\n  }}"
+        ),
+        pod,
+    )
 }
 
 #[test]
@@ -212,7 +175,7 @@ fn kernel_counters_tcp_statistics_and_health_gauges_move_when_pods_connect() {
     // node1's agent resends (SYNs, data).
     let before = tcp(&cluster, "node1", local);
     {
-        let _loss = Loss::start(&cluster, "node1-pod2", 20);
+        let _loss = loss(&cluster, "node1-pod2", 20);
         echo_n(&cluster, "node1-pod1", "node1-pod2", N, "65536");
     }
     let after = wait_closed(&cluster, "node1", local, before, N);

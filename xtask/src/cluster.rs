@@ -599,15 +599,10 @@ impl Cluster {
     /// `meshctl apply -f -` with `yaml` on stdin; its stdout on success, else an error
     /// carrying its stderr.
     pub fn apply(&self, yaml: &str) -> Result<String> {
-        let out = self.meshctl_with_input(&["apply", "-f", "-"], Some(yaml))?;
-        if !out.status.success() {
-            bail!(
-                "`meshctl apply -f -` failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        applied(
+            self.meshctl_with_input(&["apply", "-f", "-"], Some(yaml))?,
+            "",
+        )
     }
 
     /// The pod's `Workload` document as `up` registers it (name, namespace `default`,
@@ -1543,6 +1538,19 @@ fn existing_file(path: &Path, what: &str, hint: &str) -> Result<PathBuf> {
     let path = std::path::absolute(path)?;
     anyhow::ensure!(path.is_file(), "no {what} at {}: {hint}", path.display());
     Ok(path)
+}
+
+/// What `meshctl apply -f -` printed, or an error with its stderr;
+/// `through` (` through replica 1`) says which control server it asked.
+fn applied(out: std::process::Output, through: &str) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "`meshctl apply -f -`{through} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

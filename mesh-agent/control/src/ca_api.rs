@@ -49,18 +49,22 @@ impl ControlPlane {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         m.ca_expiry.set(i64::try_from(expiry).unwrap_or(i64::MAX));
+        // Every tick, not only when an operator asks for `ca status`: a
+        // dashboard watches the bundle roll out.
+        let current = self.view().trust_bundle_version().unwrap_or("").to_owned();
+        let acked = self
+            .agents
+            .bundles()
+            .iter()
+            .filter(|a| a.connected && a.version == current)
+            .count();
+        m.ca_agents_on_bundle
+            .set(i64::try_from(acked).unwrap_or(i64::MAX));
     }
 
     fn ca_status(&self, authority: &Authority) -> pb::CaStatusResponse {
         let current = self.view().trust_bundle_version().unwrap_or("").to_owned();
         let mut status = authority.status(&self.agents.bundles(), &current);
-        let acked = status
-            .bundles
-            .iter()
-            .filter(|b| b.current)
-            .map(|b| b.agents)
-            .sum::<u32>();
-        self.metrics.ca_agents_on_bundle.set(i64::from(acked));
         status.bundles.sort_by_key(|b| !b.current);
         status
     }

@@ -1081,6 +1081,17 @@ mod tests {
 
     const TD: &str = "cluster.local";
 
+    /// An authority keeping its state in `dir`, with a freshly generated
+    /// root (a reopen after a restart keeps the rotation and the lists).
+    fn fresh(dir: &TempDir, ttl_secs: u64) -> Authority {
+        Authority::open(
+            Ca::generate(TD).expect("root"),
+            Duration::from_secs(ttl_secs),
+            &dir.0,
+        )
+        .expect("open")
+    }
+
     fn issue(a: &Authority, sa: &str, node: &str) -> Issued {
         let id = SpiffeId::new(TD, "default", sa).expect("valid");
         let (_, csr) = mesh_api::identity::generate_key_and_csr(&id).expect("csr");
@@ -1158,12 +1169,7 @@ mod tests {
         assert_eq!(a.phase(), Phase::Idle);
         drop(a);
         // The promoted CA is what a restart loads.
-        let a = Authority::open(
-            Ca::generate(TD).expect("root"),
-            Duration::from_secs(60),
-            &dir.0,
-        )
-        .expect("reopen");
+        let a = fresh(&dir, 60);
         assert_eq!(a.trust_material().1, vec![roots[1].clone()]);
     }
 
@@ -1213,12 +1219,7 @@ mod tests {
         // rewrites the ledger. Two writes at once once shared a temporary
         // file and one failed with ENOENT, or left an older ledger last.
         let dir = TempDir::new("ledger");
-        let a = Authority::open(
-            Ca::generate(TD).expect("root"),
-            Duration::from_secs(3600),
-            &dir.0,
-        )
-        .expect("open");
+        let a = fresh(&dir, 3600);
         std::thread::scope(|scope| {
             for t in 0..4 {
                 let a = &a;
@@ -1248,12 +1249,7 @@ mod tests {
     #[test]
     fn a_disconnected_agent_with_live_certificates_holds_signing_until_it_returns() {
         let dir = TempDir::new("away");
-        let a = Authority::open(
-            Ca::generate(TD).expect("root"),
-            Duration::from_secs(3600),
-            &dir.0,
-        )
-        .expect("open");
+        let a = fresh(&dir, 3600);
         a.note_bundle("old".into(), a.trust_material().1);
         issue(&a, "web", "n1");
         issue(&a, "db", "n2");
@@ -1291,12 +1287,7 @@ mod tests {
     #[test]
     fn a_returning_agent_releases_bundle_distributed() {
         let dir = TempDir::new("returns");
-        let a = Authority::open(
-            Ca::generate(TD).expect("root"),
-            Duration::from_secs(3600),
-            &dir.0,
-        )
-        .expect("open");
+        let a = fresh(&dir, 3600);
         a.note_bundle("old".into(), a.trust_material().1);
         issue(&a, "db", "n2");
         a.rotate("", "", false).expect("idle");
@@ -1314,12 +1305,7 @@ mod tests {
     #[test]
     fn a_revoked_identity_or_node_gets_no_certificate_and_the_list_is_kept() {
         let dir = TempDir::new("revoke");
-        let a = Authority::open(
-            Ca::generate(TD).expect("root"),
-            Duration::from_secs(60),
-            &dir.0,
-        )
-        .expect("open");
+        let a = fresh(&dir, 60);
         let web = SpiffeId::new(TD, "default", "web").expect("valid");
         assert_eq!(a.revoked(&web, "n1"), None);
         a.revoke("identity", &web.to_string(), false)
@@ -1337,12 +1323,7 @@ mod tests {
         assert!(a.revoke("identity", "not-a-spiffe-id", false).is_err());
         assert!(a.revoke("pod", "x", false).is_err());
         drop(a);
-        let a = Authority::open(
-            Ca::generate(TD).expect("root"),
-            Duration::from_secs(60),
-            &dir.0,
-        )
-        .expect("reopen");
+        let a = fresh(&dir, 60);
         assert!(a.revoked(&web, "n1").is_some(), "persisted");
         a.revoke("identity", &web.to_string(), true)
             .expect("unrevoked");

@@ -273,7 +273,7 @@ impl Metrics {
         );
         r.register(
             "ca_agents_on_bundle",
-            "Connected agents that acknowledged the trust bundle distributed now (as of the last meshctl ca status)",
+            "Connected agents that acknowledged the trust bundle distributed now (updated every second)",
             self.ca_agents_on_bundle.clone(),
         );
         r.register(

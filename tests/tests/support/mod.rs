@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod etcd;
+pub mod nft;
 pub mod traffic;
 
 use std::{
@@ -15,6 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use nft::NftTable;
 use serde_json::Value;
 #[allow(unused_imports)] // each test binary uses a different subset
 pub use traffic::{HttpLoop, LongLived};

@@ -4,7 +4,7 @@
 //! that teardown and `sweep` kill them as they kill the rest.
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -87,15 +87,10 @@ impl Cluster {
 
     /// `meshctl apply -f -` through replica `r`; its stdout, else an error with its stderr.
     pub fn apply_on(&self, r: usize, yaml: &str) -> Result<String> {
-        let out = self.meshctl_of(self.replica(r)?, &["apply", "-f", "-"], Some(yaml))?;
-        if !out.status.success() {
-            bail!(
-                "`meshctl apply -f -` through replica {r} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        super::applied(
+            self.meshctl_of(self.replica(r)?, &["apply", "-f", "-"], Some(yaml))?,
+            &format!(" through replica {r}"),
+        )
     }
 
     /// SIGKILLs replica `r` (no drain) and whatever is left in its cgroup.
@@ -160,11 +155,6 @@ impl Cluster {
         let infos: Vec<plan::EtcdInfo> = self.state.etcd.iter().map(|m| m.info.clone()).collect();
         let initial = plan::etcd_initial_cluster(&infos);
         for (i, m) in infos.iter().enumerate() {
-            let mut log = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&m.log)
-                .with_context(|| format!("opening {}", m.log.display()))?;
             let client = format!("http://{}", m.client);
             let peer = format!("http://{}", m.peer);
             let mut cmd = Command::new("etcd");
@@ -182,24 +172,14 @@ impl Cluster {
                 // Fast elections on one machine; large applies in one transaction.
                 .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
                 .args(["--max-txn-ops", "20000", "--max-request-bytes", "16777216"]);
-            writeln!(log, "--- xtask: starting {cmd:?}")?;
-            cmd.stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log);
-            sys::place(
-                &mut cmd,
-                &Placement {
-                    netns: Some(&self.state.fabric_netns),
-                    cgroup: Some(&m.cgroup),
-                    new_session: true,
-                },
-            );
-            let child = cmd.spawn().map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => {
-                    anyhow!("etcd is not installed (cargo xtask deps installs etcd-server)")
-                }
-                _ => anyhow::Error::new(e).context("starting etcd"),
-            })?;
+            let child =
+                self.spawn_in_fabric(cmd, &m.log, &m.cgroup)?
+                    .map_err(|e| match e.kind() {
+                        io::ErrorKind::NotFound => {
+                            anyhow!("etcd is not installed (cargo xtask deps installs etcd-server)")
+                        }
+                        _ => anyhow::Error::new(e).context("starting etcd"),
+                    })?;
             self.state.etcd[i].pid = Some(child.id());
             self.etcd_children.insert(i, child);
         }
@@ -274,25 +254,38 @@ impl Cluster {
         if let Some(store) = &ctl.store {
             cmd.arg("--store").arg(store);
         }
-        let mut log = OpenOptions::new()
+        self.spawn_in_fabric(cmd, &ctl.info.log, &ctl.info.cgroup)?
+            .with_context(|| format!("starting the control server ({})", ctl.bin.display()))
+    }
+
+    /// Spawns `cmd` in the fabric netns and `cgroup`, in its own session,
+    /// its output appended to `log` after a line naming the command. The
+    /// outer error is the log; the inner one the spawn (for the caller to
+    /// explain).
+    fn spawn_in_fabric(
+        &self,
+        mut cmd: Command,
+        log: &Path,
+        cgroup: &Path,
+    ) -> Result<io::Result<Child>> {
+        let mut out = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&ctl.info.log)
-            .with_context(|| format!("opening {}", ctl.info.log.display()))?;
-        writeln!(log, "--- xtask: starting {cmd:?}")?;
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        writeln!(out, "--- xtask: starting {cmd:?}")?;
         cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .stdout(out.try_clone()?)
+            .stderr(out);
         sys::place(
             &mut cmd,
             &Placement {
                 netns: Some(&self.state.fabric_netns),
-                cgroup: Some(&ctl.info.cgroup),
+                cgroup: Some(cgroup),
                 new_session: true,
             },
         );
-        cmd.spawn()
-            .with_context(|| format!("starting the control server ({})", ctl.bin.display()))
+        Ok(cmd.spawn())
     }
 
     fn wait_replica_ready(&mut self, r: usize) -> Result<()> {

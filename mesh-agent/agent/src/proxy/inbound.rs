@@ -155,7 +155,8 @@ impl Inbound {
             .serve_connection(TokioIo::new(tls), svc);
         let mut conn = std::pin::pin!(conn);
         // Draining: a GOAWAY, so the peer opens no new stream here and the
-        // connection ends when its open streams do.
+        // connection ends when its open streams do. (serve_draining! spelled
+        // out: a revocation is a third way out.)
         let served = tokio::select! {
             served = conn.as_mut() => served,
             () = self.drain.started() => {
