@@ -309,10 +309,24 @@ fn health_gauges_follow_a_workload_leaving_and_a_control_server_restart() {
         ids.sort();
         ids
     };
-    let before = held(&cluster);
-    let mut exported = exported_identities(&scrape(&cluster, "node1"));
-    exported.sort();
-    assert_eq!(exported, before, "one series per certificate held");
+    // Right after `up` the pods' certificates may still be on their way:
+    // wait until node1 holds its node's and both pods' certificates, then
+    // one expiry series per certificate held.
+    let before = wait_for(
+        "node1's agent to hold the node's and both pods' certificates",
+        SETTLE,
+        |last| {
+            let ids = held(&cluster);
+            *last = format!("{ids:?}");
+            (ids.len() == 3).then_some(ids)
+        },
+    );
+    wait_for("one expiry series per certificate held", SETTLE, |last| {
+        let mut exported = exported_identities(&scrape(&cluster, "node1"));
+        exported.sort();
+        *last = format!("{exported:?}, held {before:?}");
+        (exported == before).then_some(())
+    });
     let version = sample(&scrape(&cluster, "node1"), "mesh_agent_config_version").expect("version");
 
     // node1-pod2's Workload leaves: its identity's series goes, the
